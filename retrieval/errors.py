@@ -1,0 +1,42 @@
+"""Typed errors. Each message says what went wrong and how to fix it; only the CLI turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class ClipsearchError(Exception):
+    """Base class of every error clipsearch raises on purpose."""
+
+
+class UnknownModelError(ClipsearchError, KeyError):
+    """A model name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelDownloadError(ClipsearchError):
+    """Weights could not be fetched (offline, HTTP error, checksum mismatch)."""
+
+
+class CheckpointError(ClipsearchError):
+    """A checkpoint file or folder that cannot be read or does not fit the model."""
+
+
+class TokenizerError(ClipsearchError, ValueError):
+    """Text that cannot be tokenized as asked (e.g. too long without truncation)."""
+
+
+class ImageLoadError(ClipsearchError):
+    """An image file that cannot be opened or decoded."""
+
+
+class StoreError(ClipsearchError):
+    """The LanceDB store is missing, locked, corrupt or of an unknown schema."""
+
+
+class ModelMismatchError(StoreError):
+    """A store built with one model used with another."""
+
+
+class QueryError(ClipsearchError, ValueError):
+    """A query that cannot be run as written."""

@@ -1,0 +1,1 @@
+"""CLIP in PyTorch: configs, tokenizer, vision and text towers, preprocessing and checkpoint loading."""
