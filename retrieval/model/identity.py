@@ -1,0 +1,75 @@
+"""What identifies a model's embedding space: a store records it and refuses vectors from any other."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The identity of a loaded model, as far as the vectors it produces are concerned."""
+
+    name: str  # registry name ("ViT-B/32") or the checkpoint's file/folder name
+    weights_sha256: str  # hex digest identifying the exact weights
+    embed_dim: int  # length of the embeddings
+    image_size: int  # side of the square input the image tower sees
+    mean: tuple[float, float, float]  # per-channel normalisation the preprocessing applies
+    std: tuple[float, float, float]
+
+    @property
+    def table_name(self) -> str:
+        """A LanceDB table name unique to this model's weights: `images_<name>_<sha[:12]>`."""
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_").lower() or "model"
+        return f"images_{slug}_{self.weights_sha256[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        """The inverse of `to_dict`."""
+        return cls(
+            name=str(d["name"]),
+            weights_sha256=str(d["weights_sha256"]),
+            embed_dim=int(d["embed_dim"]),
+            image_size=int(d["image_size"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+        )
+
+    @classmethod
+    def for_model(cls, model: nn.Module, name: str) -> ModelInfo:
+        """Identity of a model built in memory (tests, training): hashes its tensors, so equal weights match.
+
+        Args:
+            model: a `CLIP` module.
+            name: the name to record.
+        """
+        from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD
+
+        config = model.config
+        return cls(
+            name=name,
+            weights_sha256=state_dict_sha256(model.state_dict()),
+            embed_dim=config.embed_dim,
+            image_size=config.vision.image_size,
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+        )
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict's tensors, in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

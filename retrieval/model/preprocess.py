@@ -1,0 +1,147 @@
+"""CLIP's image preprocessing, plus the decoding that real photo folders need.
+
+The transform reproduces openai/CLIP's: resize the shorter side to the model's resolution with
+bicubic resampling, centre crop, RGB, scale to [0, 1], normalise with CLIP's mean and std. Before it,
+images are decoded the way a photo viewer shows them: EXIF orientation applied, first frame of an
+animation, transparency composited onto white, 16-bit and CMYK images brought to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from retrieval.errors import ImageLoadError
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# We enforce our own, configurable pixel limit (after draft() has shrunk a JPEG); Pillow's global one
+# would refuse huge JPEGs that draft() decodes at 1/8 scale without ever holding the full image.
+Image.MAX_IMAGE_PIXELS = None
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image lazily (header only).
+
+    Raises:
+        ImageLoadError: the file is missing, unreadable or not an image Pillow knows.
+    """
+    try:
+        return Image.open(path)
+    except FileNotFoundError as e:
+        raise ImageLoadError(f"{path}: no such file") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"{path}: not an image Pillow can read") from e
+    except OSError as e:
+        raise ImageLoadError(f"{path}: cannot open ({e})") from e
+
+
+def to_rgb(image: Image.Image, min_size: int | None = None, max_megapixels: float | None = 100.0) -> Image.Image:
+    """Decode an opened image into upright 8-bit RGB.
+
+    Args:
+        image: an image from `open_image` (or any PIL image).
+        min_size: when set, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter
+            side stays >= min_size, which is several times faster and uses far less memory.
+        max_megapixels: refuse images that would still be larger than this once drafted.
+
+    Raises:
+        ImageLoadError: too large, truncated or otherwise undecodable.
+    """
+    name = getattr(image, "filename", "") or "<image>"
+    if min_size is not None and image.format == "JPEG":
+        image.draft("RGB", (min_size, min_size))
+    width, height = image.size
+    if max_megapixels is not None and width * height > max_megapixels * 1e6:
+        raise ImageLoadError(
+            f"{name}: {width}x{height} is {width * height / 1e6:.0f} MP, above the {max_megapixels:g} MP limit; "
+            "raise --max-megapixels to index it"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about odd EXIF/palette data it then handles
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _as_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{name}: cannot decode ({e})") from e
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, with transparency composited onto white and 16/32-bit values scaled, not clipped."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """CLIP's transform for one model: PIL image or path -> float32 tensor [3, S, S].
+
+    Picklable, so decoder worker processes can run it.
+    """
+
+    image_size: int  # side S of the square the model sees
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    fast: bool = True  # decode large JPEGs reduced by draft() to no less than 2*S on the shorter side
+
+    @classmethod
+    def from_config(cls, config: Any, fast: bool = True) -> Preprocess:
+        """The preprocessing a `CLIPConfig` expects."""
+        return cls(image_size=config.vision.image_size, fast=fast)
+
+    def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
+        """Decode (for a path) and transform one image."""
+        if not isinstance(image, Image.Image):
+            image = open_image(image)
+        return self.transform(self.decode(image))
+
+    def decode(self, image: Image.Image, max_megapixels: float | None = 100.0) -> Image.Image:
+        """Upright RGB, drafted to 2*S when `fast`."""
+        return to_rgb(image, min_size=2 * self.image_size if self.fast else None, max_megapixels=max_megapixels)
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """Resize the shorter side to S (bicubic), centre crop S x S, scale to [0, 1] and normalise."""
+        size = self.image_size
+        width, height = image.size
+        if width <= height:
+            new_size = (size, int(size * height / width))
+        else:
+            new_size = (int(size * width / height), size)
+        if new_size != image.size:
+            image = image.resize(new_size, Image.Resampling.BICUBIC)
+        width, height = image.size
+        # round() half-to-even, as torchvision's centre crop does
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
+        pixels = pixels.to(torch.float32).div(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return pixels.sub_(mean).div_(std)
