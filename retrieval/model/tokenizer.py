@@ -1,0 +1,297 @@
+"""CLIP's byte-level BPE tokenizer, giving exactly the token ids of OpenAI's reference `simple_tokenizer`.
+
+Text is cleaned the way the reference cleans it (ftfy, HTML unescaping twice, whitespace collapsed,
+lowercased), split into words with the same pattern, each word's UTF-8 bytes mapped to printable
+characters, and the characters merged by the 48,894 ranked BPE merges shipped in
+`assets/bpe_simple_vocab_16e6.txt.gz` (OpenAI's file, MIT licence, see `assets/LICENSE-CLIP-VOCAB.txt`).
+The vocabulary is read only when the first text is tokenized.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import importlib.resources
+import itertools
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+import ftfy
+import regex
+import torch
+
+from retrieval.errors import TokenizerError
+
+logger = logging.getLogger(__name__)
+
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+START_OF_TEXT = "<|startoftext|>"
+END_OF_TEXT = "<|endoftext|>"
+# 256 byte symbols + 256 end-of-word byte symbols + 48,894 merges + 2 specials = 49,408 ids.
+NUM_MERGES = 49152 - 256 - 2
+DEFAULT_CONTEXT_LENGTH = 77
+WORD_SUFFIX = "</w>"
+
+# The reference pattern: the two specials, English contractions, runs of letters, single digits, and
+# runs of anything else that is not whitespace. IGNORECASE is kept: it makes the letter class match
+# U+0345 (a combining mark whose case folding is a letter), so dropping it would change ids.
+_WORD_PATTERN = regex.compile(
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+    regex.IGNORECASE,
+)
+# `regex`'s \s is Unicode White_Space, which differs from `re`'s (e.g. U+001C-U+001F); the reference
+# collapses with `regex`, so must we.
+_WHITESPACE = regex.compile(r"\s+")
+# Words are short and prompts repeat them; a bounded cache keeps memory flat on huge inputs.
+_WORD_CACHE_SIZE = 1 << 16
+
+
+@functools.cache
+def byte_to_unicode() -> dict[int, str]:
+    """Map each of the 256 byte values to a printable character, as CLIP's vocabulary spells bytes.
+
+    Bytes that are already printable Latin-1 characters stand for themselves; the 68 others (controls,
+    space, soft hyphen, ...) take the characters from U+0100 upwards, in byte order.
+
+    Returns:
+        Byte value -> one-character string.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    spare = 256
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(spare)
+            spare += 1
+    return table
+
+
+def clean_text(text: str) -> str:
+    """Normalise text exactly as CLIP's reference tokenizer does before splitting it into words.
+
+    Args:
+        text: Any text.
+
+    Returns:
+        The text after ftfy's fixes, two rounds of HTML unescaping, whitespace runs collapsed to one
+        space, stripped, and lowercased.
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def _read_vocab(path: str | os.PathLike[str] | None) -> list[tuple[str, str]]:
+    """Read the ranked merges from the gzip vocabulary file (the packaged one when `path` is None)."""
+    if path is None:
+        data = importlib.resources.files(__package__).joinpath("assets", VOCAB_FILE).read_bytes()
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise TokenizerError(f"cannot read tokenizer vocabulary {os.fspath(path)!r}: {e}") from e
+    try:
+        # Only the first merges are used; not splitting the rest of the file halves the load time.
+        lines = gzip.decompress(data).decode("utf-8").split("\n", NUM_MERGES + 1)
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"tokenizer vocabulary is not a gzip'd UTF-8 file ({e}); use CLIP's {VOCAB_FILE}") from e
+    # Line 0 is a version header; the file holds more merges than CLIP's vocabulary uses.
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
+    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise TokenizerError(f"tokenizer vocabulary lacks {NUM_MERGES} 'a b' merge lines; use CLIP's {VOCAB_FILE}")
+    return merges
+
+
+class Tokenizer:
+    """CLIP's byte-level BPE tokenizer.
+
+    Example:
+        >>> tok = Tokenizer()
+        >>> tok.decode(tok.encode("A photo of a cat"))
+        'a photo of a cat'
+    """
+
+    def __init__(self, vocab_path: str | os.PathLike[str] | None = None) -> None:
+        """Load the vocabulary.
+
+        Args:
+            vocab_path: A `bpe_simple_vocab_16e6.txt.gz`-format file; None uses the one in the package.
+
+        Raises:
+            TokenizerError: The file cannot be read or is not a CLIP vocabulary.
+        """
+        merges = _read_vocab(vocab_path)
+        symbols = list(byte_to_unicode().values())
+        vocab = symbols + [s + WORD_SUFFIX for s in symbols] + ["".join(m) for m in merges]
+        vocab += [START_OF_TEXT, END_OF_TEXT]
+        self.encoder: dict[str, int] = {token: i for i, token in enumerate(vocab)}
+        self.decoder: list[str] = vocab
+        self.merge_ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
+        self.sot_token: int = self.encoder[START_OF_TEXT]
+        self.eot_token: int = self.encoder[END_OF_TEXT]
+        # str.translate on the Latin-1 reading of the UTF-8 bytes maps every byte in one C call.
+        self._byte_table = byte_to_unicode()
+        self._byte_decoder = {c: b for b, c in byte_to_unicode().items()}
+        self._word_ids = functools.lru_cache(maxsize=_WORD_CACHE_SIZE)(self._encode_word)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (49,408 for CLIP's vocabulary)."""
+        return len(self.decoder)
+
+    def _bpe(self, symbols: list[str]) -> list[str]:
+        """Apply the merges to one word's symbols, lowest-ranked adjacent pair first, until none applies."""
+        ranks = self.merge_ranks
+        while len(symbols) > 1:
+            best_rank, best = None, None
+            for pair in itertools.pairwise(symbols):
+                rank = ranks.get(pair)
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best_rank, best = rank, pair
+            if best is None:
+                break
+            first, second = best
+            merged: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def _encode_word(self, word: str) -> tuple[int, ...]:
+        """Token ids of one word as the pattern split it (cached)."""
+        if word == START_OF_TEXT:
+            return (self.sot_token,)
+        if word == END_OF_TEXT:
+            return (self.eot_token,)
+        chars = word.encode("utf-8").decode("latin-1").translate(self._byte_table)
+        symbols = [*chars[:-1], chars[-1] + WORD_SUFFIX]
+        return tuple(self.encoder[s] for s in self._bpe(symbols))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text, without the start/end tokens.
+
+        Like the reference, a literal `<|startoftext|>` or `<|endoftext|>` in the text becomes that
+        special token.
+
+        Args:
+            text: Any text.
+
+        Returns:
+            The ids, identical to OpenAI's `SimpleTokenizer.encode`.
+
+        Raises:
+            TokenizerError: `text` is not a string.
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"can only tokenize str, got {type(text).__name__}; convert it to text first")
+        ids: list[int] = []
+        for word in _WORD_PATTERN.findall(clean_text(text)):
+            ids.extend(self._word_ids(word))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids: words joined by single spaces, lowercased as encoding left them.
+
+        Args:
+            ids: Token ids (e.g. from `encode`); special tokens are spelled out.
+
+        Returns:
+            The decoded text, stripped; invalid UTF-8 becomes U+FFFD.
+
+        Raises:
+            TokenizerError: An id is outside the vocabulary.
+        """
+        pieces = []
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"token id {i} is outside 0..{self.vocab_size - 1}; pass ids this tokenizer made")
+            pieces.append(self.decoder[i])
+        raw = bytes(self._byte_decoder[c] for c in "".join(pieces))
+        return raw.decode("utf-8", errors="replace").replace(WORD_SUFFIX, " ").strip()
+
+    def tokenize(
+        self,
+        texts: str | Sequence[str],
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        truncate: bool = False,
+    ) -> torch.LongTensor:
+        """Token ids of texts laid out for CLIP's text encoder.
+
+        Each row is `<|startoftext|>`, the text's ids, `<|endoftext|>`, then zeros up to `context_length`.
+
+        Args:
+            texts: One text or a sequence of texts.
+            context_length: Row length; 77 for every published CLIP model.
+            truncate: Cut over-long texts so that `<|endoftext|>` is still the last id, instead of raising.
+
+        Returns:
+            int64 tensor of shape [N, context_length] (N = 1 for a single string).
+
+        Raises:
+            TokenizerError: A text is too long and `truncate` is False, or an input is not a string.
+        """
+        if context_length < 2:
+            raise TokenizerError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
+        if isinstance(texts, str):
+            texts = [texts]
+        result = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self.encode(text)
+            if len(ids) + 2 > context_length:
+                if not truncate:
+                    raise TokenizerError(
+                        f"text {_shorten(text)} is {len(ids) + 2} tokens long (with start/end tokens), more than the"
+                        f" context length of {context_length}; pass truncate=True or shorten it"
+                    )
+                ids = ids[: context_length - 2]
+            result[row, : len(ids) + 2] = torch.tensor([self.sot_token, *ids, self.eot_token], dtype=torch.long)
+        return result
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    """Quote text for a one-line message, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+@functools.cache
+def default_tokenizer() -> Tokenizer:
+    """The tokenizer with the packaged vocabulary, loaded on first use and shared.
+
+    Returns:
+        A cached `Tokenizer`.
+    """
+    logger.debug("loading CLIP tokenizer vocabulary")
+    return Tokenizer()
+
+
+def tokenize(
+    texts: str | Sequence[str],
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
+    truncate: bool = False,
+) -> torch.LongTensor:
+    """Token ids of texts for CLIP's text encoder, with the packaged vocabulary.
+
+    Args:
+        texts: One text or a sequence of texts.
+        context_length: Row length; 77 for every published CLIP model.
+        truncate: Cut over-long texts so that `<|endoftext|>` is still the last id, instead of raising.
+
+    Returns:
+        int64 tensor of shape [N, context_length]: start token, text ids, end token, zero padding.
+
+    Raises:
+        TokenizerError: A text is too long and `truncate` is False.
+
+    Example:
+        >>> tokenize(["a photo of a cat", "a dog"]).shape
+        torch.Size([2, 77])
+    """
+    return default_tokenizer().tokenize(texts, context_length=context_length, truncate=truncate)
