@@ -1,0 +1,169 @@
+"""Encode speed of our CLIP against openai/CLIP's reference `model.py`, same weights, same run, on CPU in fp32.
+
+Measures image embeddings per second at one batch size and the latency of embedding one short text query.
+The reference is the `clip/model.py` shipped in the `clip-anytorch` wheel, loaded by file path (it needs only
+torch), so no `clip` package lands on the import path. Runs alternate between the two models and the
+figures are medians, because the CPU may be shared.
+
+    python benchmarks/encode_speed.py
+    python benchmarks/encode_speed.py --reference-model-py /path/to/clip/model.py --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import operator
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from retrieval.model.clip import CLIP
+from retrieval.model.config import PRESETS, CLIPConfig
+from retrieval.model.tokenizer import tokenize
+
+ARCH = "ViT-B/32"  # architecture preset; weights are random
+BATCH_SIZE = 32  # images per encode_image call
+REPEATS = 11  # timed image batches per model
+TEXT_RUNS = 50  # timed single-query text encodings per model
+WARMUP = 2  # untimed calls per model and task first
+PROMPT = "a photo of a red bicycle"  # a 6-word query
+SEED = 0
+
+
+def load_reference(model_py: Path | None) -> ModuleType:
+    """Import openai/CLIP's model.py by path, from --reference-model-py or the installed clip-anytorch wheel."""
+    if model_py is None:
+        try:
+            model_py = Path(importlib.metadata.distribution("clip-anytorch").locate_file("clip/model.py"))
+        except importlib.metadata.PackageNotFoundError:
+            raise SystemExit(
+                "the reference implementation is not installed: run `pip install clip-anytorch --no-deps` "
+                "(or `pip download clip-anytorch --no-deps` and unzip it), then pass "
+                "--reference-model-py <dir>/clip/model.py"
+            ) from None
+    if not model_py.is_file():
+        raise SystemExit(f"reference model file {model_py} does not exist; pass --reference-model-py clip/model.py")
+    spec = importlib.util.spec_from_file_location("reference_clip_model", model_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_reference(module: ModuleType, config: CLIPConfig, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The reference CLIP in fp32 with our weights (its build_model would convert them to fp16)."""
+    vision, text = config.vision, config.text
+    model = module.CLIP(
+        config.embed_dim,
+        vision.image_size,
+        vision.layers,
+        vision.width,
+        vision.patch_size,
+        text.context_length,
+        text.vocab_size,
+        text.width,
+        text.heads,
+        text.layers,
+    )
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of each call, alternating which model goes first so drifts in CPU load hit both."""
+    with torch.inference_mode():
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        order = list(calls)
+        for i in range(repeats):
+            for name in order if i % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    """Run the benchmark and print a table, the ratios and one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default=ARCH, choices=sorted(PRESETS), help="architecture preset (random weights)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per encode call")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed image batches per model")
+    parser.add_argument("--text-runs", type=int, default=TEXT_RUNS, help="timed single-query text encodings")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls first")
+    parser.add_argument("--prompt", default=PROMPT, help="the text query")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--reference-model-py", type=Path, default=None, help="path to openai/CLIP's clip/model.py")
+    args = parser.parse_args()
+
+    reference_module = load_reference(args.reference_model_py)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    config = PRESETS[args.arch]
+    ours = CLIP(config).eval()
+    reference = build_reference(reference_module, config, ours.state_dict())
+
+    size = config.vision.image_size
+    pixels = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(SEED))
+    tokens = tokenize(args.prompt)  # [1, 77]
+    with torch.inference_mode():
+        ref_image = reference.encode_image(pixels[:4]).float()
+        ref_text = reference.encode_text(tokens).float()
+        image_diff = (ours.encode_image(pixels[:4]) - ref_image / ref_image.norm(dim=-1, keepdim=True)).abs().max()
+        text_diff = (ours.encode_text(tokens) - ref_text / ref_text.norm(dim=-1, keepdim=True)).abs().max()
+    print(f"{args.arch}, random weights, fp32 CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"same weights, normalised embeddings max |ours - reference|: image {image_diff:.2e}, text {text_diff:.2e}")
+    print(f"prompt {args.prompt!r}: {int(tokens.argmax()) + 1} real tokens of {tokens.shape[1]}")
+
+    image_times = time_interleaved(
+        {"ours": lambda: ours.encode_image(pixels), "reference": lambda: reference.encode_image(pixels)},
+        args.repeats,
+        args.warmup,
+    )
+    text_times = time_interleaved(
+        {"ours": lambda: ours.encode_text(tokens), "reference": lambda: reference.encode_text(tokens)},
+        args.text_runs,
+        args.warmup,
+    )
+    throughput = {name: args.batch_size / statistics.median(t) for name, t in image_times.items()}
+    latency_ms = {name: 1000 * statistics.median(t) for name, t in text_times.items()}
+
+    print(f"\n{'':<10} {f'images/s (batch {args.batch_size})':>24} {'text latency ms (1 query)':>27}")
+    for name in ("ours", "reference"):
+        print(f"{name:<10} {throughput[name]:>24.2f} {latency_ms[name]:>27.2f}")
+    throughput_ratio = throughput["ours"] / throughput["reference"]
+    latency_ratio = latency_ms["ours"] / latency_ms["reference"]
+    # Each pair ran back to back, so its ratio cancels most of the drift in what else the CPU is doing.
+    paired_throughput = statistics.median(map(operator.truediv, image_times["reference"], image_times["ours"]))
+    paired_latency = statistics.median(map(operator.truediv, text_times["ours"], text_times["reference"]))
+    print(
+        f"\nimage throughput ours/reference: {throughput_ratio:.3f}x (target >= 1.0), paired {paired_throughput:.3f}x"
+    )
+    print(f"text latency ours/reference:     {latency_ratio:.3f}x (target <= 0.5), paired {paired_latency:.3f}x")
+    summary = {
+        "arch": args.arch,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "images_per_s": {k: round(v, 3) for k, v in throughput.items()},
+        "text_latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
+        "throughput_ratio": round(throughput_ratio, 4),
+        "latency_ratio": round(latency_ratio, 4),
+        "paired_throughput_ratio": round(paired_throughput, 4),
+        "paired_latency_ratio": round(paired_latency, 4),
+        "max_abs_diff": {"image": float(image_diff), "text": float(text_diff)},
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
