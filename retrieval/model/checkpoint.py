@@ -1,0 +1,279 @@
+"""Reading CLIP checkpoints of every common format into our model, and writing our own format.
+
+Formats read (`read_checkpoint`):
+- OpenAI's TorchScript archives (what the registry downloads), read with `torch.jit.load` on the CPU;
+- plain state dicts (.pt/.pth/.bin) and open_clip checkpoints (a dict with a `state_dict` key, possibly
+  with DataParallel's `module.` prefixes), read with `torch.load(weights_only=True)`;
+- .safetensors files with OpenAI key names;
+- Hugging Face `CLIPModel` folders (config.json + weights), converted by `convert_hf`;
+- our own folders: config.json {"format": "clipsearch-checkpoint", ...} + model.safetensors.
+
+Everything comes out as an OpenAI-layout float32 state dict plus its `CLIPConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from retrieval.errors import CheckpointError
+from retrieval.model.clip import CLIP, Towers
+from retrieval.model.config import CLIPConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "clipsearch-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ACCEPTED_FORMATS = (
+    "OpenAI TorchScript .pt, state-dict .pt/.pth/.bin, .safetensors, open_clip checkpoints, "
+    "Hugging Face CLIPModel folders, clipsearch checkpoint folders"
+)
+# Scalars OpenAI's TorchScript archives keep next to the weights; the config carries them instead.
+_TORCHSCRIPT_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+_SHOWN_KEYS = 5
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint read into OpenAI's layout."""
+
+    state_dict: dict[str, torch.Tensor]  # OpenAI key names, float32, only the towers asked for
+    config: CLIPConfig  # the architecture (read from the checkpoint or inferred from tensor shapes)
+    format: str  # "clipsearch", "huggingface", "torchscript", "state_dict", "open_clip" or "safetensors"
+    name: str  # the name the checkpoint records, else its folder name or file name without suffix
+    weights_file: Path  # the file holding the weights (its bytes identify them)
+
+
+def read_checkpoint(path: str | os.PathLike[str], towers: Towers = "both") -> Checkpoint:
+    """Read a checkpoint file or folder.
+
+    Args:
+        path: any of the formats in this module's docstring.
+        towers: "text" or "image" keep only that tower's tensors (from safetensors, the others are never read).
+
+    Raises:
+        CheckpointError: the file cannot be read as a CLIP checkpoint, or its keys are not CLIP's.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path, towers)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    if path.suffix == ".safetensors":
+        state_dict, config = _read_safetensors(path, towers)
+        return Checkpoint(state_dict, config, "safetensors", path.stem, path)
+    raw, kind = _torch_load(path)
+    if kind == "state_dict" and isinstance(raw.get("state_dict"), Mapping):
+        raw, kind = raw["state_dict"], "open_clip"
+    state_dict = _to_openai_layout(raw, path)
+    config = CLIPConfig.from_state_dict(state_dict)
+    # torch.load's tensors are memory-mapped: copy them so the model never depends on the file staying put.
+    state_dict = _as_float32(CLIP.state_dict_for_towers(state_dict, towers), copy=kind != "torchscript")
+    return Checkpoint(state_dict, config, kind, path.stem, path)
+
+
+def _read_folder(folder: Path, towers: Towers) -> Checkpoint:
+    """Our own format or a Hugging Face CLIPModel folder, told apart by config.json."""
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{folder}: a checkpoint folder needs a readable {CONFIG_FILE} ({e}); accepted: {ACCEPTED_FORMATS}"
+        ) from e
+    if meta.get("format") == FORMAT:
+        if meta.get("version") != FORMAT_VERSION:
+            raise CheckpointError(f"{folder}: checkpoint format version {meta.get('version')} is not supported")
+        weights = folder / WEIGHTS_FILE
+        state_dict, config = _read_safetensors(weights, towers, CLIPConfig.from_dict(meta["config"]))
+        return Checkpoint(state_dict, config, "clipsearch", str(meta.get("name") or folder.name), weights)
+    if meta.get("model_type") == "clip":
+        from retrieval.model.convert_hf import read_hf_folder
+
+        state_dict, config = read_hf_folder(folder)
+        weights = next(
+            (folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), folder
+        )
+        state_dict = _as_float32(CLIP.state_dict_for_towers(state_dict, towers))
+        return Checkpoint(state_dict, config, "huggingface", folder.name, weights)
+    raise CheckpointError(
+        f"{folder}: {CONFIG_FILE} is neither a clipsearch checkpoint nor a Hugging Face CLIP config "
+        f"(model_type {meta.get('model_type')!r}); accepted: {ACCEPTED_FORMATS}"
+    )
+
+
+def _read_safetensors(
+    path: Path, towers: Towers, config: CLIPConfig | None = None
+) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
+    """Read only the tensors of the towers asked for; without `config`, infer it from every tensor's shape."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            # Shapes alone (on the meta device) are enough to infer the architecture and pick the tensors.
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            shapes = _to_openai_layout(shapes, path)
+            config = config or CLIPConfig.from_state_dict(shapes)
+            prefixed = {k.removeprefix("module."): k for k in f.keys()}
+            state_dict = {k: f.get_tensor(prefixed[k]) for k in CLIP.state_dict_for_towers(shapes, towers)}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors ({e}); accepted: {ACCEPTED_FORMATS}") from e
+    return _as_float32(state_dict), config
+
+
+def _torch_load(path: Path) -> tuple[dict[str, Any], str]:
+    """Unpickle a .pt/.pth/.bin safely: a TorchScript archive's state dict, or a weights-only pickle."""
+    is_zip = zipfile.is_zipfile(path)
+    torchscript = False
+    if is_zip:
+        with zipfile.ZipFile(path) as archive:
+            torchscript = any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    try:
+        if torchscript:
+            with warnings.catch_warnings():
+                # TorchScript is deprecated, but OpenAI's published checkpoints are TorchScript archives.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                archive = torch.jit.load(str(path), map_location="cpu")
+            return dict(archive.state_dict()), "torchscript"
+        # mmap (zip files only) means tensors of a tower that is then dropped are never read from disk.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for foreign files
+        raise CheckpointError(
+            f"cannot read {path} as a CLIP checkpoint ({_first_line(e)}); accepted: {ACCEPTED_FORMATS}"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; accepted: {ACCEPTED_FORMATS}")
+    return dict(obj), "state_dict"
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message (torch's are often pages long)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _to_openai_layout(raw: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Strip `module.` prefixes and TorchScript-only scalars; reject Hugging Face keys and non-tensors."""
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        key = key.removeprefix("module.")
+        if key in _TORCHSCRIPT_ONLY_KEYS:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        state_dict[key] = value
+    if any(k.startswith(("text_model.", "vision_model.")) for k in state_dict):
+        raise CheckpointError(
+            f"{path} holds Hugging Face CLIP weights; load the folder that contains it and its config.json instead"
+        )
+    return state_dict
+
+
+def _as_float32(state_dict: Mapping[str, torch.Tensor], copy: bool = False) -> dict[str, torch.Tensor]:
+    """Floating tensors as float32 (OpenAI ships fp16), others (BatchNorm counters) keep their dtype."""
+    return {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=copy) for k, v in state_dict.items()}
+
+
+def build_model(checkpoint: Checkpoint, towers: Towers = "both", source: str | os.PathLike[str] = "") -> CLIP:
+    """A CLIP of the checkpoint's architecture holding the checkpoint's tensors (no copy).
+
+    Args:
+        checkpoint: from `read_checkpoint`.
+        towers: the towers to build; the checkpoint must hold their tensors.
+        source: what to name in error messages (the path the user gave).
+
+    Raises:
+        CheckpointError: keys missing or unexpected, or tensors of the wrong shape.
+    """
+    # On the meta device the model is built without random init or memory, but torch's meta kernel for normal_
+    # imports torch._dynamo on first use (1-2 s). A lone text tower is cheaper to initialise for real, which is
+    # what a one-shot query process wants; either way, the checkpoint's tensors then replace the parameters.
+    device = "cpu" if towers == "text" and "torch._dynamo" not in sys.modules else "meta"
+    with torch.device(device):
+        model = CLIP(checkpoint.config, towers=towers)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state_dict = CLIP.state_dict_for_towers(checkpoint.state_dict, towers)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [
+        f"{k} {tuple(v.shape)} instead of {expected[k]}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    problems = [
+        f"{label} {len(keys)} keys ({', '.join(keys[:_SHOWN_KEYS])}{', ...' if len(keys) > _SHOWN_KEYS else ''})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", wrong_shape))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{source or checkpoint.weights_file}: the weights do not fit the CLIP architecture inferred for them: "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+def save_checkpoint(
+    model: CLIP,
+    directory: str | os.PathLike[str],
+    name: str | None = None,
+    description: str = "",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a model in our own format: `config.json` plus `model.safetensors` (OpenAI key names).
+
+    Both files are written to temporary names and renamed into place.
+
+    Args:
+        model: a CLIP with both towers.
+        directory: the checkpoint folder (created if needed).
+        name: the name `load_model` will report; default: `model.info.name` if set, else the folder's name.
+        description: one line shown next to the name.
+        dtype: storage dtype of the floating tensors (float16 halves the size; loading casts back to float32).
+
+    Returns:
+        The folder.
+    """
+    if model.visual is None or model.transformer is None:
+        raise ValueError("save_checkpoint needs a model with both towers (towers='both')")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = getattr(model, "info", None)
+    name = name or (info.name if info is not None else directory.name)
+    tensors = {
+        k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "description": description}
+    meta["config"] = model.config.to_dict()
+
+    weights_tmp = _temp_path(directory, WEIGHTS_FILE)
+    config_tmp = _temp_path(directory, CONFIG_FILE)
+    try:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+        config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(weights_tmp, directory / WEIGHTS_FILE)
+        os.replace(config_tmp, directory / CONFIG_FILE)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+    logger.info("saved checkpoint %r to %s", name, directory)
+    return directory
+
+
+def _temp_path(directory: Path, final_name: str) -> Path:
+    """A fresh temporary file next to where `final_name` will go."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=".part")
+    os.close(fd)
+    return Path(name)

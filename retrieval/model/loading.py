@@ -1,0 +1,150 @@
+"""`load_model`: a registry name or a checkpoint path -> a ready CLIP and its preprocessing."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from retrieval.errors import CheckpointError, UnknownModelError
+from retrieval.model.checkpoint import CONFIG_FILE, build_model, read_checkpoint
+from retrieval.model.clip import CLIP, TOWERS, Towers
+from retrieval.model.download import ensure_downloaded, file_sha256
+from retrieval.model.identity import ModelInfo
+from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
+from retrieval.model.registry import available_models, default_model_name, get_spec, is_registered
+
+logger = logging.getLogger(__name__)
+
+# Recently loaded models, so a long-lived process (a server, a notebook) asking again gets them at once.
+_CACHE_SIZE = 4
+_cache: OrderedDict[tuple, tuple[CLIP, Preprocess]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for a device name; "auto" picks cuda, then mps, then cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
+    towers: Towers = "both",
+) -> tuple[CLIP, Preprocess]:
+    """Load a CLIP model by registry name or from a checkpoint file or folder.
+
+    A registry name ("ViT-B/32", see `available_models()`) is downloaded into the cache dir on first use and
+    verified; "shapes-mini" ships with the package. A path may be any format `read_checkpoint` reads. The
+    same call again in the same process returns the same (shared) objects: copy the model before changing
+    its weights.
+
+    Args:
+        name_or_path: a registry name or a path; None means `$CLIPSEARCH_MODEL`, else "ViT-B/32".
+        device: "auto" (cuda, then mps, then cpu), or any torch device.
+        towers: "text" builds and loads only the text tower (fast query start-up), "image" only the image
+            tower. A model already loaded with both towers is returned as is.
+
+    Returns:
+        (model, preprocess): the model in eval mode, float32, on the device, with `model.info` set;
+        preprocess maps a PIL image or a path to the [3, S, S] tensor the model expects.
+
+    Raises:
+        UnknownModelError: neither a registry name nor an existing path.
+        ModelDownloadError: the weights could not be downloaded.
+        CheckpointError: the checkpoint cannot be read or does not fit CLIP.
+
+    Example:
+        >>> model, preprocess = load_model("shapes-mini")
+        >>> model.info.name
+        'shapes-mini'
+    """
+    if towers not in TOWERS:
+        raise ValueError(f"towers must be one of {TOWERS}, got {towers!r}")
+    name = default_model_name() if name_or_path is None else os.fspath(name_or_path)
+    target = resolve_device(device)
+
+    registry_sha = None
+    if is_registered(name):
+        spec = get_spec(name)
+        name = spec.name
+        if spec.bundled:
+            source = spec.path
+            if not (source / CONFIG_FILE).is_file():
+                raise CheckpointError(
+                    f"the bundled model {name!r} is missing from this installation (no {source / CONFIG_FILE}); "
+                    "reinstall clipsearch, or choose another model"
+                )
+        else:
+            source = ensure_downloaded(spec)
+            registry_sha = spec.sha256
+    else:
+        source = Path(name).expanduser()
+        if not source.exists():
+            raise UnknownModelError(
+                f"unknown model {name!r}: not a registry name and no file or folder at that path; "
+                f"available: {', '.join(available_models())}"
+            )
+        name = ""  # taken from the checkpoint below
+
+    key = (str(source.resolve()), _stamp(source), name, str(target))
+    with _cache_lock:
+        for wanted in (towers, "both"):
+            if (key, wanted) in _cache:
+                _cache.move_to_end((key, wanted))
+                return _cache[(key, wanted)]
+
+    start = time.perf_counter()
+    checkpoint = read_checkpoint(source, towers=towers)
+    model = build_model(checkpoint, towers=towers, source=source).to(target).eval()
+    config = checkpoint.config
+    model.info = ModelInfo(
+        name=name or checkpoint.name,
+        weights_sha256=registry_sha or _weights_sha256(checkpoint.weights_file),
+        embed_dim=config.embed_dim,
+        image_size=config.vision.image_size,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    )
+    loaded = (model, Preprocess.from_config(config))
+    logger.info(
+        "loaded %s (%s, towers=%s) on %s in %.2f s",
+        model.info.name,
+        checkpoint.format,
+        towers,
+        target,
+        time.perf_counter() - start,
+    )
+    with _cache_lock:
+        _cache[(key, towers)] = loaded
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return loaded
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when a checkpoint file (or any file of a checkpoint folder) is rewritten."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return tuple((p.name, (s := p.stat()).st_size, s.st_mtime_ns, s.st_ino) for p in files)
+
+
+def _weights_sha256(weights: Path) -> str:
+    """The SHA-256 of the weights file; for a folder of shards, a digest over every shard's hash."""
+    if weights.is_file():
+        return file_sha256(weights)
+    digest = hashlib.sha256()
+    for shard in sorted(p for p in weights.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")):
+        digest.update(f"{shard.name}:{file_sha256(shard)}\n".encode())
+    return digest.hexdigest()

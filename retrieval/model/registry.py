@@ -1,0 +1,159 @@
+"""Named models: OpenAI's published CLIP checkpoints (downloaded on first use) and the bundled shapes-mini."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrieval.errors import UnknownModelError
+
+DEFAULT_MODEL = "ViT-B/32"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+_OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: where a named model's weights come from."""
+
+    name: str  # what users type ("ViT-B/32")
+    description: str  # one line for `clipsearch models`
+    url: str | None = None  # download URL; None for a bundled model
+    sha256: str | None = None  # hex SHA-256 of the downloaded file, checked after every download
+    path: Path | None = None  # bundled models: the checkpoint folder inside the package
+
+    @property
+    def bundled(self) -> bool:
+        """True when the weights ship inside the package instead of being downloaded."""
+        return self.path is not None
+
+    @property
+    def filename(self) -> str:
+        """The downloaded file's name in the cache dir (the URL's last segment)."""
+        if self.url is None:
+            raise ValueError(f"model {self.name!r} is bundled and has no download URL")
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _openai(name: str, sha256: str, filename: str, description: str) -> ModelSpec:
+    """An OpenAI release, whose URL carries the file's SHA-256 as its second-last segment."""
+    return ModelSpec(name, description, url=f"{_OPENAI_BASE}/{sha256}/{filename}", sha256=sha256)
+
+
+_REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        _openai(
+            "RN50",
+            "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+            "RN50.pt",
+            "OpenAI CLIP ResNet-50, 224 px, 1024-d",
+        ),
+        _openai(
+            "RN101",
+            "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+            "RN101.pt",
+            "OpenAI CLIP ResNet-101, 224 px, 512-d",
+        ),
+        _openai(
+            "RN50x4",
+            "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+            "RN50x4.pt",
+            "OpenAI CLIP ResNet-50 x4 width, 288 px, 640-d",
+        ),
+        _openai(
+            "RN50x16",
+            "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+            "RN50x16.pt",
+            "OpenAI CLIP ResNet-50 x16 width, 384 px, 768-d",
+        ),
+        _openai(
+            "RN50x64",
+            "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+            "RN50x64.pt",
+            "OpenAI CLIP ResNet-50 x64 width, 448 px, 1024-d",
+        ),
+        _openai(
+            "ViT-B/32",
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+            "ViT-B-32.pt",
+            "OpenAI CLIP ViT-B/32, 224 px, 512-d (fast; a good default)",
+        ),
+        _openai(
+            "ViT-B/16",
+            "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+            "ViT-B-16.pt",
+            "OpenAI CLIP ViT-B/16, 224 px, 512-d",
+        ),
+        _openai(
+            "ViT-L/14",
+            "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+            "ViT-L-14.pt",
+            "OpenAI CLIP ViT-L/14, 224 px, 768-d",
+        ),
+        _openai(
+            "ViT-L/14@336px",
+            "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+            "ViT-L-14-336px.pt",
+            "OpenAI CLIP ViT-L/14 at 336 px, 768-d (the most accurate, the slowest)",
+        ),
+        ModelSpec(
+            "shapes-mini",
+            "tiny CLIP trained on generated shapes; bundled, works offline (demo and tests)",
+            path=ASSETS_DIR / "shapes-mini",
+        ),
+    )
+}
+
+
+def available_models() -> list[str]:
+    """Names `load_model` accepts besides paths, in registry order.
+
+    Example:
+        >>> "ViT-B/32" in available_models()
+        True
+    """
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for a name (exact, else case-insensitive).
+
+    Raises:
+        UnknownModelError: no such name; the message lists the available ones.
+    """
+    spec = _REGISTRY.get(name)
+    if spec is not None:
+        return spec
+    matches = [s for key, s in _REGISTRY.items() if key.lower() == name.lower()]
+    if len(matches) == 1:
+        return matches[0]
+    raise UnknownModelError(
+        f"unknown model {name!r}; available: {', '.join(available_models())} (or give a checkpoint file or folder)"
+    )
+
+
+def is_registered(name: str) -> bool:
+    """Whether `get_spec(name)` would succeed."""
+    return name in _REGISTRY or sum(key.lower() == name.lower() for key in _REGISTRY) == 1
+
+
+def register_model(spec: ModelSpec) -> None:
+    """Add (or replace) a named model, e.g. a mirror of a checkpoint on a local server.
+
+    Args:
+        spec: a downloadable entry (`url` and `sha256` set) or a bundled/local one (`path` set).
+
+    Raises:
+        ValueError: the spec has neither a URL with its SHA-256 nor a path.
+    """
+    if spec.path is None and (spec.url is None or spec.sha256 is None):
+        raise ValueError(f"model {spec.name!r} needs either a url and its sha256, or a path")
+    _REGISTRY[spec.name] = spec
+
+
+def default_model_name() -> str:
+    """The model used when none is named: `$CLIPSEARCH_MODEL`, else ViT-B/32."""
+    return os.environ.get("CLIPSEARCH_MODEL") or DEFAULT_MODEL
