@@ -40,3 +40,19 @@ class ModelMismatchError(StoreError):
 
 class QueryError(ClipsearchError, ValueError):
     """A query that cannot be run as written."""
+
+
+class TrainingError(ClipsearchError):
+    """Training cannot start or resume as asked (bad data, an output folder holding another run)."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing to the same store table (a second `clipsearch index`)."""
+
+
+class DatasetError(ClipsearchError, ValueError):
+    """An evaluation set (captioned or labelled) that cannot be read as given."""
+
+
+class IndexingError(ClipsearchError):
+    """An index run that cannot go on (not a bad file: those are recorded and skipped)."""

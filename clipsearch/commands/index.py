@@ -1,0 +1,168 @@
+"""`clipsearch index` and `clipsearch status`: keep a store in sync with photo folders, and report on it."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import click
+
+from indexer.options import default_workers
+
+_DB_HELP = "Store directory [env CLIPSEARCH_HOME; default ~/.local/share/clipsearch]."
+_SHOWN_FAILURES = 20
+
+
+@click.command("index")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, path_type=str))
+@click.option("--db", "db_dir", envvar="CLIPSEARCH_HOME", default=None, type=click.Path(file_okay=False), help=_DB_HELP)
+@click.option("--model", "model_name", envvar="CLIPSEARCH_MODEL", default=None,
+              help="Model name or checkpoint path [env CLIPSEARCH_MODEL; default ViT-B/32].")  # fmt: skip
+@click.option("--device", default="auto", show_default=True, help='"auto", "cpu", "cuda", "cuda:1", "mps".')
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help=f"Decoder processes; 0 decodes in this process [default: {default_workers()} here].")  # fmt: skip
+@click.option(
+    "--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per encoder call."
+)
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files/folders whose name or relative path match.")
+@click.option("--max-megapixels", default=100.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Refuse larger images (decompression bombs); JPEGs count after reduced decoding.")  # fmt: skip
+@click.option("--commit-every", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Images per store commit; an interruption loses at most this many.")  # fmt: skip
+@click.option("--commit-seconds", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Commit at least this often.")  # fmt: skip
+@click.option("--lock-wait", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for another `index` on the same store to finish.")  # fmt: skip
+@click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def index(
+    folders: tuple[str, ...],
+    db_dir: str | None,
+    model_name: str | None,
+    device: str,
+    workers: int | None,
+    batch_size: int,
+    exclude: tuple[str, ...],
+    max_megapixels: float,
+    commit_every: int,
+    commit_seconds: float,
+    lock_wait: float,
+    strict: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Index the images under FOLDERS into the store, or bring the store up to date with them.
+
+    New and changed files are embedded; unchanged files are skipped without being read; moved or renamed
+    files keep their vectors; files deleted from FOLDERS leave the store. A file that cannot be read is
+    recorded (see `clipsearch status`) and skipped. Interrupting is safe: run the same command again to
+    carry on.
+
+    \b
+    Examples:
+      clipsearch index ./photos
+      clipsearch index ~/Pictures /mnt/nas/photos --exclude '*/thumbnails/*' --workers 4
+      clipsearch index ./photos --model shapes-mini --db ./demo-store --json
+    """
+    from indexer.options import IndexOptions
+    from indexer.pipeline import index_folders
+    from retrieval.model.loading import load_model
+    from retrieval.store import Store
+
+    model, preprocess = load_model(model_name, device=device, towers="image")
+    store = Store.open(db_dir, model.info, create=True)
+    options = IndexOptions(
+        workers=default_workers() if workers is None else workers,
+        batch_size=batch_size,
+        max_megapixels=max_megapixels,
+        exclude=exclude,
+        commit_every=commit_every,
+        commit_seconds=commit_seconds,
+        lock_wait=lock_wait,
+        progress=not (quiet or as_json),
+    )
+    summary = index_folders(folders, model, preprocess, store, options)
+    if as_json:
+        out = summary.to_dict()
+        out.update(db=str(store.path), table=store.table_name, model=model.info.name, total=store.count())
+        click.echo(json.dumps(out, ensure_ascii=False, default=str))
+    else:
+        s = summary
+        click.echo(
+            f"Indexed {s.indexed} images ({s.new} new, {s.changed} changed, {s.duplicates} duplicates; "
+            f"{s.encoded} encoded), {s.unchanged} unchanged, {s.moved} moved, {s.removed} removed, "
+            f"{s.failed} failed in {s.seconds:.1f} s."
+        )
+        click.echo(f"Store: {store.path} ({store.count()} images, model {model.info.name})")
+        _echo_failures([f._asdict() for f in s.failures])
+    if strict and summary.failed:
+        raise SystemExit(1)
+
+
+@click.command("status")
+@click.option("--db", "db_dir", envvar="CLIPSEARCH_HOME", default=None, type=click.Path(file_okay=False), help=_DB_HELP)
+@click.option("--model", "model_name", default=None, help="Only the table of this model name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status(db_dir: str | None, model_name: str | None, as_json: bool) -> None:
+    """Show what the store holds: per model, the image count, whether indexing finished, the last run, and
+    the files that failed with the reason.
+
+    \b
+    Examples:
+      clipsearch status
+      clipsearch status --json | jq '.models[].failures[] | .path'
+    """
+    from indexer.status import store_status
+
+    report = store_status(db_dir, model_name)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, default=str))
+        return
+    click.echo(f"Store: {report['db']}")
+    for entry in report["models"]:
+        model = entry["model"]
+        click.echo(
+            f"\nModel: {model['name']} (weights {model['weights_sha256'][:12]}, {model['embed_dim']}-d, "
+            f"{model['image_size']} px), table {entry['table']}"
+        )
+        click.echo(f"Images: {entry['count']}")
+        click.echo(f"State: {_state_text(entry)}")
+        run = entry["last_run"]
+        if run is not None:
+            click.echo(
+                f"Last run: {_when(run.get('updated_at'))}, {run['state']}: {run.get('indexed', 0)} indexed, "
+                f"{run.get('unchanged', 0)} unchanged, {run.get('moved', 0)} moved, {run.get('removed', 0)} removed, "
+                f"{run.get('failed', 0)} failed; folders: {', '.join(run.get('roots', []))}"
+            )
+        _echo_failures(entry["failures"])
+
+
+def _state_text(entry: dict[str, Any]) -> str:
+    """The index state in words, with what to do about it."""
+    state = entry["state"]
+    if state == "indexing":
+        return f"indexing now (pid {entry['indexing_pid']})"
+    if state == "interrupted":
+        return "interrupted; run `clipsearch index` on the same folders again to finish"
+    return state
+
+
+def _when(iso: str | None) -> str:
+    """An ISO timestamp as local time, to the second."""
+    if not iso:
+        return "?"
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _echo_failures(failures: list[dict[str, Any]]) -> None:
+    """The failed files with their reasons (the first few, and how many more)."""
+    if not failures:
+        return
+    click.echo(f"Failed files ({len(failures)}):")
+    for f in failures[:_SHOWN_FAILURES]:
+        click.echo(f"  {f['path']!r}: {f['stage']}: {f['reason']}" if "\n" in f["path"] else
+                   f"  {f['path']}: {f['stage']}: {f['reason']}")  # fmt: skip
+    if len(failures) > _SHOWN_FAILURES:
+        click.echo(f"  ... and {len(failures) - _SHOWN_FAILURES} more (clipsearch status --json lists all)")

@@ -1,0 +1,180 @@
+"""What a decoder worker does with one file: read, hash, decode, preprocess, and read the EXIF metadata.
+
+`Decoder` is a picklable callable (it runs in worker processes) that never raises for a bad file: every
+problem comes back as a `Failed` result naming the stage. When the file's hash matches content the store
+already has (`Decoder.known`), it stops before decoding: the vector can be reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
+
+import numpy as np
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+from retrieval.errors import ImageLoadError
+from retrieval.model.preprocess import Preprocess
+
+try:  # HEIC/HEIF support when the plugin is installed; the walker lists .heic files only then
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:
+    pass
+
+_ORIENTATION_SWAPS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+class DecodeTask(NamedTuple):
+    """One file to decode."""
+
+    path: str
+    check_known: bool = False  # the store has files of this size: stop early if the content is known
+
+
+class Metadata(NamedTuple):
+    """What the store records about an image besides its vector."""
+
+    content_hash: str
+    width: int | None
+    height: int | None
+    format: str | None
+    taken_at: datetime | None
+    camera_make: str | None
+    camera_model: str | None
+
+
+class Decoded(NamedTuple):
+    """A decoded, preprocessed image."""
+
+    pixels: np.ndarray  # [3, S, S] float32, normalised as the model expects
+    metadata: Metadata
+    seconds: tuple[float, float, float]  # time spent reading (+hashing), decoding, transforming
+
+
+class Known(NamedTuple):
+    """The file's content is already in the store: no decoding needed."""
+
+    content_hash: str
+    seconds: tuple[float, float, float]
+
+
+class Failed(NamedTuple):
+    """A file that cannot be indexed."""
+
+    stage: str  # read, decode, preprocess, worker
+    reason: str
+
+
+DecodeResult = Decoded | Known | Failed
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Turns a `DecodeTask` into a `DecodeResult`; runs in decoder worker processes, so it is picklable.
+
+    Args:
+        preprocess: the model's preprocessing (its `decode` drafts large JPEGs, its `transform` is CLIP's).
+        max_megapixels: images larger than this (after JPEG draft) are refused as decompression bombs.
+        known: sorted `hash_key`s of content the store already has; such files are not decoded.
+    """
+
+    preprocess: Preprocess
+    max_megapixels: float = 100.0
+    known: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64), compare=False)  # sorted hash_keys
+
+    def __call__(self, task: DecodeTask) -> DecodeResult:
+        """Read, hash, decode and transform one file; every problem becomes a `Failed`."""
+        start = time.perf_counter()
+        try:
+            with open(task.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return Failed("read", "the file vanished during the run")
+        except OSError as e:
+            return Failed("read", f"cannot read ({e.strerror or e})")
+        if not data:
+            return Failed("read", "empty file (0 bytes)")
+        content_hash = hashlib.sha256(data).hexdigest()
+        read_done = time.perf_counter()
+        if task.check_known and _contains(self.known, hash_key(content_hash)):
+            return Known(content_hash, (read_done - start, 0.0, 0.0))
+        try:
+            image = Image.open(io.BytesIO(data))
+            metadata = _metadata(image, content_hash)
+            rgb = self.preprocess.decode(image, max_megapixels=self.max_megapixels)
+        except UnidentifiedImageError:
+            return Failed("decode", "not an image Pillow can read")
+        except ImageLoadError as e:
+            return Failed("decode", str(e).removeprefix("<image>: "))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return Failed("decode", f"cannot decode ({e})")
+        decode_done = time.perf_counter()
+        try:
+            pixels = self.preprocess.transform(rgb).numpy()
+        except (OSError, ValueError) as e:
+            return Failed("preprocess", f"cannot transform ({e})")
+        seconds = (read_done - start, decode_done - read_done, time.perf_counter() - decode_done)
+        return Decoded(pixels, metadata, seconds)
+
+
+def hash_key(content_hash: str) -> np.uint64:
+    """The first 64 bits of a hex content hash: a compact key for the known-content lookup."""
+    return np.uint64(int(content_hash[:16], 16))
+
+
+def _contains(sorted_keys: np.ndarray, key: np.uint64) -> bool:
+    """Membership in a sorted uint64 array."""
+    i = int(np.searchsorted(sorted_keys, key))
+    return i < len(sorted_keys) and sorted_keys[i] == key
+
+
+def _metadata(image: Image.Image, content_hash: str) -> Metadata:
+    """Size as displayed (EXIF orientation applied), format, and EXIF capture time and camera, from the header."""
+    width, height = image.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about malformed EXIF it then skips
+        try:
+            exif = image.getexif()
+            sub = exif.get_ifd(ExifTags.IFD.Exif)
+        except Exception:  # any EXIF damage only costs the metadata, never the image
+            exif, sub = {}, {}
+    if exif.get(ExifTags.Base.Orientation) in _ORIENTATION_SWAPS:
+        width, height = height, width
+    taken = sub.get(ExifTags.Base.DateTimeOriginal) or sub.get(ExifTags.Base.DateTimeDigitized)
+    return Metadata(
+        content_hash=content_hash,
+        width=width,
+        height=height,
+        format=image.format,
+        taken_at=_exif_datetime(taken),
+        camera_make=_exif_text(exif.get(ExifTags.Base.Make)),
+        camera_model=_exif_text(exif.get(ExifTags.Base.Model)),
+    )
+
+
+def _exif_text(value: object) -> str | None:
+    """An EXIF ASCII value without padding, or None when empty or not text."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return None
+    value = value.replace("\x00", "").strip()
+    return value or None
+
+
+def _exif_datetime(value: object) -> datetime | None:
+    """Parse EXIF's "YYYY:MM:DD HH:MM:SS"; None for blanks ("    :  :  ") or impossible dates."""
+    text = _exif_text(value)
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None

@@ -1,0 +1,27 @@
+"""The settings of an index run. Kept free of heavy imports: the CLI reads the defaults for its help text."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def default_workers() -> int:
+    """One decoder process per core but one (the encoder needs cores too), at least 1 and at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores - 1, 8))
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How to run an index pass."""
+
+    workers: int = field(default_factory=default_workers)  # decoder processes; 0 decodes in this process
+    batch_size: int = 32  # images per encoder call
+    max_megapixels: float = 100.0  # larger images are refused as decompression bombs
+    exclude: tuple[str, ...] = ()  # glob patterns of files/folders to skip
+    commit_every: int = 256  # rows per store commit at most ...
+    commit_seconds: float = 10.0  # ... and seconds between commits at most
+    decode_timeout: float = 120.0  # seconds one file may take to decode before its worker is replaced
+    lock_wait: float = 10.0  # seconds to wait for another indexer on the same table
+    progress: bool = True  # a tqdm bar on stderr

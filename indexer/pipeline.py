@@ -1,0 +1,449 @@
+"""`index_folders`: walk, sync, decode in workers, encode in batches, commit to the store in chunks.
+
+One image's path through it: `walk` finds the file; `plan_sync` sees it is new; a `DecoderPool` worker reads,
+hashes, decodes and preprocesses it (`Decoder`); the main thread stacks it into a batch for
+`encode_images`; the resulting row waits in the pending chunk until `Store.apply` commits the chunk.
+
+Crash safety: each chunk is one atomic LanceDB commit (new rows, updated rows, and the deletions that go
+with them), preceded by a durable reservation of its new ids. A run killed at any point leaves the table as
+of the last commit; the next run finds the already-committed files unchanged and carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from indexer.decode import Decoded, Decoder, DecodeResult, DecodeTask, Failed, Known, Metadata
+from indexer.lock import IndexLock
+from indexer.options import IndexOptions
+from indexer.pool import DecoderPool
+from indexer.sync import Plan, WorkItem, is_under, plan_sync
+from indexer.walk import walk
+from retrieval.model.encode import encode_images
+from retrieval.model.preprocess import Preprocess
+from retrieval.store import ImageRow, Store, utc_now
+from retrieval.store_state import Failure
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexSummary:
+    """What a run did. `indexed` counts files written with a vector (new, changed, and copies of known
+    content); `encoded` counts images that went through the model."""
+
+    indexed: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    failed: int = 0
+    new: int = 0
+    changed: int = 0
+    duplicates: int = 0
+    encoded: int = 0
+    commits: int = 0
+    worker_restarts: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, failures as {"path", "stage", "reason"} objects."""
+        out = dataclasses.asdict(self)
+        out["failures"] = [f._asdict() for f in self.failures]
+        out["files_per_second"] = round((self.indexed + self.moved) / self.seconds, 2) if self.seconds else 0.0
+        return out
+
+
+class _Pending(NamedTuple):
+    """A row waiting for the next commit; `vector` None means "copy it from row `source_id`"."""
+
+    id: int | None  # None: a new row, its id allocated at commit
+    item: WorkItem
+    metadata: Metadata
+    vector: np.ndarray | None
+    source_id: int | None
+
+
+class _BatchEntry(NamedTuple):
+    """A decoded image waiting for the encoder, plus other files with the same content (same metadata)."""
+
+    item: WorkItem
+    metadata: Metadata
+    pixels: np.ndarray
+    followers: list[WorkItem]
+
+
+def index_folders(
+    roots: Sequence[str | os.PathLike[str]],
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    store: Store,
+    options: IndexOptions | None = None,
+    decoder: Decoder | None = None,
+) -> IndexSummary:
+    """Bring `store` in line with the images under `roots`.
+
+    Args:
+        roots: folders (or image files) to index.
+        model: a CLIP with an image tower and `.info` (its vectors must be the store's).
+        preprocess: the model's preprocessing.
+        store: the open store (`Store.open(..., create=True)`).
+        options: run settings.
+        decoder: what the workers run on each file; default `Decoder(preprocess, options.max_megapixels)`.
+            Tests pass a subclass to inject faults.
+
+    Returns:
+        The run's counts, timings and failures.
+
+    Raises:
+        StoreLockedError: another indexer holds the table's lock for longer than `options.lock_wait`.
+    """
+    options = options or IndexOptions()
+    lock = IndexLock(store.path / f"{store.table_name}.lock")
+    lock.acquire(wait=options.lock_wait)
+    try:
+        return _Run(roots, model, preprocess, store, options, decoder).run()
+    finally:
+        lock.release()
+
+
+class _Run:
+    """The state of one index run."""
+
+    def __init__(
+        self,
+        roots: Sequence[str | os.PathLike[str]],
+        model: torch.nn.Module,
+        preprocess: Preprocess,
+        store: Store,
+        options: IndexOptions,
+        decoder: Decoder | None,
+    ) -> None:
+        self.roots = [os.path.abspath(os.fsdecode(r)) for r in roots]
+        self.model = model
+        self.store = store
+        self.options = options
+        self.decoder = decoder or Decoder(preprocess, options.max_megapixels)
+        self.summary = IndexSummary()
+        self.stages = dict.fromkeys(("scan", "read", "decode", "transform", "wait", "encode", "write"), 0.0)
+        self.pending: list[_Pending] = []
+        self.pending_deletes: dict[int, str] = {}  # row id -> its content hash
+        self.pending_by_hash: dict[str, _Pending] = {}
+        self.batch: list[_BatchEntry] = []
+        self.batch_by_hash: dict[str, _BatchEntry] = {}
+        self.claimed: set[int] = set()
+        self.redo: list[WorkItem] = []
+        self.failures: list[Failure] = []
+        self.run_id = uuid.uuid4().hex
+        self.started = utc_now()
+        self.last_commit = time.monotonic()
+        self.bar: tqdm | None = None
+
+    # ---- driving -------------------------------------------------------------------------------
+
+    def run(self) -> IndexSummary:
+        """Scan, process every work item, remove what vanished, record the run."""
+        start = time.perf_counter()
+        found = list(walk(self.roots, self.options.exclude))
+        self.plan: Plan = plan_sync(found, self.store.catalog(), self.roots)
+        self.stages["scan"] = time.perf_counter() - start
+        self.hash_to_ids = self.plan.hash_to_ids
+        self.vanished_by_hash: dict[str, list[int]] = {}
+        for row_id, content_hash in self.plan.vanished.items():
+            self.vanished_by_hash.setdefault(content_hash, []).append(row_id)
+        self.summary.unchanged = self.plan.unchanged
+        self.failures.extend(self.plan.walk_failures)
+        logger.info(
+            "%d files found: %d unchanged, %d to read, %d gone",
+            len(found),
+            self.plan.unchanged,
+            len(self.plan.work),
+            len(self.plan.vanished),
+        )
+        self._record("running")
+        state = "interrupted"
+        try:
+            with tqdm(
+                total=len(self.plan.work),
+                unit="file",
+                file=sys.stderr,
+                disable=not self.options.progress,
+                dynamic_ncols=True,
+                desc="indexing",
+            ) as self.bar:
+                self._process(self.plan.work, check_known=True)
+                if self.redo:  # content matched a row that has since been replaced: decode it after all
+                    redo, self.redo = self.redo, []
+                    self._process(redo, check_known=False)
+                self._encode_batch()
+                gone = {i: h for i, h in self.plan.vanished.items() if i not in self.claimed}
+                self.summary.removed = len(gone)
+                self.pending_deletes.update(gone)
+                self._commit()
+            state = "complete"
+        finally:
+            if state != "complete":
+                self._salvage()
+            self.summary.seconds = time.perf_counter() - start
+            self.summary.failed = len(self.failures)
+            self.summary.failures = list(self.failures)
+            self.summary.stage_seconds = {k: round(v, 3) for k, v in self.stages.items()}
+            self._record(state)
+        if self.summary.commits > 1:
+            write_start = time.perf_counter()
+            self.store.optimize()
+            self.stages["write"] += time.perf_counter() - write_start
+            self.summary.stage_seconds["write"] = round(self.stages["write"], 3)
+        return self.summary
+
+    def _salvage(self) -> None:
+        """On Ctrl-C or an error, commit the rows already encoded so the work is not lost."""
+        try:
+            self._commit()
+        except Exception:  # the original exception matters more; the rerun redoes this chunk
+            logger.exception("could not commit the last chunk; the next run will redo it")
+
+    def _process(self, items: list[WorkItem], check_known: bool) -> None:
+        """Decode `items` (in workers or here) and feed the results to the batcher."""
+        by_path = {item.path: item for item in items}
+        tasks = (DecodeTask(i.path, check_known and i.size in self.plan.stored_sizes) for i in items)
+        decoder = dataclasses.replace(self.decoder, known=self.plan.known)
+        with contextlib.closing(self._results(decoder, tasks, len(items))) as results:
+            for task, result in results:
+                self._step(by_path[task.path], result)
+
+    def _step(self, item: WorkItem, result: DecodeResult) -> None:
+        """Handle one result, then encode and commit when due."""
+        self._handle(item, result)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            new=self.summary.new,
+            changed=self.summary.changed,
+            unchanged=self.summary.unchanged,
+            failed=len(self.failures),
+            refresh=False,
+        )
+        if len(self.batch) >= self.options.batch_size:
+            self._encode_batch()
+        if len(self.pending) >= self.options.commit_every or (
+            self.pending and time.monotonic() - self.last_commit >= self.options.commit_seconds
+        ):
+            self._commit()
+
+    def _results(
+        self, decoder: Decoder, tasks: Iterable[DecodeTask], n: int
+    ) -> Iterator[tuple[DecodeTask, DecodeResult]]:
+        """(task, result) pairs from worker processes, or from this process with `workers=0`."""
+        waited = time.perf_counter()
+        if self.options.workers == 0 or n == 0:
+            for task in tasks:
+                result = decoder(task)
+                yield task, result
+        else:
+            workers = min(self.options.workers, n)
+            with DecoderPool(
+                decoder, workers, buffer=2 * self.options.batch_size + 8, timeout=self.options.decode_timeout
+            ) as pool:
+                for task, result in pool.imap_unordered(tasks):
+                    self.stages["wait"] += time.perf_counter() - waited
+                    yield task, result
+                    waited = time.perf_counter()
+                self.summary.worker_restarts += pool.restarts
+
+    # ---- one file ------------------------------------------------------------------------------
+
+    def _handle(self, item: WorkItem, result: DecodeResult) -> None:
+        """Route one decode result: a failure, known content (no encoding), or pixels for the batch."""
+        if isinstance(result, Failed):
+            logger.warning("skipping %s: %s (%s)", item.path, result.reason, result.stage)
+            self.failures.append(Failure(item.path, result.stage, result.reason))
+            return
+        for stage, seconds in zip(("read", "decode", "transform"), result.seconds, strict=True):
+            self.stages[stage] += seconds
+        if isinstance(result, Known):
+            # the worker stopped after hashing: metadata other than the hash is taken from the source row
+            if not self._reuse(item, _partial_metadata(result.content_hash)):
+                self.redo.append(item)
+            return
+        assert isinstance(result, Decoded)
+        if self._reuse(item, result.metadata):
+            return
+        entry = _BatchEntry(item, result.metadata, result.pixels, [])
+        self.batch.append(entry)
+        self.batch_by_hash[result.metadata.content_hash] = entry
+
+    def _reuse(self, item: WorkItem, metadata: Metadata) -> bool:
+        """Give `item` a vector already computed for the same content, if there is one: a touched file keeps
+        its row, a moved file takes over its old row (same id), a copy gets a new row; nothing is encoded."""
+        content_hash = metadata.content_hash
+        if item.old_id is not None and content_hash == item.old_hash:
+            self._stage(item.old_id, item, metadata, None, item.old_id)  # only size/mtime changed
+            self.summary.unchanged += 1
+            return True
+        entry = self.batch_by_hash.get(content_hash)
+        if entry is not None:
+            entry.followers.append(item)
+            return True
+        moved = next((i for i in self.vanished_by_hash.get(content_hash, ()) if i not in self.claimed), None)
+        if moved is not None:
+            self.claimed.add(moved)
+            self._stage(moved, item, metadata, None, moved)
+            if item.old_id is not None:  # moved over a changed file: that file's old content is gone
+                self.pending_deletes[item.old_id] = item.old_hash
+            self.summary.moved += 1
+            return True
+        pending = self.pending_by_hash.get(content_hash)
+        source = self.hash_to_ids.get(content_hash)
+        if pending is None and not source:
+            return False
+        if pending is not None:  # same bytes, same metadata
+            self._stage(None, item, pending.metadata, pending.vector, pending.source_id)
+        else:
+            self._stage(None, item, metadata, None, min(source))
+        self._replaces(item)
+        self.summary.duplicates += 1
+        self.summary.indexed += 1
+        return True
+
+    def _replaces(self, item: WorkItem) -> None:
+        """Count a new or changed file, scheduling the deletion of a changed file's old row."""
+        if item.old_id is None:
+            self.summary.new += 1
+        else:
+            self.summary.changed += 1
+            self.pending_deletes[item.old_id] = item.old_hash
+
+    def _stage(
+        self, row_id: int | None, item: WorkItem, metadata: Metadata, vector: np.ndarray | None, source: int | None
+    ) -> None:
+        """Queue a row for the next commit."""
+        pending = _Pending(row_id, item, metadata, vector, source)
+        self.pending.append(pending)
+        self.pending_by_hash.setdefault(metadata.content_hash, pending)
+
+    # ---- encoding and committing ---------------------------------------------------------------
+
+    def _encode_batch(self) -> None:
+        """Run the batch through the image encoder and queue its rows (and their same-content followers)."""
+        if not self.batch:
+            return
+        start = time.perf_counter()
+        pixels = torch.from_numpy(np.stack([e.pixels for e in self.batch]))  # [B, 3, S, S]
+        vectors = encode_images(self.model, pixels)  # [B, D]
+        self.stages["encode"] += time.perf_counter() - start
+        self.summary.encoded += len(self.batch)
+        for entry, vector in zip(self.batch, vectors, strict=True):
+            self._stage(None, entry.item, entry.metadata, vector, None)
+            self._replaces(entry.item)
+            self.summary.indexed += 1
+            for item in entry.followers:
+                self._stage(None, item, entry.metadata, vector, None)
+                self._replaces(item)
+                self.summary.duplicates += 1
+                self.summary.indexed += 1
+        self.batch.clear()
+        self.batch_by_hash.clear()
+
+    def _commit(self) -> None:
+        """Write the pending rows and deletions as one atomic commit, then record progress."""
+        if not self.pending and not self.pending_deletes:
+            return
+        start = time.perf_counter()
+        # Ids are fixed before the write, so retrying a commit that was interrupted after LanceDB had applied it
+        # (Ctrl-C inside `apply`) upserts the same rows again instead of adding them twice.
+        new_ids = iter(self.store.allocate_ids(sum(p.id is None for p in self.pending)).tolist())
+        self.pending = [p if p.id is not None else p._replace(id=next(new_ids)) for p in self.pending]
+        sources = [p.source_id for p in self.pending if p.vector is None]
+        source_rows = self.store.rows(sources, columns=["id", "vector", *_KEPT]) if sources else []
+        by_source = {r["id"]: r for r in source_rows}
+        now = utc_now()
+        rows = []
+        for p in self.pending:
+            source = by_source.get(p.source_id) if p.vector is None else None
+            metadata = _complete(p.metadata, source)
+            vector = p.vector if p.vector is not None else source["vector"]
+            rows.append(_row(p.id, p.item, metadata, vector, now))
+        self.store.apply(rows, sorted(self.pending_deletes))
+        deleted = dict(self.pending_deletes)
+        self.pending.clear()
+        self.pending_deletes.clear()
+        self.pending_by_hash.clear()
+        for row_id, content_hash in deleted.items():
+            self.hash_to_ids.get(content_hash, set()).discard(row_id)
+        for row in rows:
+            self.hash_to_ids.setdefault(row.content_hash, set()).add(row.id)
+        self.summary.commits += 1
+        self.stages["write"] += time.perf_counter() - start
+        self.last_commit = time.monotonic()
+        self._record("running")
+
+    def _record(self, state: str) -> None:
+        """Save the run's progress and the failure list in the store's state file."""
+        failing = {f.path for f in self.failures}
+        roots = [os.fsencode(r) for r in self.roots]
+        kept = [  # earlier failures outside this run's folders, or not retried yet
+            f
+            for f in self.store.state.failures()
+            if f.path not in failing and not (state == "complete" and is_under(os.fsencode(f.path), roots))
+        ]
+        summary = {k: v for k, v in self.summary.to_dict().items() if k not in ("failures", "stage_seconds")}
+        run = {
+            "run_id": self.run_id,
+            "state": state,
+            "pid": os.getpid(),
+            "roots": self.roots,
+            "started_at": self.started.isoformat(),
+            "updated_at": utc_now().isoformat(),
+            **summary,
+            "failed": len(self.failures),
+        }
+        self.store.state.record(run, kept + self.failures)
+
+
+# Metadata a moved or copied file takes from the row it reuses (its worker stopped after hashing).
+_KEPT = ("width", "height", "format", "taken_at", "camera_make", "camera_model")
+
+
+def _partial_metadata(content_hash: str) -> Metadata:
+    """Metadata known from the hash alone; the rest is filled from the source row at commit."""
+    return Metadata(content_hash, None, None, None, None, None, None)
+
+
+def _complete(metadata: Metadata, source: dict[str, Any] | None) -> Metadata:
+    """Fill metadata the worker did not read from the row with the same content."""
+    if source is None or metadata.format is not None:
+        return metadata
+    return metadata._replace(**{k: source[k] for k in _KEPT})
+
+
+def _row(row_id: int, item: WorkItem, metadata: Metadata, vector: np.ndarray, now: Any) -> ImageRow:
+    """An `ImageRow` for the store."""
+    return ImageRow(
+        id=row_id,
+        path=item.path,
+        size=item.size,
+        mtime_ns=item.mtime_ns,
+        content_hash=metadata.content_hash,
+        width=metadata.width,
+        height=metadata.height,
+        format=metadata.format,
+        taken_at=metadata.taken_at,
+        camera_make=metadata.camera_make,
+        camera_model=metadata.camera_model,
+        indexed_at=now,
+        vector=np.asarray(vector, dtype=np.float32),
+    )

@@ -1,0 +1,260 @@
+"""Decoder worker processes that survive bad files.
+
+A plain `multiprocessing.Pool` loses the task of a worker that dies (the run hangs) and a
+`ProcessPoolExecutor` breaks entirely. Here each worker has its own pipe and at most `prefetch` tasks, so
+when one dies (a segfault in a codec, an out-of-memory kill) or hangs past the timeout, the file it was on
+is known: it is reported as failed, the worker's other tasks are re-sent, and a fresh worker takes its place.
+
+A background thread does all pipe traffic and buffers finished images, so workers keep decoding while the
+main thread is busy in the encoder; the bounded buffer stops dispatching when the encoder falls behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import multiprocessing.connection
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from indexer.decode import DecodeResult, DecodeTask, Failed
+from retrieval.errors import IndexingError
+
+logger = logging.getLogger(__name__)
+
+_DONE = object()
+_READY = "ready"
+_POLL_SECONDS = 0.5  # how often a waiting dispatcher looks at timeouts and the stop flag
+_MAX_STARTUP_DEATHS = 3  # workers dying before they are ready: they cannot start, so give up
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """A forkserver where available: workers fork from a clean, pre-imported process (no torch/LanceDB
+    threads copied from this one) and start in milliseconds when a crashed one is replaced."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # "__main__" too: otherwise every worker re-imports the main script (and whatever it imports) itself
+        ctx.set_forkserver_preload(["__main__", "indexer.decode"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, decoder: Callable[[DecodeTask], DecodeResult]) -> None:
+    """A worker's loop: receive (seq, task), send (seq, result) until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    import torch
+
+    torch.set_num_threads(1)  # the preprocessing tensors are small; cores belong to the encoder
+    conn.send(_READY)  # the decoder unpickled: from now on a death is the current file's fault
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, OSError):
+            return
+        if item is None:
+            return
+        seq, task = item
+        try:
+            result = decoder(task)
+        except Exception as e:  # a decoder bug must cost one file, not the worker
+            result = Failed("decode", f"unexpected error: {type(e).__name__}: {e}")
+        conn.send((seq, result))
+
+
+def _crash_reason(exitcode: int | None) -> str:
+    """How a worker ended, in words: "decoder worker crashed (SIGSEGV)"."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"decoder worker crashed ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            pass
+    return f"decoder worker crashed (exit code {exitcode})"
+
+
+class _Worker:
+    """One worker process, its pipe, and the tasks it holds (oldest first)."""
+
+    def __init__(self, ctx: multiprocessing.context.BaseContext, decoder: Callable) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, decoder), daemon=True, name="clipsearch-decoder")
+        self.process.start()
+        child.close()
+        self.inflight: collections.deque[tuple[int, DecodeTask]] = collections.deque()
+        self.busy_since = time.monotonic()
+        self.ready = False  # set once the process has started and unpickled the decoder
+
+    def send(self, seq: int, task: DecodeTask) -> None:
+        """Hand over a task; the clock starts when it is the worker's current one."""
+        if not self.inflight and self.ready:
+            self.busy_since = time.monotonic()
+        self.inflight.append((seq, task))
+        self.conn.send((seq, task))
+
+    def stop(self, kill: bool = False) -> None:
+        """End the process (politely unless `kill`) and close the pipe."""
+        if kill:
+            self.process.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class DecoderPool:
+    """Decode tasks in worker processes, replacing workers that crash or hang.
+
+    Args:
+        decoder: picklable callable run in the workers (an `indexer.decode.Decoder`).
+        workers: number of processes (>= 1).
+        prefetch: tasks queued per worker, so it never waits for the next one.
+        buffer: finished results held while the consumer is busy.
+        timeout: seconds one file may take before its worker is killed and the file reported.
+    """
+
+    def __init__(
+        self,
+        decoder: Callable[[DecodeTask], DecodeResult],
+        workers: int,
+        prefetch: int = 2,
+        buffer: int = 64,
+        timeout: float = 120.0,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.decoder = decoder
+        self.n_workers = workers
+        self.prefetch = prefetch
+        self.timeout = timeout
+        self.restarts = 0
+        self._ctx = _context()
+        self._out: queue.Queue = queue.Queue(maxsize=buffer)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._workers: list[_Worker] = []
+        self._startup_deaths = 0
+
+    def imap_unordered(self, tasks: Iterable[DecodeTask]) -> Iterator[tuple[DecodeTask, DecodeResult]]:
+        """Yield (task, result) for every task, in completion order. Close the pool when done."""
+        self._thread = threading.Thread(target=self._dispatch, args=(iter(tasks),), daemon=True)
+        self._thread.start()
+        while True:
+            item = self._out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the dispatcher and every worker."""
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():  # unblock a dispatcher waiting to put into a full buffer
+                try:
+                    self._out.get_nowait()
+                except queue.Empty:
+                    self._thread.join(timeout=0.05)
+        for worker in self._workers:
+            worker.stop(kill=bool(worker.inflight))
+        self._workers.clear()
+
+    def __enter__(self) -> DecoderPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _put(self, item: object) -> bool:
+        """Buffer an item for the consumer, giving up when the pool is closing."""
+        while not self._stop.is_set():
+            try:
+                self._out.put(item, timeout=_POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _dispatch(self, tasks: Iterator[DecodeTask]) -> None:
+        """The background thread: feed workers, collect results, replace dead or hung workers."""
+        try:
+            self._workers = [_Worker(self._ctx, self.decoder) for _ in range(self.n_workers)]
+            retry: collections.deque[DecodeTask] = collections.deque()
+            exhausted = False
+            seq = 0
+            while not self._stop.is_set():
+                for worker in self._workers:
+                    while len(worker.inflight) < self.prefetch and (retry or not exhausted):
+                        task = retry.popleft() if retry else next(tasks, None)
+                        if task is None:
+                            exhausted = True
+                            break
+                        seq += 1
+                        worker.send(seq, task)
+                if exhausted and not retry and not any(w.inflight for w in self._workers):
+                    self._put(_DONE)
+                    return
+                ready = multiprocessing.connection.wait(
+                    [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers],
+                    timeout=_POLL_SECONDS,
+                )
+                for i, worker in enumerate(list(self._workers)):
+                    if worker.conn in ready:
+                        try:
+                            message = worker.conn.recv()
+                        except (EOFError, OSError):
+                            worker.process.join(timeout=1)
+                            self._replace(i, retry, _crash_reason(worker.process.exitcode))
+                            continue
+                        if message == _READY:
+                            logger.debug(
+                                "decoder worker %d ready after %.2f s",
+                                worker.process.pid,
+                                time.monotonic() - worker.busy_since,
+                            )
+                            worker.ready = True
+                            worker.busy_since = time.monotonic()
+                            continue
+                        _, result = message
+                        _, task = worker.inflight.popleft()
+                        worker.busy_since = time.monotonic()
+                        if not self._put((task, result)):
+                            return
+                    elif worker.process.sentinel in ready:
+                        worker.process.join()
+                        self._replace(i, retry, _crash_reason(worker.process.exitcode))
+                    elif worker.inflight and time.monotonic() - worker.busy_since > self.timeout:
+                        self._replace(i, retry, f"decoding took longer than {self.timeout:g} s")
+        except BaseException as e:  # hand any dispatcher failure to the consumer instead of hanging it
+            self._put(e)
+
+    def _replace(self, i: int, retry: collections.deque[DecodeTask], reason: str) -> None:
+        """Report the dead or hung worker's current file, re-queue its other tasks and start a fresh worker."""
+        worker = self._workers[i]
+        worker.stop(kill=True)
+        if not worker.ready:  # it never got to a file: nobody to blame, and maybe no worker can start
+            self._startup_deaths += 1
+            if self._startup_deaths >= _MAX_STARTUP_DEATHS:
+                raise IndexingError(
+                    f"decoder worker processes die at start-up ({reason}); run with --workers 0 to decode in "
+                    "the main process and see the error (a script using the library needs an "
+                    "`if __name__ == '__main__':` guard)"
+                )
+            retry.extendleft(reversed([task for _, task in worker.inflight]))
+        elif worker.inflight:
+            _, culprit = worker.inflight.popleft()
+            retry.extend(task for _, task in worker.inflight)
+            logger.warning("%s: %s", culprit.path, reason)
+            self._put((culprit, Failed("worker", reason)))
+        self.restarts += 1
+        self._workers[i] = _Worker(self._ctx, self.decoder)

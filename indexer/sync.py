@@ -1,0 +1,90 @@
+"""Comparing what the walk found with what the store holds: what to read, what to skip, what has gone.
+
+Only file system metadata is used here, so an unchanged file (same path, size and mtime) is skipped without
+being opened. Content hashes decide the rest later, in the workers: a new path whose bytes the store already
+has is a move (its vector is kept) or a copy (its vector is reused).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from indexer.decode import hash_key
+from indexer.walk import Found
+from retrieval.store import Catalog
+from retrieval.store_state import Failure
+
+
+class WorkItem(NamedTuple):
+    """A file to read: new, or changed since it was stored."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    old_id: int | None = None  # the row stored for this path, when the file changed
+    old_hash: str | None = None
+
+
+class Plan(NamedTuple):
+    """The outcome of comparing a walk with the store."""
+
+    work: list[WorkItem]  # files to read, in walk order
+    unchanged: int  # files skipped without reading
+    walk_failures: list[Failure]  # broken symlinks, unlistable folders
+    vanished: dict[int, str]  # id -> content hash of rows under the roots whose file no longer exists
+    known: np.ndarray  # sorted hash keys of stored content with a size some work item has
+    stored_sizes: frozenset[int]  # sizes of stored files: other sizes cannot match stored content
+    hash_to_ids: dict[str, set[int]]  # content hash -> the rows holding it
+
+
+def is_under(path: bytes, roots: Sequence[bytes]) -> bool:
+    """Whether `path` is one of `roots` or inside one."""
+    return any(path == r or path.startswith(r.rstrip(b"/") + b"/") for r in roots)
+
+
+def plan_sync(found: Iterable[Found], catalog: Catalog, roots: Sequence[str]) -> Plan:
+    """Decide what an index run has to do.
+
+    Args:
+        found: the walk's results.
+        catalog: what the store holds.
+        roots: the folders (or files) being indexed, absolute. Rows outside them are never touched; rows
+            under a root that does not exist (an unmounted drive) are not removed either.
+    """
+    by_path = {p: i for i, p in enumerate(catalog.paths)}
+    seen: set[bytes] = set()
+    work: list[WorkItem] = []
+    failures: list[Failure] = []
+    unchanged = 0
+    for entry in found:
+        raw = os.fsencode(entry.path)
+        if entry.error is not None:
+            failures.append(Failure(entry.path, "walk", entry.error))
+            continue
+        seen.add(raw)
+        row = by_path.get(raw)
+        if row is None:
+            work.append(WorkItem(entry.path, entry.size, entry.mtime_ns))
+        elif catalog.sizes[row] == entry.size and catalog.mtimes_ns[row] == entry.mtime_ns:
+            unchanged += 1
+        else:
+            work.append(WorkItem(entry.path, entry.size, entry.mtime_ns, int(catalog.ids[row]), catalog.hashes[row]))
+
+    present_roots = [os.fsencode(r) for r in roots if os.path.exists(r)]
+    vanished = {
+        int(catalog.ids[i]): catalog.hashes[i]
+        for i, p in enumerate(catalog.paths)
+        if p not in seen and is_under(p, present_roots) and not os.path.exists(p)
+    }
+    stored_sizes = frozenset(catalog.sizes.tolist())
+    wanted_sizes = {item.size for item in work} & stored_sizes
+    keys = [hash_key(h) for h, s in zip(catalog.hashes, catalog.sizes.tolist(), strict=True) if s in wanted_sizes]
+    known = np.unique(np.array(keys, dtype=np.uint64))
+    hash_to_ids: dict[str, set[int]] = {}
+    for i, h in zip(catalog.ids.tolist(), catalog.hashes, strict=True):
+        hash_to_ids.setdefault(h, set()).add(i)
+    return Plan(work, unchanged, failures, vanished, known, stored_sizes, hash_to_ids)

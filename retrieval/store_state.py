@@ -1,0 +1,98 @@
+"""A table's bookkeeping beside its data: the id sequence, recent indexing runs and the files that failed.
+
+Kept in one small JSON file per table, replaced atomically (write, fsync, rename), so a reader never sees
+half of it and a crash leaves the previous version. Only the indexer, holding the write lock, writes it.
+Paths are stored as Python text; names that are not UTF-8 survive as surrogate escapes (JSON `\\udcNN`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from retrieval.errors import StoreError
+from retrieval.types import RowIds
+
+STATE_VERSION = 1
+KEEP_RUNS = 20  # runs remembered for `clipsearch status`
+
+
+class Failure(NamedTuple):
+    """A file that could not be indexed."""
+
+    path: str
+    stage: str  # walk, read, decode, preprocess, worker, encode
+    reason: str
+
+
+class StoreState:
+    """Reads and atomically rewrites one table's `<table>.state.json`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any]:
+        """The whole state; an empty one when the file does not exist yet.
+
+        Raises:
+            StoreError: the file exists but is not valid state JSON.
+        """
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"version": STATE_VERSION, "next_id": 1, "runs": [], "failures": []}
+        except (OSError, ValueError) as e:
+            raise StoreError(
+                f"cannot read {self.path} ({e}); delete it (only the run history and failure list are lost)"
+            ) from e
+        if not isinstance(data, dict) or data.get("version", 0) > STATE_VERSION:
+            raise StoreError(f"{self.path} was written by a newer clipsearch; upgrade clipsearch")
+        return data
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Replace the file atomically and durably."""
+        data = {**data, "version": STATE_VERSION, "runs": data.get("runs", [])[-KEEP_RUNS:]}
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def allocate_ids(self, n: int, floor: int) -> RowIds:
+        """Reserve `n` ids >= `floor` and above every id reserved before; persisted before they are used."""
+        data = self.load()
+        start = max(int(data.get("next_id", 1)), floor)
+        data["next_id"] = start + n
+        self.save(data)
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Recent runs, oldest first."""
+        return list(self.load().get("runs", []))
+
+    def failures(self) -> list[Failure]:
+        """Files that failed in the latest runs, sorted by path."""
+        return [Failure(*f) for f in self.load().get("failures", [])]
+
+    def record(self, run: dict[str, Any], failures: list[Failure]) -> None:
+        """Store `run` (replacing the entry with the same `run_id`) and the current list of failures."""
+        data = self.load()
+        runs = [r for r in data.get("runs", []) if r.get("run_id") != run["run_id"]]
+        data["runs"] = [*runs, run]
+        data["failures"] = [list(f) for f in sorted(failures)]
+        self.save(data)

@@ -1,0 +1,103 @@
+"""`clipsearch index` / `clipsearch status` end to end: output, JSON, exit codes, and the write lock."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from test_index_support import tiny_checkpoint, write_images
+
+from clipsearch.cli import cli
+from indexer.lock import IndexLock
+from retrieval.model.loading import load_model
+from retrieval.store import Store
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def index(checkpoint, db, *args):
+    return CliRunner().invoke(cli, ["index", *args, "--model", str(checkpoint), "--db", str(db), "--workers", "0"])
+
+
+def test_index_json_summary_and_status(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 6)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    result = index(checkpoint, tmp_path / "db", str(photos), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert {k: summary[k] for k in ("indexed", "unchanged", "moved", "removed", "failed")} == {
+        "indexed": 6, "unchanged": 0, "moved": 0, "removed": 0, "failed": 1,
+    }  # fmt: skip
+    assert summary["total"] == 6 and summary["model"] == "tiny-test"
+    assert summary["failures"] == [{"path": str(photos / "broken.jpg"), "stage": "decode",
+                                    "reason": "not an image Pillow can read"}]  # fmt: skip
+
+    again = index(checkpoint, tmp_path / "db", str(photos))
+    assert again.exit_code == 0
+    assert again.stdout.splitlines()[0].startswith(
+        "Indexed 0 images (0 new, 0 changed, 0 duplicates; 0 encoded), 6 unchanged, 0 moved, 0 removed, 1 failed in"
+    )
+    assert f"  {photos / 'broken.jpg'}: decode: not an image Pillow can read" in again.stdout
+
+    status = CliRunner().invoke(cli, ["status", "--db", str(tmp_path / "db"), "--json"])
+    [entry] = json.loads(status.output)["models"]
+    assert entry["count"] == 6 and entry["state"] == "complete" and entry["last_run"]["unchanged"] == 6
+    model, _ = load_model(checkpoint, towers="image")
+    assert entry["table"] == Store.open(tmp_path / "db", model.info).table_name
+
+
+def test_strict_exit_code(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    assert index(checkpoint, tmp_path / "db", str(photos), "--strict", "-q").exit_code == 0
+    (photos / "empty.png").write_bytes(b"")
+    assert index(checkpoint, tmp_path / "db", str(photos), "-q").exit_code == 0
+    assert index(checkpoint, tmp_path / "db", str(photos), "--strict", "-q").exit_code == 1
+
+
+def test_status_without_a_store(tmp_path):
+    result = CliRunner().invoke(cli, ["status", "--db", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert result.output == f"Error: no image store at {tmp_path / 'none'}; run `clipsearch index FOLDER` first\n"
+
+
+def test_second_concurrent_index_waits_then_exits_clearly(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    model, _ = load_model(checkpoint, towers="image")
+    store = Store.open(tmp_path / "db", model.info, create=True)
+    # Another process holds the lock, as a running `clipsearch index` would.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from indexer.lock import IndexLock; "
+         "IndexLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)",
+         str(tmp_path / "db" / f"{store.table_name}.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        start = time.monotonic()
+        result = index(checkpoint, tmp_path / "db", str(photos), "--lock-wait", "1")
+        waited = time.monotonic() - start
+        assert result.exit_code == 1
+        assert result.output == (
+            f"Error: another `clipsearch index` (pid {holder.pid}) is writing to {tmp_path / 'db'}; wait for it to "
+            "finish and run this again (or pass --lock-wait SECONDS to wait longer)\n"
+        )
+        assert waited >= 1
+        status = json.loads(CliRunner().invoke(cli, ["status", "--db", str(tmp_path / "db"), "--json"]).output)
+        assert status["models"][0]["state"] == "indexing" and status["models"][0]["indexing_pid"] == holder.pid
+        assert store.count() == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel dropped the dead holder's lock: the next run goes ahead
+    assert IndexLock(tmp_path / "db" / f"{store.table_name}.lock").holder() is None
+    assert index(checkpoint, tmp_path / "db", str(photos)).exit_code == 0 and store.count() == 2

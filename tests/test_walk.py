@@ -1,0 +1,107 @@
+"""The folder walk: which files count as images, what is skipped, and odd file systems."""
+
+from __future__ import annotations
+
+import os
+
+from indexer.walk import SUPPORTED_EXTENSIONS, walk
+
+
+def touch(path, data: bytes = b"x") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def found_paths(roots, **kwargs) -> list[str]:
+    return [f.path for f in walk(roots, **kwargs) if f.error is None]
+
+
+def test_extensions_are_case_insensitive_and_others_ignored(tmp_path):
+    expected = [
+        touch(tmp_path / name) for name in ("a.JPG", "b.jpeg", "c.Png", "d.webp", "e.GIF", "f.bmp", "g.TIF", "h.tiff")
+    ]
+    for name in ("notes.txt", "raw.cr2", "movie.mp4", "jpg", "noext"):
+        touch(tmp_path / name)
+    assert found_paths([tmp_path]) == expected
+
+
+def test_heic_and_avif_follow_the_installed_plugins():
+    from PIL import features
+
+    assert (".avif" in SUPPORTED_EXTENSIONS) == (features.check("avif") or _importable("pillow_avif"))
+    assert (".heic" in SUPPORTED_EXTENSIONS) == _importable("pillow_heif")
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def test_skips_hidden_system_and_appledouble(tmp_path):
+    keep = touch(tmp_path / "photos" / "keep.jpg")
+    touch(tmp_path / "photos" / ".hidden" / "x.jpg")
+    touch(tmp_path / "photos" / "@eaDir" / "keep.jpg" / "SYNOPHOTO_THUMB_XL.jpg")
+    touch(tmp_path / "photos" / ".git" / "y.png")
+    touch(tmp_path / "photos" / "node_modules" / "pkg" / "logo.png")
+    touch(tmp_path / "photos" / "._keep.jpg")
+    assert found_paths([tmp_path]) == [keep]
+    # a hidden folder given explicitly as a root is walked
+    assert found_paths([tmp_path / "photos" / ".hidden"]) == [str(tmp_path / "photos" / ".hidden" / "x.jpg")]
+
+
+def test_exclude_globs_match_names_and_relative_paths(tmp_path):
+    a = touch(tmp_path / "a.jpg")
+    touch(tmp_path / "a.tmp.jpg")
+    touch(tmp_path / "thumbs" / "t.jpg")
+    touch(tmp_path / "2020" / "raw" / "r.jpg")
+    b = touch(tmp_path / "2020" / "b.jpg")
+    assert found_paths([tmp_path], exclude=("*.tmp.jpg", "thumbs", "2020/raw")) == [
+        a,
+        b,
+    ]  # files first, then subfolders
+
+
+def test_symlink_loops_and_duplicate_roots_yield_each_file_once(tmp_path):
+    real = touch(tmp_path / "lib" / "sub" / "p.jpg")
+    os.symlink(tmp_path / "lib", tmp_path / "lib" / "sub" / "loop")  # sub/loop -> lib: a cycle
+    os.symlink(tmp_path / "lib" / "sub", tmp_path / "alias")
+    found = found_paths([tmp_path / "lib", tmp_path / "lib", tmp_path / "alias"])
+    assert found == [real]
+
+
+def test_symlinked_file_is_followed_and_broken_symlink_reported(tmp_path):
+    target = touch(tmp_path / "store" / "t.png")
+    (tmp_path / "photos").mkdir()
+    os.symlink(target, tmp_path / "photos" / "link.png")
+    os.symlink(tmp_path / "missing.jpg", tmp_path / "photos" / "broken.jpg")
+    results = list(walk([tmp_path / "photos"]))
+    assert [(r.path, r.error) for r in results] == [
+        (str(tmp_path / "photos" / "broken.jpg"), "broken symbolic link"),
+        (str(tmp_path / "photos" / "link.png"), None),
+    ]
+    assert results[1].size == 1
+
+
+def test_fifo_named_like_an_image_is_not_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")  # reading it would block forever
+    keep = touch(tmp_path / "ok.jpg")
+    assert found_paths([tmp_path]) == [keep]
+
+
+def test_odd_names_and_missing_root(tmp_path):
+    names = ["with space.jpg", "new\nline.jpg", os.fsdecode(b"caf\xe9.jpg")]
+    made = sorted(touch(tmp_path / n) for n in names)
+    assert sorted(found_paths([tmp_path])) == made
+    missing = list(walk([tmp_path / "nope"]))
+    assert len(missing) == 1 and missing[0].error.startswith("cannot read the folder or file")
+
+
+def test_a_single_file_root_and_size_mtime(tmp_path):
+    path = touch(tmp_path / "one.webp", b"12345")
+    os.utime(path, ns=(1_600_000_000_000_000_001, 1_600_000_000_000_000_001))
+    [entry] = list(walk([path]))
+    assert (entry.path, entry.size, entry.mtime_ns, entry.error) == (path, 5, 1_600_000_000_000_000_001, None)
