@@ -16,17 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from retrieval.errors import CheckpointError
 from retrieval.model.clip import CLIP, Towers
@@ -184,6 +185,25 @@ def _as_float32(state_dict: Mapping[str, torch.Tensor], copy: bool = False) -> d
     return {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=copy) for k, v in state_dict.items()}
 
 
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Build modules without random initialisation: the checkpoint's tensors replace every parameter anyway.
+
+    The meta device would avoid the work too, but its kernel for normal_ imports torch._dynamo (1-2 s) on first use,
+    which a one-shot query or index process pays in full; so torch.nn.init's functions do nothing for a moment (as
+    Hugging Face's no_init_weights does) and the parameters stay as torch.empty allocated them.
+    """
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 def build_model(checkpoint: Checkpoint, towers: Towers = "both", source: str | os.PathLike[str] = "") -> CLIP:
     """A CLIP of the checkpoint's architecture holding the checkpoint's tensors (no copy).
 
@@ -195,11 +215,7 @@ def build_model(checkpoint: Checkpoint, towers: Towers = "both", source: str | o
     Raises:
         CheckpointError: keys missing or unexpected, or tensors of the wrong shape.
     """
-    # On the meta device the model is built without random init or memory, but torch's meta kernel for normal_
-    # imports torch._dynamo on first use (1-2 s). A lone text tower is cheaper to initialise for real, which is
-    # what a one-shot query process wants; either way, the checkpoint's tensors then replace the parameters.
-    device = "cpu" if towers == "text" and "torch._dynamo" not in sys.modules else "meta"
-    with torch.device(device):
+    with _skip_init():
         model = CLIP(checkpoint.config, towers=towers)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state_dict = CLIP.state_dict_for_towers(checkpoint.state_dict, towers)
