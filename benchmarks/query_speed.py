@@ -1,0 +1,310 @@
+"""Query speed: warm text-query latency per FAISS index type at 100k and 1M vectors, and a cold `clipsearch query`.
+
+Warm: in one process, a ViT-B/32-architecture text tower (random weights) encodes each query text and the
+index returns its top 10; p50/p95 of the whole (encode + search) and of each stage, in wall time, plus the
+p50 of the thread's CPU time (both stages run on the calling thread), which is what the query costs on an
+idle core when the machine's cores are shared. Queries/s counts the
+search alone, one query at a time. Recall@10 is measured against exact search with held-out vectors drawn
+from the stored collection's distribution (random-weight text vectors have no relation to it).
+
+Cold: a whole `clipsearch query` process on a store of 100k planted vectors (written through the store's own
+write API, with a saved random-weights ViT-B/32 checkpoint as the model), next to `python -c "import torch"`
+measured in the same run. The page cache is warm (the first, untimed run reads the files); "cold" means a new
+process that imports and loads everything.
+
+The vectors are random but clustered like image embeddings: unit vectors around 4096 centres, spread in a
+shared 64-dimensional subspace plus isotropic noise.
+
+    python benchmarks/query_speed.py                       # the full run (~10-15 min on 2 cores)
+    python benchmarks/query_speed.py --sizes 20000 --kinds flat ivf --cold-size 20000   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZES = (100_000, 1_000_000)  # stored vectors
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")  # index types, each built over each size
+DIM = 512  # ViT-B/32's embedding width
+ARCH = "ViT-B/32"  # architecture of the (random-weights) text tower that encodes the queries
+QUERIES = 100  # timed warm queries per index
+WARMUP = 5  # untimed queries first
+RECALL_QUERIES = 200  # held-out vectors for recall@10
+K = 10
+HNSW_M = 16  # links per node; 16 (not 32) keeps the 1M build within a few minutes on 2 cores
+HNSW_EF_CONSTRUCTION = 40
+COLD_SIZE = 100_000  # images in the store the cold query runs on
+COLD_RUNS = 5  # timed process runs (after one untimed run)
+CENTRES, RANK, SPREAD, NOISE = 4096, 64, 0.45, 0.2  # the clustered data's shape
+SEED = 0
+TEXTS = (
+    "a photo of a dog",
+    "a red car parked on the street",
+    "sunset over the sea",
+    "two children playing football in a park",
+    "a bowl of ramen",
+    "snow covered mountains",
+    "a cat sleeping on a sofa",
+    "an old black and white portrait",
+)
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    """n unit vectors around shared centres, spread in a shared low-rank subspace plus isotropic noise."""
+    shared = np.random.default_rng(SEED)
+    centres = shared.standard_normal((CENTRES, DIM), dtype=np.float32) / np.sqrt(DIM)
+    basis = np.linalg.qr(shared.standard_normal((DIM, RANK)))[0].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, DIM), np.float32)
+    for start in range(0, n, 100_000):  # in chunks: the temporaries of 1M rows at once would double memory
+        m = min(100_000, n - start)
+        x = centres[rng.integers(0, CENTRES, m)]
+        x += SPREAD * (rng.standard_normal((m, RANK), dtype=np.float32) @ basis.T) / np.sqrt(RANK)
+        x += NOISE * rng.standard_normal((m, DIM), dtype=np.float32) / np.sqrt(DIM)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile in milliseconds."""
+    return float(np.percentile(values, q) * 1000)
+
+
+def text_encoder():
+    """A function text -> [1, D] unit vector through the ViT-B/32 text tower with random weights."""
+    import torch
+
+    from clipsearch.library import encode_query_texts
+    from retrieval.model.clip import CLIP
+    from retrieval.model.config import PRESETS
+
+    torch.manual_seed(SEED)
+    model = CLIP(PRESETS[ARCH], towers="text").eval()
+    return lambda text: encode_query_texts(model, [text])  # as `Library.search` encodes a query
+
+
+def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """True top-K ids by brute force, in chunks of the collection."""
+    best_scores = np.full((len(queries), K), -np.inf, np.float32)
+    best_ids = np.full((len(queries), K), -1, np.int64)
+    for start in range(0, len(vectors), 200_000):
+        scores = queries @ vectors[start : start + 200_000].T
+        merged_scores = np.concatenate([best_scores, scores], axis=1)
+        merged_ids = np.concatenate([best_ids, np.broadcast_to(ids[start : start + 200_000], scores.shape)], axis=1)
+        top = np.argpartition(-merged_scores, K - 1, axis=1)[:, :K]
+        best_scores = np.take_along_axis(merged_scores, top, axis=1)
+        best_ids = np.take_along_axis(merged_ids, top, axis=1)
+    return best_ids
+
+
+def bench_index(index, encode, held_out: np.ndarray, truth: np.ndarray) -> dict:
+    """Warm latency (encode + search), search queries/s and recall@10 of one built index."""
+    texts = [TEXTS[i % len(TEXTS)] + ("" if i < len(TEXTS) else f" {i}") for i in range(QUERIES + WARMUP)]
+    total, cpu, encode_times, search_times = [], [], [], []
+    for i, text in enumerate(texts):
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        vector = encode(text)
+        encoded = time.perf_counter()
+        index.search(vector, K)
+        done, cpu_done = time.perf_counter(), time.thread_time()
+        if i >= WARMUP:
+            total.append(done - start)
+            cpu.append(cpu_done - cpu_start)
+            encode_times.append(encoded - start)
+            search_times.append(done - encoded)
+    _, found = index.search(held_out, K)  # batched: recall only
+    single = []
+    for row in held_out[:QUERIES]:
+        start = time.perf_counter()
+        index.search(row[None, :], K)
+        single.append(time.perf_counter() - start)
+    recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth, strict=True)]))
+    return {
+        "p50_ms": round(percentile(total, 50), 2),
+        "p95_ms": round(percentile(total, 95), 2),
+        # both stages run on this one thread, so its CPU time is the latency on an otherwise idle core
+        "cpu_p50_ms": round(percentile(cpu, 50), 2),
+        "encode_p50_ms": round(percentile(encode_times, 50), 2),
+        "search_p50_ms": round(percentile(search_times, 50), 3),
+        "search_qps": round(len(single) / sum(single), 1),
+        "recall_at_10": round(recall, 4),
+    }
+
+
+def warm(sizes: list[int], kinds: list[str]) -> list[dict]:
+    """Build each index type over each size and measure it."""
+    from retrieval.ann import AnnIndex, IndexParams
+
+    encode = text_encoder()
+    held_out = clustered(RECALL_QUERIES, seed=SEED + 1)
+    rows = []
+    for n in sizes:
+        started = time.perf_counter()
+        vectors = clustered(n, seed=SEED + 2)
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        truth = exact_neighbours(held_out, vectors, ids)
+        print(f"# {n:,} vectors generated in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        for kind in kinds:
+            started = time.perf_counter()
+            params = IndexParams(kind, hnsw_m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION)
+            index = AnnIndex.build(ids, vectors, params=params)
+            build_s = time.perf_counter() - started
+            row = {"n": n, "kind": kind, "build_s": round(build_s, 1), **bench_index(index, encode, held_out, truth)}
+            p = index.params
+            row["params"] = {
+                "nlist": p.nlist,
+                "nprobe": p.nprobe,
+                "M": p.hnsw_m,
+                "efSearch": p.ef_search,
+                "pq_m": p.pq_m,
+            }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            del index
+            gc.collect()
+        del vectors
+        gc.collect()
+    return rows
+
+
+def build_cold_store(root: Path, n: int) -> tuple[Path, Path]:
+    """A random-weights ViT-B/32 checkpoint and a store of n planted rows for it, with its FAISS index saved."""
+    import torch
+
+    from retrieval.ann import open_index
+    from retrieval.model.checkpoint import save_checkpoint
+    from retrieval.model.clip import CLIP
+    from retrieval.model.config import PRESETS
+    from retrieval.model.loading import load_model
+    from retrieval.store import ImageRow, Store, utc_now
+
+    checkpoint = root / "vit-b-32-random"
+    torch.manual_seed(SEED)
+    save_checkpoint(CLIP(PRESETS[ARCH]), checkpoint, name="vit-b-32-random")
+    model, _ = load_model(checkpoint, device="cpu", towers="text")
+    db = root / "db"
+    store = Store.open(db, model.info, create=True)
+    vectors = clustered(n, seed=SEED + 3)
+    now = utc_now()
+    for start in range(0, n, 50_000):  # the store's write API, a few large commits
+        ids = store.allocate_ids(min(50_000, n - start))
+        store.apply(
+            [
+                ImageRow(
+                    int(i),
+                    f"/photos/{i:07d}.jpg",
+                    1_000_000 + int(i),
+                    0,
+                    f"{i:064x}",
+                    4000,
+                    3000,
+                    "JPEG",
+                    None,
+                    None,
+                    None,
+                    now,
+                    vectors[start + j],
+                )
+                for j, i in enumerate(ids)
+            ]
+        )
+    open_index(store)  # saved beside the store, as `clipsearch index` leaves it
+    return checkpoint, db
+
+
+def time_process(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
+    """Wall-clock seconds of `runs` runs of a process (after one untimed run that warms the page cache)."""
+    times = []
+    for i in range(runs + 1):
+        start = time.perf_counter()
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
+        if i:
+            times.append(elapsed)
+    return times
+
+
+def cold(n: int, runs: int) -> dict:
+    """Median wall time of a whole `clipsearch query` process and of `python -c "import torch"`."""
+    with tempfile.TemporaryDirectory(prefix="query_speed_") as tmp:
+        root = Path(tmp)
+        env = {**os.environ, "CLIPSEARCH_CACHE": str(root / "cache"), "CLIPSEARCH_HOME": str(root / "db")}
+        os.environ["CLIPSEARCH_CACHE"] = env["CLIPSEARCH_CACHE"]  # the weights hash is remembered there
+        started = time.perf_counter()
+        checkpoint, db = build_cold_store(root, n)
+        print(f"# cold store of {n:,} rows built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        script = Path(sys.executable).parent / "clipsearch"  # the installed entry point, as a user runs it
+        clipsearch = (
+            [str(script)] if script.exists() else [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+        )
+        query = [*clipsearch, "query", "a photo of a dog", "--model", str(checkpoint), "--db", str(db), "-n", "10"]
+        query_times = time_process(query, env, runs)
+        torch_times = time_process([sys.executable, "-c", "import torch"], env, runs)
+    return {
+        "n": n,
+        "clipsearch_query_s": round(statistics.median(query_times), 3),
+        "import_torch_s": round(statistics.median(torch_times), 3),
+        "query_runs_s": [round(t, 3) for t in query_times],
+        "torch_runs_s": [round(t, 3) for t in torch_times],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="stored vectors per warm run")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="index types")
+    parser.add_argument("--cold-size", type=int, default=COLD_SIZE, help="images in the cold query's store (0: skip)")
+    parser.add_argument("--cold-runs", type=int, default=COLD_RUNS, help="timed cold process runs")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    rows = warm(args.sizes, args.kinds)
+    print(
+        f"{'n':>9} {'index':>6} {'build s':>8} {'p50 ms':>7} {'p95 ms':>7} {'cpu ms':>7} {'enc ms':>7} "
+        f"{'search ms':>9} {'q/s':>8} {'recall@10':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['n']:>9,} {r['kind']:>6} {r['build_s']:>8.1f} {r['p50_ms']:>7.2f} {r['p95_ms']:>7.2f} "
+            f"{r['cpu_p50_ms']:>7.2f} {r['encode_p50_ms']:>7.2f} {r['search_p50_ms']:>9.3f} {r['search_qps']:>8.1f} "
+            f"{r['recall_at_10']:>9.3f}"
+        )
+    summary: dict = {"benchmark": "query_speed", "warm": rows}
+    for n in args.sizes:
+        at_n = {r["kind"]: r for r in rows if r["n"] == n}
+        if "flat" in at_n:
+            exact_qps = at_n["flat"]["search_qps"]
+            good = [r for k, r in at_n.items() if k != "flat" and r["recall_at_10"] >= 0.95]
+            if good:
+                best = max(good, key=lambda r: r["search_qps"])
+                summary[f"best_approximate_at_{n}"] = {
+                    "kind": best["kind"],
+                    "speedup_vs_exact": round(best["search_qps"] / exact_qps, 1),
+                    "recall_at_10": best["recall_at_10"],
+                }
+    if args.cold_size:
+        summary["cold"] = cold(args.cold_size, args.cold_runs)
+        c = summary["cold"]
+        print(
+            f"cold `clipsearch query` on {c['n']:,} images: {c['clipsearch_query_s']:.2f} s median; "
+            f"`python -c 'import torch'`: {c['import_torch_s']:.2f} s"
+        )
+    summary["total_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

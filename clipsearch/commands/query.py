@@ -1,0 +1,206 @@
+"""`clipsearch query` (text, image or combined queries) and `clipsearch similar` (image to image).
+
+Imports here stay light: the library, the model and FAISS load inside the commands, and a text query
+builds only the model's text tower, so a query starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
+_NEGATIVE_WEIGHT = re.compile(r"-\.?\d")  # a term like `-0.5:night`, which click would read as options
+_ESCAPE = "\x00"
+
+
+class TermsCommand(click.Command):
+    """A command whose arguments may be terms with a negative weight (`-0.5:night`).
+
+    Click would split `-0.5:night` into short options (`-0`, ..., `-n ight`); such tokens are marked before
+    parsing and unmarked by `terms_from`. `+` and a lone `-` need nothing: click passes them as arguments.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        marked, options_ended = [], False
+        for arg in args:
+            options_ended = options_ended or arg == "--"
+            marked.append(_ESCAPE + arg if not options_ended and _NEGATIVE_WEIGHT.match(arg) else arg)
+        return super().parse_args(ctx, marked)
+
+
+def terms_from(arguments: Sequence[str]) -> list[str]:
+    """The query terms as typed (undoing `TermsCommand`'s marks)."""
+    return [arg.removeprefix(_ESCAPE) for arg in arguments]
+
+
+def _common_options(command: Any) -> Any:
+    """The options `query` and `similar` share: result count, filters, output format, model and store."""
+    options = [
+        click.option("-n", "--top", default=10, show_default=True, type=click.IntRange(min=1), help="Results."),
+        click.option(
+            "--in", "in_dir", type=click.Path(file_okay=False, path_type=Path), help="Only images under this folder."
+        ),
+        click.option(
+            "--after",
+            type=click.DateTime(DATE_FORMATS),
+            metavar="DATE",
+            help="Only images taken at or after DATE (EXIF, YYYY-MM-DD).",
+        ),
+        click.option(
+            "--before",
+            type=click.DateTime(DATE_FORMATS),
+            metavar="DATE",
+            help="Only images taken before DATE (EXIF, YYYY-MM-DD).",
+        ),
+        click.option(
+            "--where", metavar="SQL", help="SQL filter on any column (LanceDB syntax), e.g. \"format = 'PNG'\"."
+        ),
+        click.option("--threshold", type=float, metavar="S", help="Drop results with a cosine similarity below S."),
+        click.option("--json", "as_json", is_flag=True, help="One JSON object per result and line."),
+        click.option("--paths", "paths_only", is_flag=True, help="Only the paths, one per line (for xargs)."),
+        click.option(
+            "--index",
+            "index_type",
+            type=click.Choice(INDEX_TYPES),
+            help="Force the nearest-neighbour index type (default: by collection size).",
+        ),
+        click.option(
+            "--model", envvar="CLIPSEARCH_MODEL", help="Model name or checkpoint path [env CLIPSEARCH_MODEL]."
+        ),
+        click.option(
+            "--db",
+            type=click.Path(file_okay=False, path_type=Path),
+            envvar="CLIPSEARCH_HOME",
+            help="Store directory [env CLIPSEARCH_HOME; default ~/.local/share/clipsearch].",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _json_safe(value: Any) -> Any:
+    """A metadata value as JSON: timestamps in ISO 8601, bytes as hex, NaN as null."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    return value
+
+
+def _print_results(results: Sequence[Any], as_json: bool, paths_only: bool) -> None:
+    """Print as a table (rank, score, path), JSON lines, or bare paths."""
+    if paths_only:
+        for result in results:
+            click.echo(result.path)
+    elif as_json:
+        for result in results:
+            record = {"rank": result.rank, "score": round(result.score, 6), "path": result.path}
+            record.update({key: _json_safe(value) for key, value in result.metadata.items()})
+            click.echo(json.dumps(record, ensure_ascii=False))
+    elif results:
+        click.echo(f"{'rank':>4}  {'score':>6}  path")
+        for result in results:
+            click.echo(f"{result.rank:>4}  {result.score:>6.3f}  {result.path}")
+    else:
+        click.echo("no results", err=True)
+
+
+def _library(db: Path | None, model: str | None, index_type: str | None) -> Any:
+    """The `Library` for the options (imported here, so `clipsearch --help` stays fast)."""
+    from clipsearch.library import Library
+
+    return Library(db=db, model=model, index_type=index_type)
+
+
+def _check_output(as_json: bool, paths_only: bool) -> None:
+    """--json and --paths exclude each other."""
+    if as_json and paths_only:
+        raise click.UsageError("--json and --paths cannot be used together; choose one output format")
+
+
+@click.command("query", cls=TermsCommand)
+@click.argument("terms", nargs=-1, required=True)
+@click.option("--ensemble", is_flag=True, help="Average each text over CLIP's 80 prompt templates.")
+@_common_options
+def query(
+    terms: tuple[str, ...],
+    ensemble: bool,
+    top: int,
+    in_dir: Path | None,
+    after: datetime | None,
+    before: datetime | None,
+    where: str | None,
+    threshold: float | None,
+    as_json: bool,
+    paths_only: bool,
+    index_type: str | None,
+    model: str | None,
+    db: Path | None,
+) -> None:
+    """Find images by describing them, by example images, or by a weighted mix of both.
+
+    TERMS are texts or image files (an existing file with an image extension is an image). Join terms
+    with + and - (subtract); weight a term with W:term. Words not separated by + or - form one text.
+    Options may come anywhere; after -- every argument is a term.
+
+    \b
+    Examples:
+      clipsearch query "a photo of a dog"
+      clipsearch query "2:golden retriever" + ./pool.jpg - "night"
+      clipsearch query sunset --in ~/Pictures/2023 --after 2023-06-01 -n 20
+      clipsearch query "a red car" --where "width >= 1920" --threshold 0.25 --json
+      clipsearch query cat --paths | xargs -d '\\n' feh
+    """
+    from retrieval.query import parse_terms
+
+    _check_output(as_json, paths_only)
+    parsed = parse_terms(terms_from(terms))
+    library = _library(db, model, index_type)
+    results = library.search(
+        parsed, k=top, where=where, in_dir=in_dir, after=after, before=before, threshold=threshold, ensemble=ensemble
+    )
+    _print_results(results, as_json, paths_only)
+
+
+@click.command("similar")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@_common_options
+def similar(
+    path: Path,
+    top: int,
+    in_dir: Path | None,
+    after: datetime | None,
+    before: datetime | None,
+    where: str | None,
+    threshold: float | None,
+    as_json: bool,
+    paths_only: bool,
+    index_type: str | None,
+    model: str | None,
+    db: Path | None,
+) -> None:
+    """Find the images most like the image at PATH, indexed or not (an indexed PATH is left out).
+
+    \b
+    Examples:
+      clipsearch similar ./photos/beach.jpg
+      clipsearch similar ~/Downloads/sofa.png -n 5 --json
+    """
+    _check_output(as_json, paths_only)
+    library = _library(db, model, index_type)
+    results = library.similar(path, k=top, where=where, in_dir=in_dir, after=after, before=before, threshold=threshold)
+    _print_results(results, as_json, paths_only)

@@ -1,0 +1,327 @@
+"""`Library`: the Python API over one store and one model — index folders, search by text, image or a mix.
+
+    import clipsearch
+    lib = clipsearch.Library()                       # $CLIPSEARCH_HOME, $CLIPSEARCH_MODEL (or the store's model)
+    lib.index(["~/Pictures"])
+    for hit in lib.search("a dog on a beach", k=5):
+        print(hit.rank, f"{hit.score:.3f}", hit.path)
+    lib.search([(2, "golden retriever"), (1, "pool.jpg"), (-1, "night")])
+    lib.similar("~/Pictures/beach.jpg")
+
+Models load lazily and only the tower a query needs: a text query builds the text tower alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from retrieval.errors import ImageLoadError, StoreError
+from retrieval.query import IMAGENET_TEMPLATES, SearchResult, as_terms, build_filter, encode_query, search
+from retrieval.store import Store, default_db_dir
+from retrieval.types import Embeddings, RowIds
+
+if TYPE_CHECKING:
+    from indexer.pipeline import IndexSummary
+    from retrieval.ann import AnnIndex
+    from retrieval.model.clip import CLIP
+    from retrieval.model.identity import ModelInfo
+    from retrieval.model.preprocess import Preprocess
+
+logger = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class Embedded(NamedTuple):
+    """Every stored image's vector, for custom work (clustering, deduplication, plotting)."""
+
+    ids: RowIds  # [N] stable row ids
+    paths: list[str]  # [N] file paths
+    vectors: Embeddings  # [N, D] float32, rows L2-normalised
+
+
+# Up to this many texts are encoded on one thread: a short query's matrices are too small for intra-op
+# threads to pay off, and on shared cores each op's thread barrier can wait a whole time slice (measured on 2
+# busy cores: ViT-B/32 text tower, one query, 600 ms on 2 threads against 100 ms on 1).
+FEW_TEXTS = 8
+
+
+def encode_query_texts(model: CLIP, texts: list[str]) -> Embeddings:
+    """Embed query texts; a handful of them on a single torch thread (see `FEW_TEXTS`)."""
+    import torch
+
+    from retrieval.model.encode import encode_texts
+
+    if len(texts) > FEW_TEXTS:
+        return encode_texts(model, texts)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return encode_texts(model, texts)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def default_model_for(db: str | os.PathLike[str] | None) -> str:
+    """The model to use when none is named: `$CLIPSEARCH_MODEL`, else the store's only registered model, else
+    the registry default (ViT-B/32)."""
+    from retrieval.model.registry import default_model_name, is_registered
+
+    if os.environ.get("CLIPSEARCH_MODEL"):
+        return os.environ["CLIPSEARCH_MODEL"]
+    names = {m.model.name for m in Store.models(db) if is_registered(m.model.name)}
+    return names.pop() if len(names) == 1 else default_model_name()
+
+
+class Library:
+    """One store of images embedded with one model.
+
+    Args:
+        db: the store directory; None means `$CLIPSEARCH_HOME` (default `~/.local/share/clipsearch`).
+        model: a registry name, a checkpoint path, or a loaded `CLIP` (with `.info`, as `load_model` sets);
+            None means `$CLIPSEARCH_MODEL`, else the store's model when it holds exactly one registered model,
+            else ViT-B/32.
+        device: torch device for the model ("auto": cuda, then mps, then cpu).
+        index_type: force the FAISS index type (flat, hnsw, ivf, ivfpq); None keeps the saved one or chooses
+            by the collection's size.
+    """
+
+    def __init__(
+        self,
+        db: str | os.PathLike[str] | None = None,
+        model: str | os.PathLike[str] | CLIP | None = None,
+        device: str = "auto",
+        index_type: str | None = None,
+    ) -> None:
+        self.db = Path(db).expanduser().absolute() if db is not None else default_db_dir()
+        self.device = device
+        self.index_type = index_type
+        self._given_model = model if model is not None and not isinstance(model, str | os.PathLike) else None
+        if self._given_model is not None and getattr(self._given_model, "info", None) is None:
+            raise ValueError(
+                "a model passed in needs `.info` to match it with a store: load it with `load_model`, or set "
+                "`model.info = ModelInfo.for_model(model, name)`"
+            )
+        self._model_name = None if self._given_model is not None or model is None else os.fspath(model)
+        self._models: dict[str, tuple[CLIP, Preprocess]] = {}
+        self._store: Store | None = None
+        self._index: AnnIndex | None = None
+        self._index_version: int | None = None
+
+    # ---- parts, loaded on first use ------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The name or path of the model this library embeds with."""
+        if self._given_model is not None:
+            return self._given_model.info.name
+        if self._model_name is None:
+            self._model_name = default_model_for(self.db)
+        return self._model_name
+
+    def _model(self, towers: str) -> tuple[CLIP, Preprocess]:
+        """The model with (at least) the tower asked for: "text" or "image"."""
+        if self._given_model is not None:
+            from retrieval.model.preprocess import Preprocess
+
+            return self._given_model, Preprocess.from_config(self._given_model.config)
+        if towers not in self._models:
+            from retrieval.model.loading import load_model
+
+            self._models[towers] = load_model(self.model_name, device=self.device, towers=towers)
+        return self._models[towers]
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """The identity of the model's embedding space (loads the text tower if no tower is loaded yet)."""
+        model, _ = next(iter(self._models.values())) if self._models else self._model("text")
+        return model.info
+
+    def store(self) -> Store:
+        """The open store for this model.
+
+        Raises:
+            StoreError: no store, or no images for this model in it.
+            ModelMismatchError: the store only holds other models' images.
+        """
+        if self._store is None:
+            self._store = Store.open(self.db, self.model_info)
+        return self._store
+
+    def _searchable_store(self) -> Store:
+        """The store, refusing an empty one with the command that fills it."""
+        store = self.store()
+        if store.count() == 0:
+            raise StoreError(
+                f"no images indexed for model {self.model_info.name!r} in {self.db}; "
+                "run `clipsearch index FOLDER` first"
+            )
+        return store
+
+    def ann_index(self) -> AnnIndex:
+        """The FAISS index, synced with the store whenever the store has changed since the last call."""
+        from retrieval.ann import open_index
+
+        store = self.store()
+        version = store.version
+        if self._index is None or self._index_version != version:
+            self._index = open_index(store, kind=self.index_type)
+            self._index_version = version
+        return self._index
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def index(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], **options: Any) -> IndexSummary:
+        """Index folders (or image files) into the store: new and changed files are embedded, deleted ones
+        removed, moved ones kept. The FAISS index is brought up to date afterwards.
+
+        Args:
+            paths: folders or files.
+            **options: fields of `indexer.pipeline.IndexOptions` (workers, batch_size, exclude, ...).
+
+        Returns:
+            The run's summary (indexed, unchanged, moved, removed, failed, ...).
+        """
+        from indexer.pipeline import IndexOptions, index_folders
+        from retrieval.ann import open_index
+
+        if isinstance(paths, str | os.PathLike):
+            paths = [paths]
+        model, preprocess = self._model("image")
+        store = Store.open(self.db, model.info, create=True)
+        summary = index_folders(list(paths), model, preprocess, store, IndexOptions(**options))
+        self._store = store
+        self._index = open_index(store, kind=self.index_type)
+        self._index_version = store.version
+        return summary
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def encode(self, query: Any, ensemble: bool = False, templates: Sequence[str] = IMAGENET_TEMPLATES) -> np.ndarray:
+        """The unit query vector for a query (see `search` for the forms a query may take)."""
+        terms = as_terms(query)
+
+        def texts(batch: list[str]) -> Embeddings:
+            return encode_query_texts(self._model("text")[0], batch)
+
+        return encode_query(terms, texts, self._encode_images, ensemble=ensemble, templates=templates)
+
+    def _encode_images(self, images: list[Any]) -> Embeddings:
+        """Embed query images (paths or PIL images)."""
+        import torch
+
+        from retrieval.model.encode import encode_images
+
+        model, preprocess = self._model("image")
+        pixels = []
+        for image in images:
+            if isinstance(image, Path) and not image.is_file():
+                raise ImageLoadError(f"query image {image}: no such file")
+            pixels.append(preprocess(image))
+        return encode_images(model, torch.stack(pixels))
+
+    def search(
+        self,
+        query: Any,
+        k: int = 10,
+        where: str | None = None,
+        *,
+        in_dir: str | os.PathLike[str] | None = None,
+        after: date | datetime | None = None,
+        before: date | datetime | None = None,
+        threshold: float | None = None,
+        ensemble: bool = False,
+        templates: Sequence[str] = IMAGENET_TEMPLATES,
+    ) -> list[SearchResult]:
+        """The images nearest to a query.
+
+        Args:
+            query: a text; an image (a `Path`, a str naming an existing image file, or a PIL image); a [D]
+                vector; or a list of those and `(weight, term)` tuples, combined as the weighted sum of their
+                unit vectors (negative weights subtract), renormalised.
+            k: results wanted.
+            where: a LanceDB SQL filter over the store's columns, e.g. `"format = 'PNG' AND width > 1000"`.
+            in_dir: only images under this folder.
+            after: only images whose EXIF capture time is at or after this.
+            before: only images captured before this.
+            threshold: drop results with a cosine similarity below it.
+            ensemble: embed texts as the mean over CLIP's prompt templates.
+            templates: the templates for `ensemble`.
+
+        Returns:
+            `SearchResult(path, score, rank, metadata)` records, best first.
+        """
+        store = self._searchable_store()
+        vector = self.encode(query, ensemble=ensemble, templates=templates)
+        condition = build_filter(where, in_dir=in_dir, after=after, before=before)
+        return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
+
+    def similar(
+        self,
+        path: str | os.PathLike[str],
+        k: int = 10,
+        where: str | None = None,
+        *,
+        in_dir: str | os.PathLike[str] | None = None,
+        after: date | datetime | None = None,
+        before: date | datetime | None = None,
+        threshold: float | None = None,
+    ) -> list[SearchResult]:
+        """The images most like the image at `path`, inside the store or not (itself excluded when inside).
+
+        An indexed, unchanged file uses its stored vector; any other file is read and embedded.
+
+        Raises:
+            ImageLoadError: the file is missing or not a readable image.
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ImageLoadError(f"{path}: no such file")
+        self._model("image")  # before the store: its identity then comes from the tower a re-encode needs
+        store = self._searchable_store()
+        row_id = store.id_for_path(path)
+        vector = self._stored_vector(store, row_id, path) if row_id is not None else None
+        if vector is None:
+            vector = self._encode_images([path])[0]
+        condition = build_filter(where, in_dir=in_dir, after=after, before=before)
+        exclude = [row_id] if row_id is not None else []
+        return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold, exclude=exclude)
+
+    @staticmethod
+    def _stored_vector(store: Store, row_id: int, path: Path) -> np.ndarray | None:
+        """The stored vector of `path` if the file is unchanged since it was indexed (same size and mtime)."""
+        row = store.rows([row_id], columns=["size", "mtime", "vector"])[0]
+        stat = path.stat()
+        stored_us = (row["mtime"] - _EPOCH) // timedelta(microseconds=1)  # the store returns microseconds
+        unchanged = row["size"] == stat.st_size and stored_us == stat.st_mtime_ns // 1000
+        return row["vector"] if unchanged else None
+
+    def status(self) -> dict[str, Any]:
+        """The store's model, image count, FAISS index state, and the other models the store directory holds."""
+        from retrieval.ann import index_state
+
+        store = self.store()
+        return {
+            "db": str(self.db),
+            "model": store.model_info.to_dict(),
+            "table": store.table_name,
+            "images": store.count(),
+            "store_version": store.version,
+            "index": index_state(store),
+            "models": [m.model.name for m in Store.models(self.db)],
+            "checked_at": datetime.now(timezone.utc).isoformat(),
+        }
+
+    def embeddings(self) -> Embedded:
+        """Every stored image's id, path and vector."""
+        store = self.store()
+        ids, vectors = store.all_vectors()
+        paths = [row["path"] for row in store.rows(ids, columns=["path"])] if len(ids) else []
+        return Embedded(ids, paths, vectors)

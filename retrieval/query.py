@@ -1,0 +1,433 @@
+"""Queries: search results, query terms (texts, images, vectors) and their weighted combination, CLIP's
+prompt templates, SQL filters, and the search itself over a store and its FAISS index.
+
+One query's path: `parse_terms` turns `"2:golden retriever" + ./pool.jpg - night` into weighted terms;
+`encode_query` embeds each term (through encoder callables, so this module never loads a model) and
+combines them into one unit vector; `search` looks it up in the FAISS index, restricted to the ids an SQL
+filter allows, and reads the hits' metadata from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+
+from retrieval.errors import ImageLoadError, QueryError, StoreError
+from retrieval.types import Embeddings, RowIds
+
+if TYPE_CHECKING:
+    from retrieval.ann import AnnIndex
+    from retrieval.store import Store
+
+logger = logging.getLogger(__name__)
+
+# Extensions that make an existing file a query image rather than text (case-insensitive).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+
+# The 80 prompt templates CLIP's authors used for zero-shot ImageNet (Radford et al. 2021, the
+# "Prompt_Engineering_for_ImageNet" notebook). Averaging a label's embeddings over them is "prompt ensembling".
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+# The 7 of them the same notebook found to do about as well as all 80 (chosen by sequential selection).
+SHORT_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+class SearchResult(NamedTuple):
+    """One hit of a search."""
+
+    path: str  # the image file (exact file system path)
+    score: float  # cosine similarity to the query, in [-1, 1]
+    rank: int  # 1 for the best hit
+    metadata: dict[str, Any]  # the store's other columns for this image (id, size, width, taken_at, ...)
+
+
+TermKind = Literal["text", "image", "vector"]
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted part of a combined query."""
+
+    weight: float  # negative weights subtract the term
+    kind: TermKind
+    value: Any  # text: str; image: a path or a PIL image; vector: [D] float array
+
+
+def is_image_path(text: str | os.PathLike[str]) -> bool:
+    """True for an existing file with an image extension: such a query term is an image, anything else text."""
+    path = Path(os.fspath(text)).expanduser()
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _split_weight(token: str) -> tuple[float, str]:
+    """`"2:golden retriever"` -> (2.0, "golden retriever"); a prefix that is not a number stays text."""
+    head, sep, rest = token.partition(":")
+    if sep and rest:
+        try:
+            weight = float(head)
+        except ValueError:
+            return 1.0, token
+        if np.isfinite(weight):
+            return weight, rest
+    return 1.0, token
+
+
+def _term_for(text: str, weight: float) -> Term:
+    """A text or image term for one written term."""
+    if is_image_path(text):
+        return Term(weight, "image", Path(text).expanduser())
+    if Path(text).suffix.lower() in IMAGE_EXTENSIONS and os.sep in text and " " not in text:
+        raise ImageLoadError(f"query image {text}: no such file")
+    return Term(weight, "text", text)
+
+
+def parse_terms(tokens: Sequence[str]) -> list[Term]:
+    """Parse a command-line query into weighted terms.
+
+    Grammar: terms separated by `+` or `-` (a `-` subtracts the next term); each term may start with a
+    weight, `W:term` (`2:golden retriever`, `-0.5:night`), which also starts a new term; an existing file
+    with an image extension is an image, anything else is text. Other words not separated by an operator
+    belong to one text, so `clipsearch query red circle` searches for "red circle". Terms side by side add up.
+
+    Args:
+        tokens: the query's command-line arguments, e.g. `("2:golden retriever", "+", "./pool.jpg", "-", "night")`.
+
+    Returns:
+        The terms, in order.
+
+    Raises:
+        QueryError: an empty query, or an operator with no term after it.
+        ImageLoadError: a term that is a path to an image file (`./photos/x.jpg`) which does not exist.
+    """
+    terms: list[Term] = []
+    sign, weight = 1.0, 1.0
+    words: list[str] = []
+    pending_operator: str | None = None
+
+    def flush() -> None:
+        nonlocal words, weight, sign
+        if words:
+            terms.append(_term_for(" ".join(words), sign * weight))
+        words, weight, sign = [], 1.0, 1.0
+
+    for token in tokens:
+        if token in ("+", "-"):
+            flush()
+            sign, pending_operator = (1.0 if token == "+" else -1.0), token
+            continue
+        pending_operator = None
+        if not token.strip():
+            continue
+        token_weight, rest = (1.0, token) if is_image_path(token) else _split_weight(token)
+        if is_image_path(rest):  # an image is a term of its own
+            term_sign = sign
+            flush()
+            terms.append(Term(term_sign * token_weight, "image", Path(rest).expanduser()))
+            continue
+        if rest is not token:  # a weight prefix starts a new term
+            term_sign = sign
+            flush()
+            sign = term_sign
+        if not words:
+            weight, token = token_weight, rest
+        words.append(token)
+    flush()
+    if pending_operator is not None:
+        raise QueryError(f'the query ends with {pending_operator!r}; put a term after it, e.g. `- "night"`')
+    if not terms:
+        raise QueryError('empty query; give a text or an image path, e.g. clipsearch query "a photo of a dog"')
+    return terms
+
+
+def as_terms(query: Any) -> list[Term]:
+    """Terms from what the Python API accepts as a query.
+
+    Args:
+        query: a text (or an image path given as str), a `Path`, a PIL image, a [D] vector, a `Term`, or a
+            list mixing those and `(weight, any of those)` tuples.
+
+    Raises:
+        QueryError: an unsupported query type or an empty list.
+    """
+    if isinstance(query, list | tuple) and not (
+        isinstance(query, tuple) and len(query) == 2 and isinstance(query[0], int | float)
+    ):
+        terms = [term for item in query for term in as_terms(item)]
+        if not terms:
+            raise QueryError("empty query list; give at least one text, image or vector")
+        return terms
+    weight = 1.0
+    if isinstance(query, tuple):
+        weight, query = float(query[0]), query[1]
+    if isinstance(query, Term):
+        return [Term(weight * query.weight, query.kind, query.value)]
+    if isinstance(query, str):
+        if not query.strip():
+            raise QueryError("empty query text")
+        return [_term_for(query, weight)]
+    if isinstance(query, os.PathLike):
+        return [Term(weight, "image", Path(query).expanduser())]
+    if isinstance(query, np.ndarray):
+        return [Term(weight, "vector", query)]
+    if hasattr(query, "getpixel"):  # a PIL image, without importing PIL for text queries
+        return [Term(weight, "image", query)]
+    raise QueryError(f"unsupported query {type(query).__name__}; give a text, a path, a PIL image or a vector")
+
+
+def ensemble_prompts(text: str, templates: Sequence[str] = IMAGENET_TEMPLATES) -> list[str]:
+    """The text placed in every template ("a photo of a {}." -> "a photo of a dog.")."""
+    return [template.format(text) for template in templates]
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    """The vector scaled to length 1."""
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise QueryError("the query's terms cancel out (their weighted sum is zero); change the weights")
+    return (vector / norm).astype(np.float32)
+
+
+def encode_query(
+    terms: Sequence[Term],
+    encode_texts: Callable[[list[str]], Embeddings],
+    encode_images: Callable[[list[Any]], Embeddings],
+    ensemble: bool = False,
+    templates: Sequence[str] = IMAGENET_TEMPLATES,
+) -> np.ndarray:
+    """Embed the terms and combine them: the weighted sum of their unit vectors, renormalised.
+
+    Args:
+        terms: from `parse_terms` or `as_terms`.
+        encode_texts: texts -> [N, D] unit rows (called once, for all texts; not called without texts).
+        encode_images: image paths or PIL images -> [N, D] unit rows (not called without images).
+        ensemble: embed each text as the normalised mean over `templates` (CLIP's prompt ensembling).
+        templates: the templates for `ensemble`.
+
+    Returns:
+        [D] float32, L2-normalised.
+
+    Raises:
+        QueryError: the weighted sum is zero, or a vector term has the wrong shape.
+    """
+    vectors: list[np.ndarray | None] = [None] * len(terms)
+    texts = [(i, t.value) for i, t in enumerate(terms) if t.kind == "text"]
+    if texts:
+        if ensemble:
+            prompts = [p for _, text in texts for p in ensemble_prompts(text, templates)]
+            per_text = encode_texts(prompts).reshape(len(texts), len(templates), -1)  # [T, templates, D]
+            embedded = [_unit(rows.mean(axis=0)) for rows in per_text]
+        else:
+            embedded = list(encode_texts([text for _, text in texts]))
+        for (i, _), vector in zip(texts, embedded, strict=True):
+            vectors[i] = vector
+    images = [(i, t.value) for i, t in enumerate(terms) if t.kind == "image"]
+    if images:
+        for (i, _), vector in zip(images, encode_images([image for _, image in images]), strict=True):
+            vectors[i] = vector
+    for i, term in enumerate(terms):
+        if term.kind == "vector":
+            vectors[i] = _unit(np.asarray(term.value, dtype=np.float32).reshape(-1))
+    dims = {v.shape[-1] for v in vectors}
+    if len(dims) != 1:
+        raise QueryError(f"query vectors of different lengths {sorted(dims)}; a vector term must match the model")
+    total = sum(term.weight * vector for term, vector in zip(terms, vectors, strict=True))
+    return _unit(np.asarray(total, dtype=np.float32))
+
+
+def _sql_string(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _sql_timestamp(moment: date | datetime) -> str:
+    """A SQL timestamp literal (dates mean their midnight)."""
+    if not isinstance(moment, datetime):
+        moment = datetime(moment.year, moment.month, moment.day)
+    return f"TIMESTAMP '{moment.replace(tzinfo=None).isoformat(sep=' ')}'"
+
+
+def build_filter(
+    where: str | None = None,
+    in_dir: str | os.PathLike[str] | None = None,
+    after: date | datetime | None = None,
+    before: date | datetime | None = None,
+) -> str | None:
+    """One LanceDB SQL filter from the query options (None when there is nothing to filter).
+
+    Args:
+        where: any SQL filter over the store's columns, e.g. `"format = 'PNG' AND width > 1000"`.
+        in_dir: only images under this folder (recursively).
+        after: only images whose EXIF capture time (`taken_at`) is at or after this moment.
+        before: only images captured strictly before this moment.
+    """
+    from retrieval.store import display_path
+
+    clauses = []
+    if in_dir is not None:
+        folder = os.path.join(os.path.abspath(os.fspath(in_dir)), "")  # trailing separator: /a/b not /a/bc
+        clauses.append(f"starts_with(path, {_sql_string(display_path(folder))})")
+    if after is not None:
+        clauses.append(f"taken_at >= {_sql_timestamp(after)}")
+    if before is not None:
+        clauses.append(f"taken_at < {_sql_timestamp(before)}")
+    if where is not None and where.strip():
+        clauses.append(f"({where})")
+    return " AND ".join(clauses) if clauses else None
+
+
+def search(
+    store: Store,
+    index: AnnIndex,
+    vector: np.ndarray,
+    k: int = 10,
+    where: str | None = None,
+    threshold: float | None = None,
+    exclude: Sequence[int] | RowIds = (),
+) -> list[SearchResult]:
+    """The k stored images nearest to a query vector.
+
+    Args:
+        store: the open store.
+        index: its FAISS index, up to date (`retrieval.ann.open_index`).
+        vector: [D] unit query vector.
+        k: results wanted.
+        where: a LanceDB SQL filter (`build_filter`); k results come back whenever k rows match.
+        threshold: drop results whose cosine similarity is below it.
+        exclude: ids never to return (the query image itself in `similar`).
+
+    Returns:
+        Best first, ranks from 1; fewer than k when fewer match.
+
+    Raises:
+        QueryError: an invalid filter.
+    """
+    if k <= 0:
+        return []
+    exclude = np.asarray(exclude, dtype=np.int64)
+    allowed = store.filter_ids(where) if where else None
+    if allowed is not None and len(exclude):
+        allowed = np.setdiff1d(allowed, exclude)
+    fetch = k + (len(exclude) if allowed is None else 0)
+    scores, ids = index.search(vector.reshape(1, -1), fetch, allowed=allowed)
+    hits = [
+        (int(i), float(s))
+        for i, s in zip(ids[0], scores[0], strict=True)
+        if i >= 0 and i not in exclude and (threshold is None or s >= threshold)
+    ][:k]
+    if not hits:
+        return []
+    rows = _rows(store, [i for i, _ in hits])
+    results = []
+    for i, score in hits:
+        row = rows.get(i)
+        if row is None:  # deleted by a concurrent indexer after the index was synced
+            continue
+        results.append(SearchResult(path=row.pop("path"), score=score, rank=len(results) + 1, metadata=row))
+    return results
+
+
+def _rows(store: Store, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Metadata rows by id, leaving out ids that have just left the store."""
+    try:
+        rows = store.rows(ids)
+    except StoreError:
+        present = set(store.filter_ids(f"id IN ({', '.join(str(i) for i in ids)})").tolist())
+        rows = store.rows([i for i in ids if i in present])
+    return {int(row["id"]): row for row in rows}

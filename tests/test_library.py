@@ -1,0 +1,104 @@
+"""The Python API: `clipsearch.Library` over a real store, with a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipsearch
+from clipsearch.library import Embedded, Library
+from retrieval.ann import index_state
+from retrieval.errors import ImageLoadError, QueryError
+from retrieval.model.checkpoint import save_checkpoint
+from retrieval.model.clip import CLIP
+from retrieval.model.config import CLIPConfig, TextConfig, VisionConfig
+
+TINY = CLIPConfig(
+    embed_dim=32,
+    vision=VisionConfig(image_size=32, width=64, layers=2, heads=2, patch_size=8),
+    text=TextConfig(width=64, heads=2, layers=2),
+)
+
+
+def pattern(seed: int, size: int = 96) -> Image.Image:
+    """A smooth random colour pattern, distinct per seed."""
+    coarse = (np.random.default_rng(seed).random((3, 3, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture
+def library(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(CLIP(TINY), tmp_path / "tiny", name="tiny")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        pattern(i).save(photos / f"{i}.png")
+    library = clipsearch.Library(db=tmp_path / "db", model=checkpoint)
+    summary = library.index(photos, workers=0, progress=False)
+    assert summary.indexed == 6
+    return library, photos
+
+
+def test_search_forms_agree(library):
+    library, photos = library
+    by_path = library.search(str(photos / "2.png"), k=6)
+    assert isinstance(by_path[0], clipsearch.SearchResult)
+    assert by_path[0].path == str(photos / "2.png") and by_path[0].score == pytest.approx(1.0, abs=1e-5)
+    assert [r.rank for r in by_path] == list(range(1, 7))
+    with Image.open(photos / "2.png") as image:
+        assert [r.path for r in library.search(image, k=6)] == [r.path for r in by_path]
+    vector = library.encode(photos / "2.png")
+    assert [r.path for r in library.search(vector, k=6)] == [r.path for r in by_path]
+    assert [r.path for r in library.search([(3.0, vector), (1.0, "noise")], k=6)] == [
+        r.path for r in library.search(library.encode([(3.0, vector), (1.0, "noise")]), k=6)
+    ]
+    assert library.search("anything", k=3, where="format = 'JPEG'") == []
+    with pytest.raises(QueryError):
+        library.search([(1.0, "x"), (-1.0, "x")])
+    with pytest.raises(ImageLoadError):
+        library.search(photos / "missing.png")
+
+
+def test_similar_embeddings_and_status(library):
+    library, photos = library
+    hits = library.similar(photos / "0.png", k=10)
+    assert len(hits) == 5 and str(photos / "0.png") not in {h.path for h in hits}
+    assert hits[0].metadata["format"] == "PNG" and isinstance(hits[0].metadata["id"], int)
+
+    embedded = library.embeddings()
+    assert isinstance(embedded, Embedded) and embedded.vectors.shape == (6, TINY.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(embedded.vectors, axis=1), 1.0, rtol=1e-5)
+    assert sorted(embedded.paths) == sorted(str(p) for p in photos.iterdir())
+    first = embedded.paths.index(str(photos / "0.png"))
+    scores = embedded.vectors @ embedded.vectors[first]
+    others = [embedded.paths[i] for i in np.argsort(-scores) if i != first]
+    assert [h.path for h in hits] == others
+
+    status = library.status()
+    assert status["images"] == 6 and status["model"]["name"] == "tiny" and status["models"] == ["tiny"]
+    assert status["index"]["built"] and status["index"]["up_to_date"] and status["index"]["type"] == "flat"
+
+
+def test_index_changes_reach_an_open_library(library):
+    library, photos = library
+    assert len(library.search("x", k=50)) == 6
+    pattern(42).save(photos / "new.png")
+    (photos / "1.png").unlink()
+    Library(db=library.db, model=library.model_name).index(photos, workers=0, progress=False)  # another handle
+    paths = {r.path for r in library.search("x", k=50)}
+    assert str(photos / "new.png") in paths and str(photos / "1.png") not in paths and len(paths) == 6
+    assert index_state(library.store())["up_to_date"]
+
+
+def test_a_loaded_model_can_be_passed_in(library):
+    from retrieval.model.loading import load_model
+
+    library, photos = library
+    model, _ = load_model(library.model_name)
+    same = Library(db=library.db, model=model)
+    assert [r.path for r in same.search("x", k=6)] == [r.path for r in library.search("x", k=6)]
+    with pytest.raises(ValueError, match="needs `.info`"):
+        Library(db=library.db, model=CLIP(TINY))

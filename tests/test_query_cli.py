@@ -1,0 +1,253 @@
+"""End to end through the CLI: a folder of generated images indexed with a tiny random model into a real
+LanceDB store, then `clipsearch query` / `clipsearch similar` with filters, thresholds and output formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from clipsearch.cli import cli
+from clipsearch.library import Library
+from retrieval.model.checkpoint import save_checkpoint
+from retrieval.model.clip import CLIP
+from retrieval.model.config import CLIPConfig, TextConfig, VisionConfig
+from retrieval.model.encode import encode_texts
+from retrieval.model.loading import load_model
+from retrieval.store import Store
+
+TINY = CLIPConfig(
+    embed_dim=32,
+    vision=VisionConfig(image_size=32, width=64, layers=2, heads=2, patch_size=8),
+    text=TextConfig(width=64, heads=2, layers=2),
+)
+EXIF_IFD, DATE_TIME_ORIGINAL = 0x8769, 0x9003
+
+
+def tiny_checkpoint(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    return save_checkpoint(CLIP(TINY), folder, name=f"tiny-{seed}")
+
+
+def pattern(seed: int, size: int = 96) -> Image.Image:
+    """A smooth random colour pattern: distinct per seed, and robust to re-encoding, resizing and cropping."""
+    coarse = (np.random.default_rng(seed).random((3, 3, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def save_jpeg(image: Image.Image, path: Path, taken: str | None = None, quality: int = 95) -> None:
+    exif = Image.Exif()
+    if taken is not None:
+        exif.get_ifd(EXIF_IFD)[DATE_TIME_ORIGINAL] = taken
+    image.save(path, "JPEG", quality=quality, exif=exif)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Photos (12 distinct patterns, 3 near-duplicates of the first), a tiny model, and a store indexing them."""
+    root = tmp_path_factory.mktemp("world")
+    photos = root / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i in range(12):
+        target = photos / ("sub" if i % 3 == 0 else "") / f"p{i:02d}"
+        if i % 2:
+            pattern(i).save(target.with_suffix(".png"))
+        else:
+            save_jpeg(pattern(i), target.with_suffix(".jpg"), taken=f"20{10 + i}:06:01 12:00:00")
+    original = pattern(0)
+    save_jpeg(original, photos / "dup_reencoded.jpg", quality=40)
+    original.resize((60, 60), Image.Resampling.BILINEAR).save(photos / "dup_resized.png")
+    original.crop((6, 6, 90, 90)).save(photos / "dup_cropped.png")
+    checkpoint = tiny_checkpoint(root / "tiny", seed=0)
+    db = root / "db"
+    Library(db=db, model=checkpoint).index([photos], workers=0, progress=False)
+    return {"root": root, "photos": photos, "checkpoint": checkpoint, "db": db}
+
+
+def run(world, *args: str, db: Path | None = None):
+    result = CliRunner().invoke(cli, [*args, "--model", str(world["checkpoint"]), "--db", str(db or world["db"])])
+    return result
+
+
+def json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines()]
+
+
+def stored(world) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(ids, paths, vectors) straight from the store."""
+    embedded = Library(db=world["db"], model=world["checkpoint"]).embeddings()
+    return embedded.ids, embedded.paths, embedded.vectors
+
+
+def test_text_query_json_is_the_exact_ranking(world):
+    result = run(world, "query", "a", "red", "circle", "--json", "-n", "5")
+    assert result.exit_code == 0, result.output
+    hits = json_lines(result.output)
+    model, _ = load_model(world["checkpoint"], towers="text")
+    query = encode_texts(model, ["a red circle"])[0]
+    _, paths, vectors = stored(world)
+    scores = vectors @ query
+    order = np.argsort(-scores)[:5]
+    assert [h["path"] for h in hits] == [paths[i] for i in order]
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([h["score"] for h in hits], scores[order], atol=1e-5)
+    assert {"id", "size", "width", "height", "format", "taken_at", "mtime", "content_hash"} <= set(hits[0])
+    assert "vector" not in hits[0]
+
+
+def test_table_and_paths_output(world):
+    as_json = json_lines(run(world, "query", "sunset", "--json").output)
+    result = run(world, "query", "sunset", "--paths")
+    assert result.exit_code == 0
+    assert result.output == "".join(h["path"] + "\n" for h in as_json)
+    table = run(world, "query", "sunset").output.splitlines()
+    assert table[0].split() == ["rank", "score", "path"]
+    first = table[1].split()
+    assert (
+        first[0] == "1"
+        and first[2] == as_json[0]["path"]
+        and float(first[1]) == pytest.approx(as_json[0]["score"], abs=1e-3)
+    )
+    assert len(table) == 1 + min(10, len(as_json))
+
+    result = run(world, "query", "sunset", "--json", "--paths")
+    assert result.exit_code == 2 and "--json and --paths" in result.output
+
+
+def test_similar_finds_near_duplicates_first(world, tmp_path):
+    photos = world["photos"]
+    dups = {str(photos / n) for n in ("dup_reencoded.jpg", "dup_resized.png", "dup_cropped.png")}
+    result = run(world, "similar", str(photos / "sub" / "p00.jpg"), "--paths", "-n", "3")
+    assert result.exit_code == 0, result.output
+    assert set(result.output.splitlines()) == dups  # the image itself is left out
+
+    outside = tmp_path / "query.png"  # not in the store: encoded on the fly, and its original comes first
+    shutil.copy(photos / "sub" / "p00.jpg", outside.with_suffix(".jpg"))
+    result = run(world, "similar", str(outside.with_suffix(".jpg")), "--json", "-n", "4")
+    hits = json_lines(result.output)
+    assert hits[0]["path"] == str(photos / "sub" / "p00.jpg") and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert {h["path"] for h in hits[1:]} == dups
+
+
+def test_combined_query_matches_its_definition(world):
+    photos = world["photos"]
+    image = photos / "p01.png"
+    result = run(world, "query", "2:red", "+", str(image), "-", "blue", "--json", "-n", "20")
+    assert result.exit_code == 0, result.output
+    library = Library(db=world["db"], model=world["checkpoint"])
+    expected = library.search([(2, "red"), (1, image), (-1, "blue")], k=20)
+    assert [h["path"] for h in json_lines(result.output)] == [r.path for r in expected]
+    model, _ = load_model(world["checkpoint"], towers="text")
+    red, blue = encode_texts(model, ["red", "blue"])
+    ids, paths, vectors = stored(world)
+    picture = vectors[paths.index(str(image))]
+    combined = 2 * red + picture - blue
+    combined /= np.linalg.norm(combined)
+    assert expected[0].path == paths[int(np.argmax(vectors @ combined))]
+
+
+def test_filters_hold_and_still_fill_k(world):
+    photos = world["photos"]
+    inside = json_lines(run(world, "query", "dog", "--in", str(photos / "sub"), "--json", "-n", "3").output)
+    assert len(inside) == 3 and all(h["path"].startswith(str(photos / "sub") + "/") for h in inside)
+
+    pngs = json_lines(run(world, "query", "dog", "--where", "format = 'PNG'", "--json").output)
+    assert len(pngs) == 8 and all(h["format"] == "PNG" for h in pngs)  # 6 patterns + 2 duplicates
+
+    dated = json_lines(run(world, "query", "dog", "--after", "2014-01-01", "--before", "2020-01-01", "--json").output)
+    assert sorted(h["taken_at"][:4] for h in dated) == ["2014", "2016", "2018"]
+
+    result = run(world, "query", "dog", "--where", "no_such_column = 1")
+    assert result.exit_code == 1 and result.output.startswith("Error: invalid filter")
+
+
+def test_threshold(world):
+    hits = json_lines(run(world, "query", "dog", "--json", "-n", "15").output)
+    cut = (hits[4]["score"] + hits[5]["score"]) / 2  # between the 5th and 6th score (JSON rounds them)
+    kept = json_lines(run(world, "query", "dog", "--json", "-n", "15", "--threshold", str(cut)).output)
+    assert [h["path"] for h in kept] == [h["path"] for h in hits[:5]]
+    result = run(world, "query", "dog", "--threshold", "1.01")
+    assert result.exit_code == 0 and result.stdout == ""
+
+
+def test_deleted_files_never_come_back(world, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(world["photos"], photos)
+    db = tmp_path / "db"
+    library = Library(db=db, model=world["checkpoint"])
+    library.index([photos], workers=0, progress=False)
+    doomed = photos / "dup_cropped.png"
+    before = run(world, "similar", str(photos / "sub" / "p00.jpg"), "--paths", "-n", "20", db=db).output
+    assert str(doomed) in before
+    doomed.unlink()
+    library.index([photos], workers=0, progress=False)
+    for args, count in ((("similar", str(photos / "sub" / "p00.jpg")), 13), (("query", "anything"), 14)):
+        output = run(world, *args, "--paths", "-n", "50", db=db).output
+        assert str(doomed) not in output and len(output.splitlines()) == count
+
+    # an indexed file changed since: `similar` reads it again instead of trusting its stored vector
+    shutil.copy(photos / "p05.png", photos / "sub" / "p00.jpg")
+    output = run(world, "similar", str(photos / "sub" / "p00.jpg"), "--paths", "-n", "1", db=db).output
+    assert output == f"{photos / 'p05.png'}\n"
+
+
+def test_clear_errors(world, tmp_path):
+    result = run(world, "query", "dog", db=tmp_path / "nothing")
+    assert result.exit_code == 1 and result.output.startswith("Error: no image store at")
+
+    empty = tmp_path / "empty"
+    model, _ = load_model(world["checkpoint"], towers="text")
+    Store.open(empty, model.info, create=True)
+    result = run(world, "query", "dog", db=empty)
+    assert result.exit_code == 1 and "no images indexed for model 'tiny-0'" in result.output
+    assert "run `clipsearch index FOLDER` first" in result.output
+
+    other = tiny_checkpoint(tmp_path / "other", seed=1)
+    result = CliRunner().invoke(cli, ["query", "dog", "--model", str(other), "--db", str(world["db"])])
+    assert result.exit_code == 1 and "(it has: tiny-0)" in result.output and len(result.output.splitlines()) == 1
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    for args in (("similar", str(broken)), ("query", str(broken))):
+        result = run(world, *args)
+        assert result.exit_code == 1 and str(broken) in result.output and len(result.output.splitlines()) == 1
+    result = run(world, "similar", str(tmp_path / "missing.jpg"))
+    assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_ensemble_averages_the_prompt_templates(world):
+    from retrieval.query import IMAGENET_TEMPLATES
+
+    result = run(world, "query", "dog", "--ensemble", "--json", "-n", "15")
+    assert result.exit_code == 0, result.output
+    model, _ = load_model(world["checkpoint"], towers="text")
+    prompts = encode_texts(model, [t.format("dog") for t in IMAGENET_TEMPLATES])
+    query = prompts.mean(axis=0) / np.linalg.norm(prompts.mean(axis=0))
+    _, paths, vectors = stored(world)
+    assert [h["path"] for h in json_lines(result.output)] == [paths[i] for i in np.argsort(-(vectors @ query))]
+
+
+def test_a_text_query_loads_no_indexer_and_no_image_tower(world):
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from clipsearch.cli import cli\n"
+        f"r = CliRunner().invoke(cli, ['query', 'dog', '--model', {str(world['checkpoint'])!r}, "
+        f"'--db', {str(world['db'])!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'indexer'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    library = Library(db=world["db"], model=world["checkpoint"])
+    library.search("dog")
+    assert list(library._models) == ["text"]
