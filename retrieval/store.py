@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -320,7 +321,7 @@ class Store:
             StoreError: an id is not in the store.
             QueryError: an unknown column.
         """
-        columns = list(columns or ROW_COLUMNS)
+        columns = list(columns or self.row_columns())
         unknown = [c for c in columns if c not in self._table.schema.names]
         if unknown:
             raise QueryError(f"unknown column(s) {unknown}; the store has {self._table.schema.names}")
@@ -355,6 +356,33 @@ class Store:
                 f"invalid filter {where!r}: {e}; write it in LanceDB's SQL, e.g. \"format = 'JPEG' AND width > 1000\""
             ) from e
         return np.sort(table.column("id").to_numpy().astype(np.int64, copy=False))
+
+    def row_columns(self) -> list[str]:
+        """`ROW_COLUMNS` plus any column added after indexing (e.g. by `clipsearch tag`)."""
+        own = set(image_schema(self.embed_dim).names)
+        return [*ROW_COLUMNS, *(name for name in self._table.schema.names if name not in own)]
+
+    def set_column(self, column: str, ids: Sequence[int] | RowIds, values: Sequence[str | None]) -> None:
+        """Set a text column of the rows `ids`, adding it (all null) when missing, in one commit.
+
+        Raises:
+            QueryError: a bad column name, or one of the store's own columns.
+            StoreError: the column exists with another type.
+        """
+        own = image_schema(self.embed_dim).names
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", column) or column in own:
+            raise QueryError(
+                f"cannot write column {column!r}: use a plain name (letters, digits, _) that is not one of the "
+                f"store's own columns ({', '.join(own)})"
+            )
+        field = self._table.schema.field(column) if column in self._table.schema.names else None
+        if field is None:
+            self._table.add_columns(pa.field(column, pa.string()))
+        elif not pa.types.is_string(field.type):
+            raise StoreError(f"column {column!r} already holds {field.type}, not text; choose another --column")
+        if len(ids):
+            update = pa.table({"id": pa.array(np.asarray(ids, dtype=np.int64)), column: pa.array(values, pa.string())})
+            self._table.merge_insert("id").when_matched_update_all().execute(update)
 
     def id_for_path(self, path: str | bytes | os.PathLike) -> int | None:
         """The id of the image at `path` (made absolute, symlinks not resolved), or None."""
@@ -440,7 +468,9 @@ class Store:
 
     def _arrow(self, rows: Sequence[ImageRow]) -> pa.Table:
         """Rows as an Arrow table of this store's schema."""
-        schema = self._table.schema
+        # Only the store's own columns: a partial merge-insert leaves added ones (e.g. `tag` labels) as they are.
+        own = set(image_schema(self.embed_dim).names)
+        schema = pa.schema([f for f in self._table.schema if f.name in own])
         vectors = np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, self.embed_dim))
         columns = {
             "id": [r.id for r in rows],
