@@ -1,469 +1,124 @@
-"""The nearest-neighbour index over a store's vectors: FAISS, inner product on L2-normalised rows (= cosine).
+"""A store's FAISS index, saved beside it and kept in step with it; and a fast read of it for one-shot queries.
 
-Its type follows the collection's size: exact (`flat`) while a full scan is fast, then IVF with its probe
-count calibrated at build time so recall@10 against exact search stays above `TARGET_RECALL`. `hnsw`,
-`ivf` and `ivfpq` can be forced. FAISS ids are the store's stable int64 row ids.
+Files, beside the store: `<db>/<table>.<token>.faiss` (the index), `<db>/<table>.<token>.paths.npz` (each
+indexed id's file path) and `<db>/<table>.faiss.json`, which names both and records the store version the
+index reflects, the table's fingerprint at that version, the model, the index type and its parameters.
+Replacing the JSON is the single atomic commit, so a crash never leaves a half-written index in use; files
+are never rewritten in place (new names, old ones unlinked), so a reader may map them.
 
-The index is saved beside the store (`<db>/<table>.<token>.faiss` plus `<db>/<table>.faiss.json`, which
-names the file, the store version it reflects, the type and its parameters). Replacing the JSON is the
-single atomic commit, so a crash never leaves a half-written index in use. `open_index` brings a stale
-index up to date incrementally (adds new ids, removes gone ones) or rebuilds it; a search never returns an
-id that has left the store.
+Two ways in:
+- `open_index(store)` brings the saved index up to date with an open store, incrementally (adds new ids,
+  removes gone ones) or by a rebuild; a search never returns an id that has left the store.
+- `open_saved_index(db_dir, model_info)` reads the saved index and paths without opening the store, only
+  when the table's files show no commit since the index was saved (else None: go through `open_index`).
+  Importing LanceDB alone takes about as long as importing torch (~1 s, mostly its REST client's pydantic
+  models), so this is what lets a one-shot `clipsearch query` start in little more than torch's import time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
-import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import faiss
 import numpy as np
 
 from retrieval.errors import StoreError
-from retrieval.types import Embeddings, RowIds
+from retrieval.faiss_index import KINDS, AnnIndex, IndexParams, as_ids, choose_kind
+from retrieval.types import RowIds
+
+if TYPE_CHECKING:
+    from retrieval.model.identity import ModelInfo
 
 logger = logging.getLogger(__name__)
 
-IndexKind = Literal["flat", "hnsw", "ivf", "ivfpq"]
-KINDS: tuple[str, ...] = ("flat", "hnsw", "ivf", "ivfpq")
-# Exact search stays the default up to this size: one query scans N x 512 float32, ~16 ms at 100k on
-# this project's reference 2-core CPU (memory-bound), ~8 ms at 50k, while the text encoder takes ~10 ms.
-FLAT_MAX = 50_000
-# Approximate indexes are tuned at build time to this recall@10 against exact search (margin over 0.95).
-TARGET_RECALL = 0.97
 # HNSW cannot delete: removed ids are filtered out at search time until they make up this share of it.
 MAX_TOMBSTONE_FRACTION = 0.1
 # An IVF trained on far fewer vectors than it now holds has stale centroids: rebuild past this growth.
 MAX_IVF_GROWTH = 2.0
-# A filtered HNSW search over at most this many allowed ids scans them exactly (a few ms) instead of walking
-# a graph mostly made of excluded nodes.
-EXACT_SUBSET_MAX = 20_000
-MAX_EF_SEARCH = 4096
-# k-means needs data: IVF at least one vector, PQ's 256 codes per sub-space at least 256.
-_MIN_VECTORS = {"ivf": 1, "ivfpq": 256}
 _FORMAT = "clipsearch-faiss"
-_CALIBRATION_QUERIES = 200
 
 
-@dataclass(frozen=True)
-class IndexParams:
-    """The FAISS index type and its parameters (0 = chosen from the data at build time)."""
+class PathMap:
+    """The file path of each indexed row id, as saved beside the index (what a result table prints)."""
 
-    kind: str  # one of KINDS
-    nlist: int = 0  # ivf/ivfpq: number of inverted lists (k-means cells)
-    nprobe: int = 0  # ivf/ivfpq: cells scanned per query (calibrated)
-    hnsw_m: int = 32  # hnsw: links per node
-    ef_construction: int = 64  # hnsw: candidate list size while building
-    ef_search: int = 0  # hnsw: candidate list size while searching (calibrated)
-    pq_m: int = 0  # ivfpq: sub-quantizers (bytes per vector at 8 bits)
-    trained_on: int = 0  # ivf/ivfpq: vectors held when the centroids were trained
+    def __init__(self, ids: RowIds, offsets: np.ndarray, blob: np.ndarray) -> None:
+        self._ids = ids  # [N] sorted int64
+        self._offsets = offsets  # [N + 1] int64: path i is blob[offsets[i]:offsets[i + 1]]
+        self._blob = blob  # uint8, the paths' exact file system bytes, concatenated
 
+    @classmethod
+    def from_paths(cls, ids: RowIds, paths: list[bytes]) -> PathMap:
+        """From ids and their paths' bytes (`Store.catalog()`), in any order."""
+        order = np.argsort(ids, kind="stable")
+        ordered = [paths[i] for i in order]
+        offsets = np.zeros(len(ordered) + 1, np.int64)
+        np.cumsum([len(p) for p in ordered], out=offsets[1:])
+        blob = np.frombuffer(b"".join(ordered), np.uint8)
+        return cls(as_ids(ids)[order], offsets, blob)
 
-def choose_kind(n: int) -> str:
-    """The index type for a collection of `n` vectors: exact while a scan is fast, IVF beyond."""
-    return "flat" if n < FLAT_MAX else "ivf"
+    def save(self, path: Path) -> None:
+        """Write to `path` (an .npz)."""
+        with path.open("wb") as f:
+            np.savez(f, ids=self._ids, offsets=self._offsets, blob=self._blob)
 
+    @classmethod
+    def load(cls, path: Path) -> PathMap:
+        """Read a file written by `save` (OSError, ValueError or KeyError when it is missing or damaged)."""
+        with np.load(path, allow_pickle=False) as data:
+            return cls(data["ids"], data["offsets"], data["blob"])
 
-@contextlib.contextmanager
-def _omp_threads(n: int) -> Iterator[None]:
-    """Run FAISS with `n` OpenMP threads, then restore the previous setting."""
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
-
-
-def _cpu_count() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def _search_threads(n_queries: int) -> int:
-    """One thread for a handful of queries: OpenMP start-up and spinning cost more than they save there."""
-    return 1 if n_queries < 16 else _cpu_count()
+    def get(self, row_id: int) -> str | None:
+        """The path of an id (exact file system path, as `Store.rows` gives it), or None."""
+        i = int(np.searchsorted(self._ids, row_id))
+        if i == len(self._ids) or self._ids[i] != row_id:
+            return None
+        return os.fsdecode(self._blob[self._offsets[i] : self._offsets[i + 1]].tobytes())
 
 
-def _as_rows(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """C-contiguous float32 [N, dim]."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.ndim == 1:
-        vectors = vectors[None, :]
-    if vectors.shape[1] != dim:
-        raise ValueError(f"vectors have dimension {vectors.shape[1]}, the index {dim}")
-    return vectors
+class SavedIndex(NamedTuple):
+    """A saved index known to reflect its table's current state, with its paths."""
+
+    index: AnnIndex  # read-only (memory-mapped)
+    paths: PathMap
+    fingerprint: str  # the table's fingerprint it is valid for
 
 
-def _as_ids(ids: np.ndarray) -> RowIds:
-    """C-contiguous int64 [N]."""
-    return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+def table_fingerprint(table_dir: Path) -> str | None:
+    """A digest of a LanceDB table's committed versions; None when it cannot be taken.
 
-
-class AnnIndex:
-    """A FAISS index keyed by the store's row ids.
-
-    Build one with `AnnIndex.build`, or get the store's up-to-date one with `open_index`.
+    Lance writes every commit (insert, delete, merge, schema change, compaction) as a new, never reused
+    manifest file under `<table>.lance/_versions/`, and its cleanup only deletes old ones, so the names, sizes
+    and mtimes of those files (with the folder's inode, for a table dropped and created again) change with
+    every change to the table. An equal fingerprint therefore means an unchanged table; any doubt (a missing
+    folder, another layout) gives None, which never matches.
     """
-
-    def __init__(self, index: faiss.Index, params: IndexParams, tombstones: RowIds | None = None) -> None:
-        self._index = index
-        self.params = params
-        self.dim = int(index.d)
-        # ids still inside an HNSW graph but gone from the store; excluded from every search
-        self._tombstones = np.unique(_as_ids(tombstones if tombstones is not None else np.empty(0, np.int64)))
-        self._gpu_index: faiss.Index | None = None
-        self._gpu_resources: Any = None
-        self._move_to_gpu()
-
-    @property
-    def kind(self) -> str:
-        """flat, hnsw, ivf or ivfpq."""
-        return self.params.kind
-
-    def __len__(self) -> int:
-        """Live vectors (tombstoned ones not counted)."""
-        return int(self._index.ntotal) - len(self._tombstones)
-
-    @classmethod
-    def build(
-        cls,
-        ids: RowIds,
-        vectors: Embeddings,
-        kind: str | None = None,
-        params: IndexParams | None = None,
-    ) -> AnnIndex:
-        """Build an index over `vectors` keyed by `ids`.
-
-        Args:
-            ids: [N] int64 row ids.
-            vectors: [N, D] float32, rows L2-normalised.
-            kind: flat, hnsw, ivf or ivfpq; None chooses by size (`choose_kind`).
-            params: explicit parameters (their `kind` wins); zero fields are chosen and calibrated here.
-
-        Returns:
-            The index, calibrated so recall@10 against exact search reaches `TARGET_RECALL` where the type
-            can reach it.
-        """
-        ids = _as_ids(ids)
-        if vectors.ndim != 2 or len(vectors) != len(ids):
-            raise ValueError(f"{len(ids)} ids for vectors of shape {vectors.shape}")
-        vectors = _as_rows(vectors, vectors.shape[1])
-        n, dim = vectors.shape
-        if params is None:
-            params = IndexParams(kind=kind or choose_kind(n))
-        if params.kind not in KINDS:
-            raise ValueError(f"unknown index type {params.kind!r}; choose one of {', '.join(KINDS)}")
-        if n < _MIN_VECTORS.get(params.kind, 0):
-            logger.info("%d vectors are too few to train %s; using an exact index", n, params.kind)
-            params = IndexParams("flat")
-        params = _fill_defaults(params, n, dim)
-        started = time.perf_counter()
-        with _omp_threads(_cpu_count()):
-            index = _new_index(params, dim)
-            if params.kind in ("ivf", "ivfpq"):
-                ivf = faiss.extract_index_ivf(index)
-                ivf.train(_training_sample(vectors, params.nlist, params.kind))
-            index.add_with_ids(vectors, ids)
-        self = cls(index, params)
-        if (params.kind == "hnsw" and params.ef_search == 0) or (
-            params.kind in ("ivf", "ivfpq") and params.nprobe == 0
-        ):
-            self._calibrate(ids, vectors)
-        logger.info(
-            "built %s index over %d vectors in %.1f s (%s)", self.kind, n, time.perf_counter() - started, self.params
+    versions = table_dir / "_versions"
+    try:
+        entries = sorted(
+            (entry.name, (stat := entry.stat()).st_size, stat.st_mtime_ns)
+            for entry in os.scandir(versions)
+            if entry.name.endswith(".manifest")
         )
-        return self
-
-    def _calibrate(self, ids: RowIds, vectors: Embeddings) -> None:
-        """Raise nprobe / efSearch until recall@10 against exact search reaches the target (or stops rising).
-
-        The calibration queries are stored vectors with each one's own id left out of both result lists, so
-        finding itself does not flatter the recall.
-        """
-        n = len(vectors)
-        rng = np.random.default_rng(0)
-        picked = rng.choice(n, size=min(_CALIBRATION_QUERIES, n), replace=False)
-        sample = vectors[picked]
-        k = min(10, n - 1)
-        if k <= 0:
-            return
-        with _omp_threads(_cpu_count()):
-            exact = np.argpartition(-(sample @ vectors.T), k, axis=1)[:, : k + 1]  # positions, [Q, k + 1]
-        truth = [set(ids[row]) - {ids[q]} for q, row in zip(picked, exact, strict=True)]
-        if self.kind == "hnsw":
-            field, choices = "ef_search", [16, 32, 64, 128, 256, 512, 1024]
-        else:
-            field = "nprobe"
-            choices = sorted({min(2**i, self.params.nlist) for i in range(int(math.log2(self.params.nlist)) + 2)})
-        chosen, previous = choices[-1], -1.0
-        for i, value in enumerate(choices):
-            self.params = replace(self.params, **{field: value})
-            _, found = self.search(sample, k + 1)
-            recall = float(np.mean([len(truth[j] & (set(found[j]) - {ids[q]})) / k for j, q in enumerate(picked)]))
-            logger.debug("calibrating %s: %s=%d recall@10=%.3f", self.kind, field, value, recall)
-            if recall >= TARGET_RECALL:
-                chosen = value
-                break
-            if recall - previous < 0.002:  # a plateau (PQ's quantisation error): scanning more buys nothing
-                chosen = choices[i - 1]
-                logger.warning(
-                    "%s index reaches recall@10 %.3f at most (target %.2f)", self.kind, recall, TARGET_RECALL
-                )
-                break
-            previous = recall
-        self.params = replace(self.params, **{field: chosen})
-
-    def _ivf_ids(self) -> RowIds:
-        """Every id held in an IVF's inverted lists."""
-        invlists = faiss.extract_index_ivf(self._index).invlists
-        parts = [np.empty(0, np.int64)]
-        for cell in range(invlists.nlist):
-            size = invlists.list_size(cell)
-            if size:
-                parts.append(faiss.rev_swig_ptr(invlists.get_ids(cell), size).copy())
-        return np.concatenate(parts)
-
-    def ids(self) -> RowIds:
-        """The live row ids the index holds, sorted."""
-        if isinstance(self._index, faiss.IndexIDMap):
-            held = faiss.vector_to_array(self._index.id_map)
-        else:
-            held = self._ivf_ids()
-        held = np.sort(held)
-        if len(self._tombstones):
-            held = held[~np.isin(held, self._tombstones, assume_unique=True)]
-        return held
-
-    def add(self, ids: RowIds, vectors: Embeddings) -> None:
-        """Add vectors under new row ids (ids already held must be removed first)."""
-        ids = _as_ids(ids)
-        if not len(ids):
-            return
-        vectors = _as_rows(vectors, self.dim)
-        if len(self._tombstones):
-            revived = np.isin(ids, self._tombstones)
-            if revived.any():
-                raise ValueError("re-adding a removed id to an HNSW index needs a rebuild")
-        with _omp_threads(_cpu_count()):
-            self._index.add_with_ids(vectors, ids)
-        self._move_to_gpu()
-
-    def remove(self, ids: RowIds) -> None:
-        """Remove row ids; HNSW, which cannot delete, tombstones them instead."""
-        ids = np.unique(_as_ids(ids))
-        if not len(ids):
-            return
-        if self.kind == "hnsw":
-            self._tombstones = np.union1d(self._tombstones, ids)
-        else:
-            self._index.remove_ids(faiss.IDSelectorBatch(ids))
-            self._move_to_gpu()
-
-    @property
-    def tombstones(self) -> RowIds:
-        """Ids removed from an HNSW index but still in its graph (never returned by a search)."""
-        return self._tombstones
-
-    def search(self, queries: Embeddings, k: int, allowed: RowIds | None = None) -> tuple[np.ndarray, RowIds]:
-        """The k nearest rows of each query by inner product.
-
-        Args:
-            queries: [Q, D] float32 (L2-normalised for cosine scores).
-            k: results per query.
-            allowed: when given, only these row ids may be returned; if at least k of them are in the index,
-                k results come back (a restrictive filter falls back to a wider or exact scan).
-
-        Returns:
-            (scores [Q, k] float32, ids [Q, k] int64), best first; missing results have id -1, score -inf.
-        """
-        queries = _as_rows(queries, self.dim)
-        nq = len(queries)
-        empty = (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64))
-        if k <= 0 or self._index.ntotal == 0:
-            return empty[0][:, : max(k, 0)], empty[1][:, : max(k, 0)]
-        if allowed is not None:
-            allowed = np.unique(_as_ids(allowed))
-            if len(self._tombstones):
-                allowed = np.setdiff1d(allowed, self._tombstones, assume_unique=True)
-            if not len(allowed):
-                return empty
-        want = min(k, len(self) if allowed is None else len(allowed))
-        # A filter keeping a share s of the vectors makes the k nearest allowed ones about the k/s nearest
-        # overall, reached only by a much wider scan: widening by 1/s^2 keeps recall near the unfiltered one
-        # (measured on clustered data). A small allowed set is cheaper to scan exactly.
-        share = 1.0 if allowed is None else max(len(allowed) / max(len(self), 1), 1e-9)
-        with _omp_threads(_search_threads(nq)):
-            if self.kind == "hnsw" and allowed is not None and len(allowed) <= EXACT_SUBSET_MAX:
-                return self._exact_hnsw(queries, k, allowed)
-            scores, ids = self._search(queries, k, allowed, widen=share**-2)
-            if (ids[:, :want] < 0).any() and self.kind != "flat":
-                # the approximate scan still found too few allowed ids: scan exhaustively
-                scores, ids = self._search(queries, k, allowed, widen=math.inf)
-        return scores, ids
-
-    def _search(self, queries: np.ndarray, k: int, allowed: RowIds | None, widen: float) -> tuple[np.ndarray, RowIds]:
-        """One FAISS search with the scan breadth (nprobe, efSearch) multiplied by `widen`; inf is exhaustive."""
-        selector = None
-        if allowed is not None:
-            selector = faiss.IDSelectorBatch(allowed)
-        elif len(self._tombstones):
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones))
-        if self.kind == "hnsw" and math.isinf(widen):
-            return self._exact_hnsw(queries, k, allowed)
-        params: faiss.SearchParameters | None
-        if self.kind == "flat":
-            params = faiss.SearchParameters(sel=selector) if selector is not None else None
-        elif self.kind == "hnsw":
-            ef = min(math.ceil(max(self.params.ef_search, k) * widen), MAX_EF_SEARCH)
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
-        else:
-            nprobe = self.params.nlist if math.isinf(widen) else math.ceil(self.params.nprobe * widen)
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=min(nprobe, self.params.nlist))
-        index = self._gpu_index if (self._gpu_index is not None and selector is None) else self._index
-        scores, ids = index.search(queries, k, params=params)
-        scores[ids < 0] = -np.inf
-        return scores, ids
-
-    def _exact_hnsw(self, queries: np.ndarray, k: int, allowed: RowIds | None) -> tuple[np.ndarray, RowIds]:
-        """Exact search over the HNSW's stored vectors, restricted to the allowed (and live) ids."""
-        candidates = self.ids() if allowed is None else allowed
-        vectors = self._index.reconstruct_batch(candidates)  # [C, D]
-        return _exact_top_k(queries, vectors, candidates, k)
-
-    def save(self, json_path: Path, store_version: int, auto: bool) -> None:
-        """Write the index atomically: a new uniquely named .faiss file, then an os.replace of the JSON.
-
-        Args:
-            json_path: `<db>/<table>.faiss.json`.
-            store_version: the store version this index reflects.
-            auto: whether the type was chosen by size (and may change as the collection grows).
-        """
-        directory = json_path.parent
-        stem = json_path.name.removesuffix(".faiss.json")
-        index_name = f"{stem}.{uuid.uuid4().hex[:12]}.faiss"
-        previous = _read_meta(json_path)
-        tmp_index = directory / f".{index_name}.tmp"
-        faiss.write_index(self._index, str(tmp_index))
-        os.replace(tmp_index, directory / index_name)
-        meta = {
-            "format": _FORMAT,
-            "version": 1,
-            "index_file": index_name,
-            "store_version": int(store_version),
-            "ntotal": int(self._index.ntotal),
-            "auto": bool(auto),
-            "params": asdict(self.params),
-            "tombstones": self._tombstones.tolist(),
-            "saved_at": time.time(),
-        }
-        tmp_meta = directory / f".{json_path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, json_path)
-        if previous and previous.get("index_file") and previous["index_file"] != index_name:
-            with contextlib.suppress(FileNotFoundError):
-                (directory / previous["index_file"]).unlink()
-
-    @classmethod
-    def load(cls, json_path: Path) -> tuple[AnnIndex, dict[str, Any]]:
-        """Read an index saved by `save`; returns it and its JSON metadata.
-
-        Raises:
-            StoreError: the files are missing, unreadable or inconsistent.
-        """
-        meta = _read_meta(json_path)
-        if meta is None or meta.get("format") != _FORMAT:
-            raise StoreError(f"{json_path}: not a clipsearch FAISS index")
-        index_path = json_path.parent / meta["index_file"]
-        try:
-            index = faiss.read_index(str(index_path))
-        except RuntimeError as e:
-            raise StoreError(f"{index_path}: cannot read the FAISS index ({e}); it will be rebuilt") from e
-        if int(index.ntotal) != int(meta["ntotal"]):
-            raise StoreError(f"{index_path}: holds {index.ntotal} vectors, its metadata says {meta['ntotal']}")
-        params = IndexParams(**meta["params"])
-        return cls(index, params, np.asarray(meta.get("tombstones", []), dtype=np.int64)), meta
-
-    def _move_to_gpu(self) -> None:
-        """Mirror flat and IVF indexes on the GPU when faiss-gpu sees one (HNSW has no GPU version)."""
-        if self.kind == "hnsw" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-            return
-        if self._gpu_resources is None:
-            self._gpu_resources = faiss.StandardGpuResources()
-        self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
-        if self.kind in ("ivf", "ivfpq"):
-            faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", self.params.nprobe)
+        inode = table_dir.stat().st_ino
+    except OSError:
+        return None
+    if not entries:
+        return None
+    return hashlib.sha256(repr((inode, entries)).encode()).hexdigest()
 
 
-def _exact_top_k(queries: np.ndarray, vectors: np.ndarray, ids: RowIds, k: int) -> tuple[np.ndarray, RowIds]:
-    """Brute-force top k of each query over explicit vectors; pads with -1 / -inf."""
-    scores = queries @ vectors.T  # [Q, C]
-    nq, count = scores.shape
-    out_scores = np.full((nq, k), -np.inf, np.float32)
-    out_ids = np.full((nq, k), -1, np.int64)
-    take = min(k, count)
-    if take:
-        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        out_scores[:, :take] = np.take_along_axis(top_scores, order, axis=1)
-        out_ids[:, :take] = ids[np.take_along_axis(top, order, axis=1)]
-    return out_scores, out_ids
-
-
-def _fill_defaults(params: IndexParams, n: int, dim: int) -> IndexParams:
-    """Choose the size-dependent parameters left at 0."""
-    if params.kind in ("ivf", "ivfpq"):
-        # ~sqrt(N) cells keeps both the coarse scan and each cell small; k-means needs >= ~39 points a cell
-        nlist = params.nlist or int(min(max(round(math.sqrt(n)), 1), max(n // 39, 1), 65536))
-        pq_m = params.pq_m
-        if params.kind == "ivfpq" and not pq_m:
-            pq_m = next(m for m in (dim // 4, dim // 8, dim // 16, 1) if m >= 1 and dim % m == 0)
-        return replace(params, nlist=nlist, pq_m=pq_m, trained_on=n)
-    return params
-
-
-def _new_index(params: IndexParams, dim: int) -> faiss.Index:
-    """An empty FAISS index of the given type, inner-product metric, taking explicit ids."""
-    metric = faiss.METRIC_INNER_PRODUCT
-    if params.kind == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if params.kind == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(dim, params.hnsw_m, metric)
-        hnsw.hnsw.efConstruction = params.ef_construction
-        return faiss.IndexIDMap2(hnsw)
-    quantizer = faiss.IndexFlatIP(dim)
-    if params.kind == "ivf":
-        index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, metric)
-    else:
-        index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, 8, metric)
-    index.cp.niter = 10  # k-means converges well enough for search in 10 rounds; the default 25 is slow
-    if params.kind == "ivfpq":
-        index.pq.cp.niter = 10
-    index.own_fields = True
-    quantizer.this.disown()  # the IVF now frees its quantizer
-    return index
-
-
-def _training_sample(vectors: np.ndarray, nlist: int, kind: str) -> np.ndarray:
-    """A random sample big enough for k-means over nlist cells (and PQ's 256 codes a sub-space)."""
-    size = min(len(vectors), max(64 * nlist, 256 * 40 if kind == "ivfpq" else 0))
-    if size == len(vectors):
-        return vectors
-    rng = np.random.default_rng(0)
-    return vectors[np.sort(rng.choice(len(vectors), size=size, replace=False))]
+def _table_dir(store: Any) -> Path:
+    """Where LanceDB keeps a local table's files."""
+    return Path(store.path) / f"{store.table_name}.lance"
 
 
 def _read_meta(json_path: Path) -> dict[str, Any] | None:
@@ -474,9 +129,164 @@ def _read_meta(json_path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _same_space(recorded: dict[str, Any], model: ModelInfo) -> bool:
+    """Whether a recorded model identity (`ModelInfo.to_dict()` through JSON) and a model make interchangeable
+    vectors, as `Store.open` decides it: everything but the name must agree."""
+    try:
+        stored = type(model).from_dict(recorded)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return replace(stored, name=model.name) == model
+
+
 def index_path(store: Any) -> Path:
     """Where a store's index metadata lives: `<db>/<table>.faiss.json`."""
     return Path(store.path) / f"{store.table_name}.faiss.json"
+
+
+def save_index(
+    index: AnnIndex,
+    json_path: Path,
+    store_version: int,
+    auto: bool,
+    snapshot: tuple[str, PathMap, ModelInfo] | None = None,
+) -> None:
+    """Write an index atomically: new uniquely named files, then an os.replace of the JSON.
+
+    Args:
+        index: the index.
+        json_path: `<db>/<table>.faiss.json`.
+        store_version: the store version this index reflects.
+        auto: whether the type was chosen by size (and may change as the collection grows).
+        snapshot: (table fingerprint, paths, stored model) taken no later than `store_version` was read, for
+            `open_saved_index`; None leaves the index usable through `open_index` only.
+    """
+    directory = json_path.parent
+    stem = json_path.name.removesuffix(".faiss.json")
+    token = uuid.uuid4().hex[:12]
+    meta: dict[str, Any] = {
+        "format": _FORMAT,
+        "version": 1,
+        "index_file": f"{stem}.{token}.faiss",
+        "store_version": int(store_version),
+        "ntotal": int(index.ntotal),
+        "auto": bool(auto),
+        "params": asdict(index.params),
+        "tombstones": index.tombstones.tolist(),
+        "saved_at": time.time(),
+    }
+    tmp = directory / f".{meta['index_file']}.tmp"
+    index.write(tmp)
+    os.replace(tmp, directory / meta["index_file"])
+    _commit(json_path, meta, snapshot)
+
+
+def _commit(json_path: Path, meta: dict[str, Any], snapshot: tuple[str, PathMap, ModelInfo] | None) -> None:
+    """Write the snapshot's paths file, replace the JSON, then unlink the files the old JSON named."""
+    directory = json_path.parent
+    previous = _read_meta(json_path) or {}
+    meta = {k: v for k, v in meta.items() if k not in ("fingerprint", "paths_file", "model")}
+    if snapshot is not None:
+        fingerprint, paths, model = snapshot
+        paths_name = meta["index_file"].removesuffix(".faiss") + f".{uuid.uuid4().hex[:6]}.paths.npz"
+        tmp = directory / f".{paths_name}.tmp"
+        paths.save(tmp)
+        os.replace(tmp, directory / paths_name)
+        meta.update(fingerprint=fingerprint, paths_file=paths_name, model=model.to_dict())
+    tmp_meta = directory / f".{json_path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, json_path)
+    for key in ("index_file", "paths_file"):
+        old = previous.get(key)
+        if old and old != meta.get(key):
+            with contextlib.suppress(OSError):  # a reader on Windows may hold it open; it is unused anyway
+                (directory / old).unlink()
+
+
+def load_index(json_path: Path, mmap: bool = False) -> tuple[AnnIndex, dict[str, Any]]:
+    """Read an index saved by `save_index`; returns it and its JSON metadata.
+
+    Args:
+        json_path: `<db>/<table>.faiss.json`.
+        mmap: map the index file (read-only, for searching only).
+
+    Raises:
+        StoreError: the files are missing, unreadable or inconsistent.
+    """
+    meta = _read_meta(json_path)
+    if meta is None or meta.get("format") != _FORMAT:
+        raise StoreError(f"{json_path}: not a clipsearch FAISS index")
+    path = json_path.parent / meta["index_file"]
+    params = IndexParams(**meta["params"])
+    tombstones = np.asarray(meta.get("tombstones", []), dtype=np.int64)
+    try:
+        index = AnnIndex.read(path, params, tombstones, mmap=mmap)
+    except RuntimeError as e:
+        raise StoreError(f"{path}: cannot read the FAISS index ({e}); it will be rebuilt") from e
+    if index.ntotal != int(meta["ntotal"]):
+        raise StoreError(f"{path}: holds {index.ntotal} vectors, its metadata says {meta['ntotal']}")
+    return index, meta
+
+
+def open_saved_index(
+    db_dir: str | os.PathLike[str], model_info: ModelInfo, kind: str | None = None
+) -> SavedIndex | None:
+    """The saved index and paths of a model's table, if they reflect the table as it is now; read without
+    opening the store.
+
+    Args:
+        db_dir: the store directory.
+        model_info: the model whose table to use (its own table name; a table shared under another name
+            is only reached through the store).
+        kind: the index type wanted; a saved index of another type gives None.
+
+    Returns:
+        The index (memory-mapped, read-only) with its paths; None when there is no such saved index, it
+        holds no vectors, it is of another model or type, or the table has changed since it was saved. The
+        caller then opens the store and uses `open_index`, which also reports what is wrong.
+    """
+    db_dir = Path(db_dir)
+    json_path = db_dir / f"{model_info.table_name}.faiss.json"
+    meta = _read_meta(json_path)
+    if meta is None or meta.get("format") != _FORMAT or not meta.get("fingerprint") or not meta.get("paths_file"):
+        return None
+    if not _same_space(meta.get("model") or {}, model_info) or (kind is not None and meta["params"]["kind"] != kind):
+        return None
+    if int(meta["ntotal"]) - len(meta.get("tombstones", [])) <= 0:
+        return None
+    fingerprint = table_fingerprint(db_dir / f"{model_info.table_name}.lance")
+    if fingerprint != meta["fingerprint"]:
+        return None
+    try:
+        index, loaded = load_index(json_path, mmap=True)
+        if loaded.get("paths_file") != meta["paths_file"]:  # replaced since we read it: take the slow way
+            return None
+        paths = PathMap.load(db_dir / meta["paths_file"])
+    except (StoreError, OSError, ValueError, KeyError) as e:  # e.g. replaced by a writer between two reads
+        logger.debug("saved index of %s not usable: %s", model_info.table_name, e)
+        return None
+    return SavedIndex(index, paths, fingerprint)
+
+
+def saved_models(db_dir: str | os.PathLike[str]) -> list[ModelInfo] | None:
+    """The model of every table in a store directory, read from their saved indexes when each of them reflects
+    its table as it is now; None when any table lacks such an index (then ask `Store.models`).
+    """
+    from retrieval.model.identity import ModelInfo
+
+    db_dir = Path(db_dir)
+    try:
+        tables = sorted(p.name.removesuffix(".lance") for p in db_dir.iterdir() if p.name.endswith(".lance"))
+    except OSError:
+        return None
+    models = []
+    for table in tables:
+        meta = _read_meta(db_dir / f"{table}.faiss.json") or {}
+        fingerprint = meta.get("fingerprint")
+        if not meta.get("model") or not fingerprint or fingerprint != table_fingerprint(db_dir / f"{table}.lance"):
+            return None
+        models.append(ModelInfo.from_dict(meta["model"]))
+    return models
 
 
 def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnIndex:
@@ -490,8 +300,8 @@ def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnInd
     Args:
         store: an open `retrieval.store.Store`.
         kind: force flat, hnsw, ivf or ivfpq; None keeps the saved type, or chooses by size.
-        save: write the updated index back beside the store (skipped, with a log line, when the directory
-            is read-only).
+        save: write the updated index back beside the store, with the snapshot `open_saved_index` reads
+            (skipped, with a log line, when the directory is read-only).
 
     Returns:
         An index holding exactly the store's current row ids.
@@ -499,22 +309,27 @@ def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnInd
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown index type {kind!r}; choose one of {', '.join(KINDS)}")
     json_path = index_path(store)
+    # Taken before the version is read: any commit after this point changes the table's fingerprint, so a
+    # snapshot saved with it can only ever be used for the state the index reflects (see `table_fingerprint`).
+    fingerprint = table_fingerprint(_table_dir(store))
     version = store.version
     index: AnnIndex | None = None
     meta: dict[str, Any] = {}
     if json_path.exists():
         try:
-            index, meta = AnnIndex.load(json_path)
+            index, meta = load_index(json_path)
         except StoreError as e:
             logger.warning("%s", e)
     auto = kind is None and bool(meta.get("auto", True))
     if index is not None and kind is not None and index.kind != kind:
         index = None
     if index is not None and meta.get("store_version") == version:
+        if save and fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            _try_save(lambda: _commit(json_path, meta, _snapshot(store, fingerprint)))
         return index
 
     started = time.perf_counter()
-    store_ids = np.sort(_as_ids(store.ids()))
+    store_ids = np.sort(as_ids(store.ids()))
     if index is not None:
         index = _update(index, store, store_ids, auto)
     if index is None:
@@ -528,11 +343,23 @@ def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnInd
         time.perf_counter() - started,
     )
     if save:
-        try:
-            index.save(json_path, version, auto)
-        except OSError as e:
-            logger.warning("could not save the FAISS index beside the store (%s); it is rebuilt next time", e)
+        snapshot = _snapshot(store, fingerprint) if fingerprint is not None else None
+        _try_save(lambda: save_index(index, json_path, version, auto, snapshot))
     return index
+
+
+def _snapshot(store: Any, fingerprint: str) -> tuple[str, PathMap, ModelInfo]:
+    """What `open_saved_index` needs besides the index: every id's path (one scan, ~50 ms at 100k rows)."""
+    catalog = store.catalog()
+    return fingerprint, PathMap.from_paths(catalog.ids, catalog.paths), store.model_info
+
+
+def _try_save(write: Callable[[], None]) -> None:
+    """Run a write of the index files; a read-only store directory only costs rebuilding later."""
+    try:
+        write()
+    except OSError as e:
+        logger.warning("could not save the FAISS index beside the store (%s); it is rebuilt next time", e)
 
 
 def _update(index: AnnIndex, store: Any, store_ids: RowIds, auto: bool) -> AnnIndex | None:

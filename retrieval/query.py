@@ -23,7 +23,8 @@ from retrieval.errors import ImageLoadError, QueryError, StoreError
 from retrieval.types import Embeddings, RowIds
 
 if TYPE_CHECKING:
-    from retrieval.ann import AnnIndex
+    from retrieval.ann import SavedIndex
+    from retrieval.faiss_index import AnnIndex
     from retrieval.store import Store
 
 logger = logging.getLogger(__name__)
@@ -357,10 +358,10 @@ def build_filter(
         after: only images whose EXIF capture time (`taken_at`) is at or after this moment.
         before: only images captured strictly before this moment.
     """
-    from retrieval.store import display_path
-
     clauses = []
     if in_dir is not None:
+        from retrieval.store import display_path  # here: the store module imports LanceDB (~1 s)
+
         folder = os.path.join(os.path.abspath(os.fspath(in_dir)), "")  # trailing separator: /a/b not /a/bc
         clauses.append(f"starts_with(path, {_sql_string(display_path(folder))})")
     if after is not None:
@@ -420,6 +421,32 @@ def search(
         if row is None:  # deleted by a concurrent indexer after the index was synced
             continue
         results.append(SearchResult(path=row.pop("path"), score=score, rank=len(results) + 1, metadata=row))
+    return results
+
+
+def search_saved(
+    saved: SavedIndex, vector: np.ndarray, k: int = 10, threshold: float | None = None
+) -> list[SearchResult]:
+    """`search` without filters through a saved index and its paths alone (`retrieval.ann.open_saved_index`),
+    never opening the store: each result's metadata holds only its `id`.
+
+    Args:
+        saved: a saved index known to reflect the store's current state.
+        vector: [D] unit query vector.
+        k: results wanted.
+        threshold: drop results whose cosine similarity is below it.
+
+    Returns:
+        Best first, ranks from 1; fewer than k when the store holds fewer images.
+    """
+    if k <= 0:
+        return []
+    scores, ids = saved.index.search(vector.reshape(1, -1), k)
+    results = []
+    for i, score in zip(ids[0].tolist(), scores[0].tolist(), strict=True):
+        path = saved.paths.get(i) if i >= 0 and (threshold is None or score >= threshold) else None
+        if path is not None:
+            results.append(SearchResult(path=path, score=score, rank=len(results) + 1, metadata={"id": i}))
     return results
 
 

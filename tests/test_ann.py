@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from retrieval import ann
-from retrieval.ann import AnnIndex, index_path, index_state, open_index
+from retrieval import faiss_index
+from retrieval.ann import index_path, index_state, open_index, open_saved_index, save_index, saved_models
+from retrieval.faiss_index import AnnIndex
 from retrieval.model.identity import ModelInfo
 from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD
 from retrieval.store import ImageRow, Store, utc_now
@@ -114,15 +115,17 @@ def planted_info() -> ModelInfo:
     return ModelInfo("planted", "ab" * 32, DIM, 32, CLIP_MEAN, CLIP_STD)
 
 
+def row(i: int, vector: np.ndarray, folder: str = "/planted") -> ImageRow:
+    """A stored image row for a planted vector."""
+    return ImageRow(
+        int(i), f"{folder}/{i}.jpg", 1, 0, f"{i:064x}", None, None, None, None, None, None, utc_now(), vector
+    )
+
+
 def put(store: Store, vectors: np.ndarray) -> np.ndarray:
     """Write vectors as rows of the store; returns their ids."""
     ids = store.allocate_ids(len(vectors))
-    now = utc_now()
-    rows = [
-        ImageRow(int(i), f"/planted/{i}.jpg", 1, 0, f"{i:064x}", None, None, None, None, None, None, now, v)
-        for i, v in zip(ids, vectors, strict=True)
-    ]
-    store.apply(rows)
+    store.apply([row(i, v) for i, v in zip(ids, vectors, strict=True)])
     return ids
 
 
@@ -195,7 +198,7 @@ def test_hnsw_rebuilds_past_the_tombstone_limit(store):
 
 
 def test_size_chosen_type_changes_as_the_collection_grows(store, monkeypatch):
-    monkeypatch.setattr(ann, "FLAT_MAX", 1000)
+    monkeypatch.setattr(faiss_index, "FLAT_MAX", 1000)
     put(store, clustered(900, seed=8))
     assert open_index(store).kind == "flat"
     put(store, clustered(200, seed=9))
@@ -228,3 +231,60 @@ def test_forced_types_on_tiny_collections(store, kind):
     assert index.kind == (kind if kind != "ivfpq" else "flat")  # PQ cannot train its 256 codes on 20 vectors
     _, found = index.search(vectors, 1)
     np.testing.assert_array_equal(found[:, 0], ids)
+
+
+def test_saved_index_answers_without_the_store_only_while_the_table_is_unchanged(store):
+    vectors = clustered(300, seed=12)
+    ids = put(store, vectors)
+    info = planted_info()
+    assert open_saved_index(store.path, info) is None  # nothing saved yet
+    open_index(store)
+    saved = open_saved_index(store.path, info)
+    assert saved is not None and len(saved.index) == 300
+    _, found = saved.index.search(vectors[:5], 1)
+    np.testing.assert_array_equal(found[:, 0], ids[:5])
+    assert saved.paths.get(int(ids[7])) == f"/planted/{ids[7]}.jpg" and saved.paths.get(-1) is None
+    assert open_saved_index(store.path, info, kind="hnsw") is None  # another type asked for
+    other_space = ModelInfo("planted", "ab" * 32, DIM, 64, CLIP_MEAN, CLIP_STD)  # same table name, other input size
+    assert other_space.table_name == info.table_name and open_saved_index(store.path, other_space) is None
+
+    store.delete(ids[:1])  # any commit makes the saved index stale until `open_index` saves it again
+    assert open_saved_index(store.path, info) is None
+    open_index(store)
+    _, found = open_saved_index(store.path, info).index.search(vectors[:1], 10)
+    assert ids[0] not in found
+
+    store.apply([row(ids[1], vectors[1], folder="/moved")])  # a moved file keeps its id and vector
+    assert open_saved_index(store.path, info) is None
+    open_index(store)
+    assert open_saved_index(store.path, info).paths.get(int(ids[1])) == f"/moved/{ids[1]}.jpg"
+
+
+def test_saved_index_is_refreshed_when_only_its_snapshot_is_missing(store):
+    put(store, clustered(50, seed=13))
+    save_index(open_index(store, save=False), index_path(store), store.version, auto=True)  # without a snapshot
+    index_file = json.loads(index_path(store).read_text())["index_file"]
+    assert open_saved_index(store.path, planted_info()) is None
+    open_index(store)  # the index is up to date: only the snapshot is written
+    meta = json.loads(index_path(store).read_text())
+    assert meta["index_file"] == index_file
+    open_index(store)  # nothing to do now
+    assert json.loads(index_path(store).read_text()) == meta
+    paths_files = sorted(p.name for p in store.path.glob("*.paths.npz"))
+    assert paths_files == [meta["paths_file"]] and open_saved_index(store.path, planted_info()) is not None
+
+
+def test_saved_models_answer_only_when_every_table_has_a_current_index(store):
+    put(store, clustered(30, seed=14))
+    assert saved_models(store.path) is None  # no saved index yet
+    open_index(store)
+    assert saved_models(store.path) == [planted_info()]
+
+    other_info = ModelInfo("other", "cd" * 32, DIM, 32, CLIP_MEAN, CLIP_STD)
+    other = Store.open(store.path, other_info, create=True)
+    put(other, clustered(30, seed=15))
+    assert saved_models(store.path) is None  # the new table has no index yet
+    open_index(other)
+    assert sorted(m.name for m in saved_models(store.path)) == ["other", "planted"]
+    put(store, clustered(1, seed=16))
+    assert saved_models(store.path) is None

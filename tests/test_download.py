@@ -239,3 +239,26 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "elsewhere"
     monkeypatch.delenv("CLIPSEARCH_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "clipsearch"
+
+
+def test_a_download_loads_through_a_checked_float32_copy(server, tiny_checkpoint, isolated_registry):
+    spec = _serve(server, tiny_checkpoint)
+    texts = ["a red circle", "two blue squares on a white background"]
+    expected = encode_texts(tiny_checkpoint.model, texts)
+
+    model, _ = load_model("tiny-test", towers="text")
+    copy = cache_dir() / "float32" / spec.sha256
+    assert sorted(p.name for p in copy.iterdir()) == ["config.json", "converted.json", "model.safetensors"]
+    assert model.info.weights_sha256 == spec.sha256  # the identity stays the download's
+    np.testing.assert_array_equal(encode_texts(model, texts), expected)
+
+    weights = copy / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 0xFF  # same size: only the recorded hash can tell
+    stat = weights.stat()
+    weights.write_bytes(bytes(damaged))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # even on a coarse clock
+    model, _ = load_model("tiny-test", towers="text")
+    np.testing.assert_array_equal(encode_texts(model, texts), expected)  # the copy was written again
+    assert weights.read_bytes() != bytes(damaged)
+    assert sum(server.hits.values()) == 1

@@ -102,3 +102,44 @@ def test_a_loaded_model_can_be_passed_in(library):
     assert [r.path for r in same.search("x", k=6)] == [r.path for r in library.search("x", k=6)]
     with pytest.raises(ValueError, match="needs `.info`"):
         Library(db=library.db, model=CLIP(TINY))
+
+
+def test_search_without_metadata_runs_on_the_saved_index_while_the_store_is_unchanged(library):
+    library, photos = library
+    full = library.search("x", k=6)
+    fresh = Library(db=library.db, model=library.model_name)
+    quick = fresh.search("x", k=6, metadata=False)
+    assert [(r.path, r.rank) for r in quick] == [(r.path, r.rank) for r in full]
+    assert [r.score for r in quick] == pytest.approx([r.score for r in full], abs=1e-5)
+    assert quick[0].metadata == {"id": full[0].metadata["id"]}
+    assert fresh._store is None  # answered without opening the store
+
+    gone = str(photos / "3.png")
+    store = library.store()
+    store.delete([store.id_for_path(gone)])  # a commit that no index saw: the saved one is stale now
+    after = fresh.search("x", k=6, metadata=False)
+    assert gone not in {r.path for r in after} and len(after) == 5
+
+
+def test_query_texts_encode_within_bfloat16_rounding_of_float32(library):
+    from clipsearch.library import encode_query_texts, query_text_model
+    from retrieval.model.encode import encode_texts
+
+    library, _ = library
+    model = library._model("text")[0]
+    fast = query_text_model(model)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert next(fast.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    assert fast.info == model.info and fast.visual is None
+    texts = ["a red circle", "two blue squares on a white background", "x"]
+    exact = encode_texts(model, texts)
+    approx = encode_query_texts(fast, texts)
+    assert approx.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(approx, axis=1), 1.0, rtol=1e-5)
+    assert (np.sum(exact * approx, axis=1) > 0.999).all()
+
+    one_shot = Library(db=library.db, model=library.model_name, text_precision="float32")
+    np.testing.assert_array_equal(one_shot.encode(texts[1]), exact[1])
+    assert float(library.encode(texts[1]) @ exact[1]) > 0.999
+    with pytest.raises(ValueError, match="text_precision"):
+        Library(db=library.db, text_precision="bf16")

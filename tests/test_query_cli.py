@@ -92,7 +92,7 @@ def test_text_query_json_is_the_exact_ranking(world):
     assert result.exit_code == 0, result.output
     hits = json_lines(result.output)
     model, _ = load_model(world["checkpoint"], towers="text")
-    query = encode_texts(model, ["a red circle"])[0]
+    query = encode_texts(model, ["a red circle"])[0]  # the CLI encodes in float32 (see `_library`)
     _, paths, vectors = stored(world)
     scores = vectors @ query
     order = np.argsort(-scores)[:5]
@@ -235,19 +235,21 @@ def test_ensemble_averages_the_prompt_templates(world):
     assert [h["path"] for h in json_lines(result.output)] == [paths[i] for i in np.argsort(-(vectors @ query))]
 
 
-def test_a_text_query_loads_no_indexer_and_no_image_tower(world):
+def test_a_text_query_loads_no_indexer_no_store_and_no_image_tower(world):
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from click.testing import CliRunner\n"
         "from clipsearch.cli import cli\n"
         f"r = CliRunner().invoke(cli, ['query', 'dog', '--model', {str(world['checkpoint'])!r}, "
         f"'--db', {str(world['db'])!r}])\n"
         "assert r.exit_code == 0, r.output\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'indexer'))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('indexer', 'lancedb', 'retrieval'))))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    loaded = json.loads(done.stdout)
+    assert "retrieval.ann" in loaded  # the saved index answered: neither LanceDB nor the store were imported
+    assert not [m for m in loaded if m.split(".")[0] in ("indexer", "lancedb") or m == "retrieval.store"]
     library = Library(db=world["db"], model=world["checkpoint"])
     library.search("dog")
     assert list(library._models) == ["text"]

@@ -120,10 +120,13 @@ def _print_results(results: Sequence[Any], as_json: bool, paths_only: bool) -> N
 
 
 def _library(db: Path | None, model: str | None, index_type: str | None) -> Any:
-    """The `Library` for the options (imported here, so `clipsearch --help` stays fast)."""
+    """The `Library` for the options (imported here, so `clipsearch --help` stays fast).
+
+    A command runs one query: converting the text tower to bfloat16 would cost more than it saves.
+    """
     from clipsearch.library import Library
 
-    return Library(db=db, model=model, index_type=index_type)
+    return Library(db=db, model=model, index_type=index_type, text_precision="float32")
 
 
 def _check_output(as_json: bool, paths_only: bool) -> None:
@@ -171,7 +174,15 @@ def query(
     parsed = parse_terms(terms_from(terms))
     library = _library(db, model, index_type)
     results = library.search(
-        parsed, k=top, where=where, in_dir=in_dir, after=after, before=before, threshold=threshold, ensemble=ensemble
+        parsed,
+        k=top,
+        where=where,
+        in_dir=in_dir,
+        after=after,
+        before=before,
+        threshold=threshold,
+        ensemble=ensemble,
+        metadata=as_json,  # a table or bare paths need no metadata, so a query may skip opening the store
     )
     _print_results(results, as_json, paths_only)
 
