@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -396,3 +397,14 @@ def test_registry_names_and_urls():
         assert spec.url.split("/")[-2] == spec.sha256 and len(spec.sha256) == 64  # OpenAI's URLs carry the hash
     assert registry.get_spec("vit-b/32").name == "ViT-B/32"
     assert registry.get_spec("ViT-L/14@336px").filename == "ViT-L-14-336px.pt"
+
+
+def test_saved_checkpoint_files_get_the_usual_permissions(tmp_path):
+    model = CLIP(PRESETS["tiny-vit"])
+    previous = os.umask(0o022)
+    try:
+        folder = save_checkpoint(model, tmp_path / "ckpt")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}

@@ -292,4 +292,8 @@ def _temp_path(directory: Path, final_name: str) -> Path:
     """A fresh temporary file next to where `final_name` will go."""
     fd, name = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=".part")
     os.close(fd)
+    # mkstemp makes the file 0600; give it the mode any other new file would get, so a saved model is shareable
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
