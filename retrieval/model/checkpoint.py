@@ -279,6 +279,11 @@ def save_checkpoint(
     try:
         save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
         config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        # mkstemp (and safetensors) leave 0600; give the files the mode any new file gets, so a model is shareable
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (weights_tmp, config_tmp):
+            os.chmod(path, 0o666 & ~umask)
         os.replace(weights_tmp, directory / WEIGHTS_FILE)
         os.replace(config_tmp, directory / CONFIG_FILE)
     finally:
@@ -292,8 +297,4 @@ def _temp_path(directory: Path, final_name: str) -> Path:
     """A fresh temporary file next to where `final_name` will go."""
     fd, name = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=".part")
     os.close(fd)
-    # mkstemp makes the file 0600; give it the mode any other new file would get, so a saved model is shareable
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
     return Path(name)
