@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 
 def default_workers() -> int:
-    """One decoder process per core but one (the encoder needs cores too), at least 1 and at most 8."""
+    """One decoder process per core, at most 8. The workers run at a lower priority than the encoder, so they
+    take only the CPU time it leaves idle while it works, and every core while it waits for them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores - 1, 8))
+    return max(1, min(cores, 8))
 
 
 @dataclass(frozen=True)

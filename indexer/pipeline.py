@@ -2,7 +2,8 @@
 
 One image's path through it: `walk` finds the file; `plan_sync` sees it is new; a `DecoderPool` worker reads,
 hashes, decodes and preprocesses it (`Decoder`); the main thread stacks it into a batch for
-`encode_images`; the resulting row waits in the pending chunk until `Store.apply` commits the chunk.
+`encode_images`; the resulting row waits in the pending chunk until `Store.apply` commits the chunk; at the end
+the FAISS index beside the store (`retrieval.ann.open_index`) takes in the new rows.
 
 Crash safety: each chunk is one atomic LanceDB commit (new rows, updated rows, and the deletions that go
 with them), preceded by a durable reservation of its new ids. A run killed at any point leaves the table as
@@ -32,6 +33,8 @@ from indexer.options import IndexOptions
 from indexer.pool import DecoderPool
 from indexer.sync import Plan, WorkItem, is_under, plan_sync
 from indexer.walk import walk
+from indexer.workers import start_worker_server
+from retrieval.ann import open_index
 from retrieval.model.encode import encode_images
 from retrieval.model.preprocess import Preprocess
 from retrieval.store import ImageRow, Store, utc_now
@@ -113,6 +116,8 @@ def index_folders(
         StoreLockedError: another indexer holds the table's lock for longer than `options.lock_wait`.
     """
     options = options or IndexOptions()
+    if options.workers:
+        start_worker_server()  # boots while the lock, the walk and the store's catalog are dealt with
     lock = IndexLock(store.path / f"{store.table_name}.lock")
     lock.acquire(wait=options.lock_wait)
     try:
@@ -139,7 +144,7 @@ class _Run:
         self.options = options
         self.decoder = decoder or Decoder(preprocess, options.max_megapixels)
         self.summary = IndexSummary()
-        self.stages = dict.fromkeys(("scan", "read", "decode", "transform", "wait", "encode", "write"), 0.0)
+        self.stages = dict.fromkeys(("scan", "read", "decode", "transform", "wait", "encode", "write", "ann"), 0.0)
         self.pending: list[_Pending] = []
         self.pending_deletes: dict[int, str] = {}  # row id -> its content hash
         self.pending_by_hash: dict[str, _Pending] = {}
@@ -203,11 +208,15 @@ class _Run:
             self.summary.failures = list(self.failures)
             self.summary.stage_seconds = {k: round(v, 3) for k, v in self.stages.items()}
             self._record(state)
+        write_start = time.perf_counter()
         if self.summary.commits > 1:
-            write_start = time.perf_counter()
             self.store.optimize()
-            self.stages["write"] += time.perf_counter() - write_start
-            self.summary.stage_seconds["write"] = round(self.stages["write"], 3)
+        self.stages["write"] += time.perf_counter() - write_start
+        ann_start = time.perf_counter()
+        open_index(self.store)  # brought up to date here, so the first query after indexing does not build it
+        self.stages["ann"] = time.perf_counter() - ann_start
+        self.summary.stage_seconds = {k: round(v, 3) for k, v in self.stages.items()}
+        self.summary.seconds = time.perf_counter() - start
         return self.summary
 
     def _salvage(self) -> None:

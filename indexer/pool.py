@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from indexer.decode import DecodeResult, DecodeTask, Failed
+from indexer.workers import lower_priority, worker_context
 from retrieval.errors import IndexingError
 
 logger = logging.getLogger(__name__)
@@ -33,20 +34,10 @@ _POLL_SECONDS = 0.5  # how often a waiting dispatcher looks at timeouts and the 
 _MAX_STARTUP_DEATHS = 3  # workers dying before they are ready: they cannot start, so give up
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    """A forkserver where available: workers fork from a clean, pre-imported process (no torch/LanceDB
-    threads copied from this one) and start in milliseconds when a crashed one is replaced."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        # "__main__" too: otherwise every worker re-imports the main script (and whatever it imports) itself
-        ctx.set_forkserver_preload(["__main__", "indexer.decode"])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
 def _worker_main(conn: multiprocessing.connection.Connection, decoder: Callable[[DecodeTask], DecodeResult]) -> None:
     """A worker's loop: receive (seq, task), send (seq, result) until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    lower_priority()
     import torch
 
     torch.set_num_threads(1)  # the preprocessing tensors are small; cores belong to the encoder
@@ -137,7 +128,7 @@ class DecoderPool:
         self.prefetch = prefetch
         self.timeout = timeout
         self.restarts = 0
-        self._ctx = _context()
+        self._ctx = worker_context()
         self._out: queue.Queue = queue.Queue(maxsize=buffer)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -1,5 +1,5 @@
 """What `clipsearch status` reports: per model table, its size, whether an index run is going on, finished
-or was interrupted, the last run and the files that failed. Reads the store only; loads no model."""
+or was interrupted, the FAISS index, the last run and the files that failed. Reads the store only; loads no model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.lock import IndexLock
+from retrieval.ann import index_state
 from retrieval.errors import StoreError
 from retrieval.store import Store, default_db_dir
 
@@ -17,8 +18,9 @@ def store_status(db_dir: str | os.PathLike[str] | None = None, model: str | None
 
     Returns:
         {"db": str, "models": [{"model", "table", "count", "version", "state", "indexing_pid", "last_run",
-        "failures"}]}, JSON-able. `state` is "indexing" (a run holds the lock now), "interrupted" (the last run
-        did not finish: run `clipsearch index` again to resume), "complete", or "empty" (never indexed).
+        "ann", "failures"}]}, JSON-able. `state` is "indexing" (a run holds the lock now), "interrupted" (the
+        last run did not finish: run `clipsearch index` again to resume), "complete", or "empty" (never
+        indexed). `ann` is the FAISS index's state (`retrieval.ann.index_state`).
 
     Raises:
         StoreError: there is no store at `db_dir`, or no table for `model`.
@@ -53,6 +55,7 @@ def store_status(db_dir: str | os.PathLike[str] | None = None, model: str | None
                 "state": state,
                 "indexing_pid": holder,
                 "last_run": last,
+                "ann": index_state(store),
                 "failures": [f._asdict() for f in store.state.failures()],
             }
         )

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_index_support import tiny_checkpoint, write_images
 
 from clipsearch.cli import cli
 from indexer.lock import IndexLock
+from retrieval.ann import index_path, load_index
 from retrieval.model.loading import load_model
 from retrieval.store import Store
 
@@ -50,8 +52,35 @@ def test_index_json_summary_and_status(tmp_path, checkpoint):
     status = CliRunner().invoke(cli, ["status", "--db", str(tmp_path / "db"), "--json"])
     [entry] = json.loads(status.output)["models"]
     assert entry["count"] == 6 and entry["state"] == "complete" and entry["last_run"]["unchanged"] == 6
+    assert {k: entry["ann"][k] for k in ("built", "type", "vectors", "up_to_date")} == {
+        "built": True, "type": "flat", "vectors": 6, "up_to_date": True,
+    }  # fmt: skip
     model, _ = load_model(checkpoint, towers="image")
     assert entry["table"] == Store.open(tmp_path / "db", model.info).table_name
+    text = CliRunner().invoke(cli, ["status", "--db", str(tmp_path / "db")])
+    assert "Search index: flat, 6 vectors, up to date\n" in text.output
+
+
+def test_index_keeps_the_faiss_index_in_step(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    paths = write_images(photos, 5)
+    model, _ = load_model(checkpoint, towers="image")
+    assert index(checkpoint, tmp_path / "db", str(photos), "-q").exit_code == 0
+    store = Store.open(tmp_path / "db", model.info)
+    saved, meta = load_index(index_path(store))
+    assert meta["store_version"] == store.version
+    assert np.array_equal(np.sort(saved.ids()), np.sort(store.ids())) and len(saved) == 5
+
+    paths[0].unlink()
+    write_images(photos, 2, start=5)
+    assert index(checkpoint, tmp_path / "db", str(photos), "-q").exit_code == 0
+    store = Store.open(tmp_path / "db", model.info)
+    saved, meta = load_index(index_path(store))
+    assert meta["store_version"] == store.version and store.count() == 6
+    assert np.array_equal(np.sort(saved.ids()), np.sort(store.ids()))
+    query = store.vectors_for(store.ids()[:1])
+    _, found = saved.search(query, 1)
+    assert found[0, 0] == store.ids()[0]
 
 
 def test_strict_exit_code(tmp_path, checkpoint):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexer.decode import Decoder, DecodeTask
+from indexer.decode import Decoder, DecodeTask, Failed
 from retrieval.model.checkpoint import save_checkpoint
 from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS
@@ -77,3 +77,11 @@ class FaultyDecoder(Decoder):
         if "vanish" in name:
             os.unlink(task.path)
         return super().__call__(task)
+
+
+@dataclass(frozen=True)
+class NicenessDecoder(Decoder):
+    """A decoder that only reports the niceness of the process it runs in (as a `Failed` reason)."""
+
+    def __call__(self, task: DecodeTask):
+        return Failed("worker", f"niceness {os.nice(0)}")

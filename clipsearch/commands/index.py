@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from indexer.options import default_workers
+from indexer.workers import start_worker_server
 
 _DB_HELP = "Store directory [env CLIPSEARCH_HOME; default ~/.local/share/clipsearch]."
 _SHOWN_FAILURES = 20
@@ -66,6 +67,9 @@ def index(
       clipsearch index ~/Pictures /mnt/nas/photos --exclude '*/thumbnails/*' --workers 4
       clipsearch index ./photos --model shapes-mini --db ./demo-store --json
     """
+    workers = default_workers() if workers is None else workers
+    if workers:
+        start_worker_server()  # the decoder workers' server imports torch while this process loads the model
     from indexer.options import IndexOptions
     from indexer.pipeline import index_folders
     from retrieval.model.loading import load_model
@@ -74,7 +78,7 @@ def index(
     model, preprocess = load_model(model_name, device=device, towers="image")
     store = Store.open(db_dir, model.info, create=True)
     options = IndexOptions(
-        workers=default_workers() if workers is None else workers,
+        workers=workers,
         batch_size=batch_size,
         max_megapixels=max_megapixels,
         exclude=exclude,
@@ -106,8 +110,8 @@ def index(
 @click.option("--model", "model_name", default=None, help="Only the table of this model name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 def status(db_dir: str | None, model_name: str | None, as_json: bool) -> None:
-    """Show what the store holds: per model, the image count, whether indexing finished, the last run, and
-    the files that failed with the reason.
+    """Show what the store holds: per model, the image count, whether indexing finished, the state of the
+    search (FAISS) index, the last run, and the files that failed with the reason.
 
     \b
     Examples:
@@ -129,6 +133,7 @@ def status(db_dir: str | None, model_name: str | None, as_json: bool) -> None:
         )
         click.echo(f"Images: {entry['count']}")
         click.echo(f"State: {_state_text(entry)}")
+        click.echo(f"Search index: {_ann_text(entry['ann'])}")
         run = entry["last_run"]
         if run is not None:
             click.echo(
@@ -147,6 +152,14 @@ def _state_text(entry: dict[str, Any]) -> str:
     if state == "interrupted":
         return "interrupted; run `clipsearch index` on the same folders again to finish"
     return state
+
+
+def _ann_text(ann: dict[str, Any]) -> str:
+    """The FAISS index state in words."""
+    if not ann["built"]:
+        return "not built yet (the next `clipsearch index` or query builds it)"
+    freshness = "up to date" if ann["up_to_date"] else "behind the store (the next query updates it)"
+    return f"{ann['type']}, {ann['vectors']} vectors, {freshness}"
 
 
 def _when(iso: str | None) -> str:
