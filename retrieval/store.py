@@ -29,9 +29,8 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 
@@ -39,6 +38,9 @@ from retrieval.errors import ModelMismatchError, QueryError, StoreError
 from retrieval.model.identity import ModelInfo
 from retrieval.store_state import StoreState
 from retrieval.types import Embeddings, RowIds
+
+if TYPE_CHECKING:
+    import lancedb
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,8 @@ def display_path(path: str | bytes) -> str:
 
 def _connect(db_dir: Path) -> lancedb.DBConnection:
     """A connection whose reads always see the latest committed version (another process may be indexing)."""
+    import lancedb  # here, not at the top: a query answered from the saved index never needs it (~1 s)
+
     return lancedb.connect(str(db_dir), read_consistency_interval=timedelta(0))
 
 
