@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Reproduces the bundled shapes-mini model: one from-scratch run, then fine-tuning runs on fresh generated
+# scenes at a lower learning rate (shape is what the model learns last, in the low-learning-rate phases).
+# One thread keeps every run deterministic on a given machine and library versions; ~30 min on one CPU core.
+#
+#   bash benchmarks/train_shapes_mini.sh [RUNS_DIR]        # default runs/shapes-mini
+#
+# The last stage's config.json and model.safetensors are what retrieval/model/assets/shapes-mini/ holds.
+set -euo pipefail
+runs=${1:-runs/shapes-mini}
+common=(--val shapes:500:2 --weight-decay 0.2 --seed 0 --threads 1
+        --save-dtype float16 --name shapes-mini
+        --description "tiny CLIP trained on generated shapes only (demo and test model)")
+
+clipsearch train shapes:60000:1 --model shapes-mini --epochs 5 --batch-size 128 --lr 1e-3 --log-every 50 --checkpoint-every 200 "${common[@]}" \
+    --out "$runs/stage1"
+clipsearch train shapes:40000:3 --from "$runs/stage1" --epochs 4 --batch-size 256 --lr 5e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
+    --out "$runs/stage2"
+clipsearch train shapes:40000:4 --from "$runs/stage2" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
+    --out "$runs/stage3"
+clipsearch train shapes:80000:5 --from "$runs/stage3" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
+    --out "$runs/stage4"
+echo "done: $runs/stage4 holds config.json and model.safetensors"
