@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the bundled shapes-mini model: one from-scratch run, then fine-tuning runs on fresh generated
 # scenes at a lower learning rate (shape is what the model learns last, in the low-learning-rate phases).
-# One thread keeps every run deterministic on a given machine and library versions; ~30 min on one CPU core.
+# One thread keeps every run deterministic on a given machine and library versions; ~45 min on one CPU core.
 #
 #   bash benchmarks/train_shapes_mini.sh [RUNS_DIR]        # default runs/shapes-mini
 #
@@ -20,4 +20,8 @@ clipsearch train shapes:40000:4 --from "$runs/stage2" --epochs 1 --batch-size 25
     --out "$runs/stage3"
 clipsearch train shapes:80000:5 --from "$runs/stage3" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
     --out "$runs/stage4"
-echo "done: $runs/stage4 holds config.json and model.safetensors"
+clipsearch train shapes:120000:6 --from "$runs/stage4" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
+    --out "$runs/stage5"
+clipsearch train shapes:120000:7 --from "$runs/stage5" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
+    --out "$runs/stage6"
+echo "done: $runs/stage6 holds config.json and model.safetensors"
