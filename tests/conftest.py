@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+from retrieval.model.checkpoint import save_checkpoint
+from retrieval.model.clip import CLIP
+from retrieval.model.config import PRESETS
 
 
 @pytest.fixture(autouse=True)
@@ -12,3 +17,10 @@ def _isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("CLIPSEARCH_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random CLIP (seed 0) saved in our format; returns its folder, usable as --model."""
+    torch.manual_seed(0)
+    return save_checkpoint(CLIP(PRESETS["tiny-vit"]).eval(), tmp_path_factory.mktemp("ckpt") / "tiny", name="tiny")

@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks import recall_at_k as bench
 from clipsearch.api import embed_images
@@ -17,9 +16,6 @@ from retrieval import shapes
 from retrieval.ann import AnnIndex, open_index
 from retrieval.datasets import read_captioned
 from retrieval.metrics import recall_at_k
-from retrieval.model.checkpoint import save_checkpoint
-from retrieval.model.clip import CLIP
-from retrieval.model.config import PRESETS
 from retrieval.model.encode import encode_texts
 from retrieval.model.identity import ModelInfo
 from retrieval.model.loading import load_model
@@ -124,12 +120,6 @@ def test_ranked_search_through_a_real_store_and_faiss_index(tmp_path):
 
 
 # ---- end to end with a tiny model ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_checkpoint(CLIP(PRESETS["tiny-vit"]).eval(), tmp_path_factory.mktemp("ckpt") / "tiny", name="tiny")
 
 
 @pytest.fixture(scope="module")

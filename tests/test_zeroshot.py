@@ -14,9 +14,6 @@ from clipsearch.cli import cli
 from clipsearch.library import Library
 from retrieval import shapes
 from retrieval.errors import QueryError
-from retrieval.model.checkpoint import save_checkpoint
-from retrieval.model.clip import CLIP
-from retrieval.model.config import PRESETS
 from retrieval.model.encode import encode_images, encode_texts
 from retrieval.model.loading import load_model
 from retrieval.model.preprocess import Preprocess
@@ -123,13 +120,6 @@ def test_labels_parsing_and_template_checks(tmp_path):
 
 
 # ---- with a real (tiny, random) model ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random CLIP saved in our format; returns its folder."""
-    torch.manual_seed(0)
-    return save_checkpoint(CLIP(PRESETS["tiny-vit"]).eval(), tmp_path_factory.mktemp("ckpt") / "tiny", name="tiny")
 
 
 @pytest.fixture(scope="module")
