@@ -1,4 +1,4 @@
-"""How close the fast JPEG path (Pillow draft() decoding at >= 2x the model's resolution) stays to the exact one.
+"""How close the fast JPEG path (Pillow draft() decoding at no less than the model's resolution) stays to the exact one.
 
 For photo-sized JPEGs (12 MP, landscape and portrait) it embeds every image twice, once decoded at full size
 and once drafted, and reports the cosine between the two embeddings (min and median over the images) for

@@ -3,6 +3,7 @@ LanceDB store, then `clipsearch query` / `clipsearch similar` with filters, thre
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -144,7 +145,11 @@ def test_combined_query_matches_its_definition(world):
     assert result.exit_code == 0, result.output
     library = Library(db=world["db"], model=world["checkpoint"])
     expected = library.search([(2, "red"), (1, image), (-1, "blue")], k=20)
-    assert [h["path"] for h in json_lines(result.output)] == [r.path for r in expected]
+    hits = json_lines(result.output)
+    assert sorted(h["path"] for h in hits) == sorted(r.path for r in expected)
+    # The same order, up to near-ties (the near-duplicates) that the in-process bf16 text tower may swap.
+    score = {r.path: r.score for r in expected}
+    assert all(score[a["path"]] >= score[b["path"]] - 1e-3 for a, b in itertools.pairwise(hits))
     model, _ = load_model(world["checkpoint"], towers="text")
     red, blue = encode_texts(model, ["red", "blue"])
     ids, paths, vectors = stored(world)

@@ -107,7 +107,11 @@ class Preprocess:
     image_size: int  # side S of the square the model sees
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
-    fast: bool = True  # decode large JPEGs reduced by draft() to no less than 2*S on the shorter side
+    # Decode large JPEGs reduced by draft() to no less than S on the shorter side: the DCT-domain reduction
+    # averages whole 8x8 blocks (no aliasing), then the bicubic resize does the rest. On 12 MP photos this keeps
+    # ViT-B/32's embedding within cosine 0.9999 of the exact path (benchmarks/draft_fidelity.py), and it cuts the
+    # resize work 4x compared with stopping at 2*S, which matters when decoding competes with the encoder.
+    fast: bool = True
 
     @classmethod
     def from_config(cls, config: Any, fast: bool = True) -> Preprocess:
@@ -121,8 +125,8 @@ class Preprocess:
         return self.transform(self.decode(image))
 
     def decode(self, image: Image.Image, max_megapixels: float | None = 100.0) -> Image.Image:
-        """Upright RGB, drafted to 2*S when `fast`."""
-        return to_rgb(image, min_size=2 * self.image_size if self.fast else None, max_megapixels=max_megapixels)
+        """Upright RGB, drafted to no less than S on the shorter side when `fast`."""
+        return to_rgb(image, min_size=self.image_size if self.fast else None, max_megapixels=max_megapixels)
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """Resize the shorter side to S (bicubic), centre crop S x S, scale to [0, 1] and normalise."""
