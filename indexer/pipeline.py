@@ -42,6 +42,10 @@ from retrieval.store_state import Failure
 
 logger = logging.getLogger(__name__)
 
+_IDLE = object()  # from `_results`: no decoded image is ready yet
+# While the encoder would otherwise wait for decoders, a partial batch of at least batch_size / this is encoded.
+_MIN_BATCH_DIVISOR = 4
+
 
 @dataclass
 class IndexSummary:
@@ -232,7 +236,14 @@ class _Run:
         tasks = (DecodeTask(i.path, check_known and i.size in self.plan.stored_sizes) for i in items)
         decoder = dataclasses.replace(self.decoder, known=self.plan.known)
         with contextlib.closing(self._results(decoder, tasks, len(items))) as results:
-            for task, result in results:
+            for pair in results:
+                if pair is _IDLE:
+                    # Nothing decoded is waiting: rather than idle until a whole batch is there (at start-up, or
+                    # when decoding is the slower side), encode the part that is, if it is worth a call.
+                    if len(self.batch) >= max(1, self.options.batch_size // _MIN_BATCH_DIVISOR):
+                        self._encode_batch()
+                    continue
+                task, result = pair
                 self._step(by_path[task.path], result)
 
     def _step(self, item: WorkItem, result: DecodeResult) -> None:
@@ -255,8 +266,9 @@ class _Run:
 
     def _results(
         self, decoder: Decoder, tasks: Iterable[DecodeTask], n: int
-    ) -> Iterator[tuple[DecodeTask, DecodeResult]]:
-        """(task, result) pairs from worker processes, or from this process with `workers=0`."""
+    ) -> Iterator[tuple[DecodeTask, DecodeResult] | object]:
+        """(task, result) pairs from worker processes, or from this process with `workers=0`; with workers, `_IDLE`
+        whenever no result is ready yet."""
         waited = time.perf_counter()
         if self.options.workers == 0 or n == 0:
             for task in tasks:
@@ -267,9 +279,10 @@ class _Run:
             with DecoderPool(
                 decoder, workers, buffer=2 * self.options.batch_size + 8, timeout=self.options.decode_timeout
             ) as pool:
-                for task, result in pool.imap_unordered(tasks):
-                    self.stages["wait"] += time.perf_counter() - waited
-                    yield task, result
+                for pair in pool.imap_unordered(tasks, idle=_IDLE):
+                    if pair is not _IDLE:
+                        self.stages["wait"] += time.perf_counter() - waited
+                    yield pair
                     waited = time.perf_counter()
                 self.summary.worker_restarts += pool.restarts
 

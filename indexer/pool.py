@@ -135,12 +135,25 @@ class DecoderPool:
         self._workers: list[_Worker] = []
         self._startup_deaths = 0
 
-    def imap_unordered(self, tasks: Iterable[DecodeTask]) -> Iterator[tuple[DecodeTask, DecodeResult]]:
-        """Yield (task, result) for every task, in completion order. Close the pool when done."""
+    def imap_unordered(
+        self, tasks: Iterable[DecodeTask], idle: object = None
+    ) -> Iterator[tuple[DecodeTask, DecodeResult] | object]:
+        """Yield (task, result) for every task, in completion order. Close the pool when done.
+
+        Args:
+            tasks: the files to decode.
+            idle: when not None, yielded whenever no result is ready (then the next one is awaited), so that the
+                consumer can use the wait, e.g. to encode a partial batch.
+        """
         self._thread = threading.Thread(target=self._dispatch, args=(iter(tasks),), daemon=True)
         self._thread.start()
         while True:
-            item = self._out.get()
+            try:
+                item = self._out.get_nowait()
+            except queue.Empty:
+                if idle is not None:
+                    yield idle
+                item = self._out.get()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
