@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -279,3 +280,25 @@ def test_module_runs_without_torch(tmp_path):
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
     result = subprocess.run([sys.executable, "-m", "retrieval.shapes", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--photo-size" in result.stdout
+
+
+def test_shape_groups_differ_only_in_the_shape():
+    group = 4
+    members = [shapes.example(5, 8 + m, 96, shape_group=group) for m in range(group)]  # the third group
+    attrs = [a for _, _, a in members]
+    assert len({a.shape for a in attrs}) == group  # a different shape each
+    assert len({dataclasses.replace(a, shape="circle") for a in attrs}) == 1  # everything else the same
+    assert all(a.second is None for a in attrs)
+    for _, text, a in members:
+        assert any(word in text for word in shapes._SHAPE_WORDS[a.shape]), text
+    # Same jitter: the pictures differ only around the object; the background elsewhere is equal.
+    pixels = np.stack([np.asarray(image, dtype=np.int16) for image, _, _ in members])
+    differs = np.abs(pixels - pixels[0]).max(axis=(0, 3)) > 0
+    assert 0 < differs.mean() < 0.3
+    # The next group is another scene; shape_group=1 is the plain set.
+    assert dataclasses.replace(shapes.example(5, 12, 96, shape_group=group)[2], shape="circle") != (
+        dataclasses.replace(attrs[0], shape="circle")
+    )
+    assert shapes.example(5, 3, 96)[1:] == shapes.example(5, 3, 96, shape_group=1)[1:]
+    with pytest.raises(ValueError, match=r"shape_group must be 1\.\.8"):
+        shapes.example(5, 0, 96, shape_group=9)

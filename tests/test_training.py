@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from clipsearch.cli import cli
+from retrieval import shapes
 from retrieval.errors import TrainingError, UnknownModelError
 from retrieval.model.checkpoint import save_checkpoint
 from retrieval.model.clip import CLIP
@@ -25,6 +27,7 @@ from retrieval.model.loading import load_model
 from retrieval.model.preprocess import Preprocess
 from retrieval.training import (
     SCRATCH_CONFIGS,
+    PairSet,
     ShapesSource,
     TrainConfig,
     WarmupCosine,
@@ -178,6 +181,32 @@ def test_manifests_and_caption_folders(tmp_path):
     with pytest.raises(TrainingError, match="no such manifest or folder"):
         parse_source(tmp_path / "missing.jsonl")
     assert parse_source("shapes:50:3") == ShapesSource(50, 3) and parse_source("shapes:7") == ShapesSource(7, 0)
+    assert parse_source("shapes:64:3:shape-groups=8") == ShapesSource(64, 3, shape_group=8)
+    with pytest.raises(TrainingError, match=r"shape-groups must be 1\.\.8"):
+        parse_source("shapes:64:3:shape-groups=9")
+
+
+def test_an_epoch_order_keeps_shape_groups_together():
+    n, group = 30, 4  # the last group is incomplete
+    pairs = PairSet(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.zeros(n, 3, dtype=torch.long),
+                    [str(i) for i in range(n)], Preprocess(2), group)  # fmt: skip
+    order = pairs.order(torch.Generator().manual_seed(1)).tolist()
+    assert sorted(order) == list(range(n))
+    for g in range(-(-n // group)):  # each group's pairs sit next to each other
+        places = sorted(order.index(i) for i in range(g * group, min(n, (g + 1) * group)))
+        assert places == list(range(places[0], places[0] + len(places))), (g, order)
+    assert order != sorted(order)  # groups and pairs within them are shuffled
+    # Without groups the order is the plain permutation, so earlier runs resume and reproduce as before.
+    plain = dataclasses.replace(pairs, group=1)
+    assert torch.equal(
+        plain.order(torch.Generator().manual_seed(1)), torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    )
+
+
+def test_shape_group_scenes_load_as_a_grouped_set():
+    pairs = load_pair_set(parse_source("shapes:8:5:shape-groups=4"), Preprocess(32), context_length=77, progress=False)
+    assert pairs.group == 4 and len(pairs) == 8
+    assert pairs.captions[:4] == [shapes.example(5, i, 96, shape_group=4)[1] for i in range(4)]
 
 
 def test_decoded_set_matches_preprocess_and_skips_bad_files(tmp_path, caplog):

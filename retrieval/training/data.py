@@ -25,11 +25,12 @@ from tqdm import tqdm
 from retrieval.errors import ImageLoadError, TrainingError
 from retrieval.model.preprocess import Preprocess
 from retrieval.model.tokenizer import tokenize
+from retrieval.shapes import SHAPES
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-SHAPES_PATTERN = re.compile(r"^shapes:(\d+)(?::(\d+))?$")
+SHAPES_PATTERN = re.compile(r"^shapes:(\d+)(?::(\d+))?(?::shape-groups=(\d+))?$")
 # Generated scenes are drawn at this side and then preprocessed like files, so the model sees resampled
 # pixels as it will at search time; 96 px is the smallest side `retrieval.shapes.generate` writes by default.
 SHAPES_RENDER_SIZE = 96
@@ -49,21 +50,29 @@ class ShapesSource:
     """Scenes rendered in memory by `retrieval.shapes` (no files): images 0..n-1 of the set `seed`."""
 
     n: int  # number of scenes
-    seed: int  # the set's seed; image i is `retrieval.shapes.example(seed, i)`
+    seed: int  # the set's seed; image i is `retrieval.shapes.example(seed, i, shape_group=shape_group)`
+    shape_group: int = 1  # > 1: groups of this many scenes that differ only in shape, kept together in batches
 
     def __str__(self) -> str:
-        return f"shapes:{self.n}:{self.seed}"
+        group = f":shape-groups={self.shape_group}" if self.shape_group > 1 else ""
+        return f"shapes:{self.n}:{self.seed}{group}"
 
 
 def parse_source(text: str | Path) -> Path | ShapesSource:
-    """Read a data argument: a manifest (.jsonl/.csv), a folder of images with .txt captions, or `shapes:N[:SEED]`.
+    """Read a data argument: a manifest (.jsonl/.csv), a folder of images with .txt captions, or generated scenes.
+
+    Generated scenes are `shapes:N[:SEED]`, or `shapes:N:SEED:shape-groups=G` for groups of G scenes that differ
+    only in the object's shape (see `retrieval.shapes.example`); training keeps each group in one batch.
 
     Raises:
-        TrainingError: the path does not exist.
+        TrainingError: the path does not exist, or the shape group size is out of range.
     """
     match = SHAPES_PATTERN.match(str(text))
     if match:
-        return ShapesSource(n=int(match.group(1)), seed=int(match.group(2) or 0))
+        group = int(match.group(3) or 1)
+        if not 1 <= group <= len(SHAPES):
+            raise TrainingError(f"{text}: shape-groups must be 1..{len(SHAPES)} (one shape per scene of a group)")
+        return ShapesSource(n=int(match.group(1)), seed=int(match.group(2) or 0), shape_group=group)
     path = Path(text)
     if not path.exists():
         raise TrainingError(
@@ -154,12 +163,23 @@ class PairSet:
     tokens: torch.Tensor  # [N, context_length] int64 token ids
     captions: list[str]  # the N captions
     preprocess: Preprocess  # gives the image size and the normalisation
+    group: int = 1  # pairs g*group .. g*group+group-1 belong together: an epoch's order keeps them adjacent
 
     def __len__(self) -> int:
         return len(self.captions)
 
+    def order(self, generator: torch.Generator) -> torch.Tensor:
+        """A random order of the pairs for one epoch, each group's pairs adjacent (in random order)."""
+        if self.group == 1:
+            return torch.randperm(len(self), generator=generator)
+        n_groups = -(-len(self) // self.group)
+        groups = torch.randperm(n_groups, generator=generator)
+        within = torch.rand(n_groups, self.group, generator=generator).argsort(dim=1)  # [groups, group]
+        order = (groups[:, None] * self.group + within[groups]).flatten()
+        return order[order < len(self)]  # the last group may be incomplete
+
     def subset(self, indices: Sequence[int] | torch.Tensor) -> PairSet:
-        """The pairs at `indices`, in that order."""
+        """The pairs at `indices`, in that order (groups are not kept: a subset picks pairs, not groups)."""
         index = torch.as_tensor(indices, dtype=torch.long)
         return PairSet(
             self.pixels[index], self.tokens[index], [self.captions[i] for i in index.tolist()], self.preprocess
@@ -220,7 +240,8 @@ def load_pair_set(
             raise TrainingError(f"{source}: none of its images could be decoded; see the warnings above")
     pixels = torch.stack(images) if images else torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
     tokens = tokenize(captions, context_length=context_length, truncate=True)
-    return PairSet(pixels.to(torch.uint8), tokens, captions, preprocess)
+    group = source.shape_group if isinstance(source, ShapesSource) else 1
+    return PairSet(pixels.to(torch.uint8), tokens, captions, preprocess, group)
 
 
 def _to_uint8(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
@@ -256,7 +277,7 @@ def _render_shapes(
 
     images, captions = [], []
     for index in tqdm(range(source.n), desc=f"rendering {source}", unit="img", disable=not progress):
-        image, text, _ = shapes.example(source.seed, index, SHAPES_RENDER_SIZE)
+        image, text, _ = shapes.example(source.seed, index, SHAPES_RENDER_SIZE, source.shape_group)
         rng = np.random.default_rng([source.seed, index, 7])  # a stream apart from the generator's own
         if rng.random() < _SHAPES_JPEG_P:
             buffer = io.BytesIO()

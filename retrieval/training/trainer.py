@@ -192,7 +192,7 @@ def train(
     images, seconds = 0, 0.0
     model.train()
     while run["epoch"] < config.epochs:
-        order = torch.randperm(len(train_set), generator=_generator(config.seed, run["epoch"]))
+        order = train_set.order(_generator(config.seed, run["epoch"]))
         bar.set_description(f"epoch {run['epoch'] + 1}/{config.epochs}")
         while run["position"] < steps_per_epoch:
             start = time.perf_counter()
