@@ -3,7 +3,8 @@
 Measured in one run, on the same photo-sized JPEGs (4000x3000 with EXIF, from `retrieval.shapes`) and the
 same ViT-B/32 random weights:
 - pipeline: `clipsearch index PHOTOS` in a subprocess on a fresh store (decoder workers, batching, commits);
-  images/s over the pipeline's own time, plus the stage split and peak memory of its whole process tree;
+  images/s over the pipeline's own time and the stage split; then one more run, untimed, for the peak memory of
+  its whole process tree (sampling memory takes CPU the timed runs should not share);
 - reference: the classic loop in one process — PIL open, the exact CLIP transform (`Preprocess(fast=False)`:
   full decode, bicubic resize), `encode_image` of openai/CLIP's `model.py` in batches of 32;
 - encoder-only: our encoder on pre-decoded tensors, batches of 32 (the ceiling for the pipeline);
@@ -99,8 +100,14 @@ def tree_memory(pid: int, stop: threading.Event, peak: dict[str, int]) -> None:
         return
 
 
-def run_cli_index(folder: Path, db: Path, model: Path, extra: list[str]) -> tuple[dict, float, dict[str, int]]:
-    """`clipsearch index --json` in a subprocess: (its summary, wall seconds, peak memory of its tree)."""
+def run_cli_index(
+    folder: Path, db: Path, model: Path, extra: list[str], memory: bool = False
+) -> tuple[dict, float, dict[str, int]]:
+    """`clipsearch index --json` in a subprocess: (its summary, wall seconds, peak memory of its tree).
+
+    With `memory`, a thread samples the tree's memory meanwhile; reading it costs CPU the pipeline needs on a
+    2-core machine, so timed runs go without and memory gets a run of its own.
+    """
     command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "index", str(folder), "--db", str(db),
                "--model", str(model), "--json", *extra]  # fmt: skip
     peak = {"rss": 0, "pss": 0}
@@ -108,11 +115,13 @@ def run_cli_index(folder: Path, db: Path, model: Path, extra: list[str]) -> tupl
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = threading.Thread(target=tree_memory, args=(process.pid, stop, peak), daemon=True)
-    sampler.start()
+    if memory:
+        sampler.start()
     out, err = process.communicate()
     wall = time.perf_counter() - start
     stop.set()
-    sampler.join()
+    if memory:
+        sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"clipsearch index failed ({process.returncode}):\n{err}")
     return json.loads(out), wall, peak
@@ -207,7 +216,6 @@ def main() -> None:
     extra = ["--quiet"] + ([] if args.workers is None else ["--workers", str(args.workers)])
 
     pipeline, reference, encoder, walls, stages, reference_stages, loads = [], [], [], [], [], [], []
-    peak = {"rss": 0, "pss": 0}
     pixels = torch.stack([preprocess(p) for p in paths[: min(len(paths), 2 * BATCH)]])
     pixels = pixels.repeat((len(paths) + len(pixels) - 1) // len(pixels), 1, 1, 1)[: len(paths)]  # [N, 3, S, S]
     encoder_only(model, pixels[:BATCH])  # warm-up
@@ -215,17 +223,17 @@ def main() -> None:
         for r in range(args.repeats):  # interleaved, so drifts in machine load hit every measurement alike
             loads.append(os.getloadavg()[0])
             encoder.append(len(paths) / encoder_only(model, pixels))
-            summary, wall, mem = run_cli_index(folder, Path(tmp) / f"db{r}", vit, extra)
+            summary, wall, _ = run_cli_index(folder, Path(tmp) / f"db{r}", vit, extra)
             if summary["indexed"] != len(paths):
                 raise SystemExit(f"the pipeline indexed {summary['indexed']} of {len(paths)} photos: {summary}")
             pipeline.append(len(paths) / summary["seconds"])
             walls.append(wall)
             stages.append(summary["stage_seconds"])
-            peak = {k: max(peak[k], mem[k]) for k in peak}
             seconds, split = reference_loop(paths, model.state_dict(), model.config, args.reference_model_py)
             reference.append(len(paths) / seconds)
             reference_stages.append(split)
             encoder[-1] = (encoder[-1] + len(paths) / encoder_only(model, pixels)) / 2  # before and after
+        _, _, peak = run_cli_index(folder, Path(tmp) / "db-memory", vit, extra, memory=True)
 
     tiny = checkpoint(args.cache, "tiny-vit", "tiny-random")
     small, small_db = small_files_store(args.cache, args.small_files, tiny)

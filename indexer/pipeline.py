@@ -42,10 +42,6 @@ from retrieval.store_state import Failure
 
 logger = logging.getLogger(__name__)
 
-_IDLE = object()  # from `_results`: no decoded image is ready yet
-# While the encoder would otherwise wait for decoders, a partial batch of at least batch_size / this is encoded.
-_MIN_BATCH_DIVISOR = 4
-
 
 @dataclass
 class IndexSummary:
@@ -157,6 +153,9 @@ class _Run:
         self.claimed: set[int] = set()
         self.redo: list[WorkItem] = []
         self.failures: list[Failure] = []
+        self.pool: DecoderPool | None = None  # the decoder workers while they run
+        # On the CPU the encoder takes every core, so the workers wait while it runs; a GPU leaves them the CPU.
+        self.pause_decoding = next(model.parameters()).device.type == "cpu"
         self.run_id = uuid.uuid4().hex
         self.started = utc_now()
         self.last_commit = time.monotonic()
@@ -236,14 +235,7 @@ class _Run:
         tasks = (DecodeTask(i.path, check_known and i.size in self.plan.stored_sizes) for i in items)
         decoder = dataclasses.replace(self.decoder, known=self.plan.known)
         with contextlib.closing(self._results(decoder, tasks, len(items))) as results:
-            for pair in results:
-                if pair is _IDLE:
-                    # Nothing decoded is waiting: rather than idle until a whole batch is there (at start-up, or
-                    # when decoding is the slower side), encode the part that is, if it is worth a call.
-                    if len(self.batch) >= max(1, self.options.batch_size // _MIN_BATCH_DIVISOR):
-                        self._encode_batch()
-                    continue
-                task, result = pair
+            for task, result in results:
                 self._step(by_path[task.path], result)
 
     def _step(self, item: WorkItem, result: DecodeResult) -> None:
@@ -266,9 +258,8 @@ class _Run:
 
     def _results(
         self, decoder: Decoder, tasks: Iterable[DecodeTask], n: int
-    ) -> Iterator[tuple[DecodeTask, DecodeResult] | object]:
-        """(task, result) pairs from worker processes, or from this process with `workers=0`; with workers, `_IDLE`
-        whenever no result is ready yet."""
+    ) -> Iterator[tuple[DecodeTask, DecodeResult]]:
+        """(task, result) pairs from worker processes, or from this process with `workers=0`."""
         waited = time.perf_counter()
         if self.options.workers == 0 or n == 0:
             for task in tasks:
@@ -279,11 +270,14 @@ class _Run:
             with DecoderPool(
                 decoder, workers, buffer=2 * self.options.batch_size + 8, timeout=self.options.decode_timeout
             ) as pool:
-                for pair in pool.imap_unordered(tasks, idle=_IDLE):
-                    if pair is not _IDLE:
+                self.pool = pool
+                try:
+                    for task, result in pool.imap_unordered(tasks):
                         self.stages["wait"] += time.perf_counter() - waited
-                    yield pair
-                    waited = time.perf_counter()
+                        yield task, result
+                        waited = time.perf_counter()
+                finally:
+                    self.pool = None
                 self.summary.worker_restarts += pool.restarts
 
     # ---- one file ------------------------------------------------------------------------------
@@ -365,7 +359,9 @@ class _Run:
             return
         start = time.perf_counter()
         pixels = torch.from_numpy(np.stack([e.pixels for e in self.batch]))  # [B, 3, S, S]
-        vectors = encode_images(self.model, pixels)  # [B, D]
+        paused = self.pool.paused() if self.pool is not None and self.pause_decoding else contextlib.nullcontext()
+        with paused:
+            vectors = encode_images(self.model, pixels)  # [B, D]
         self.stages["encode"] += time.perf_counter() - start
         self.summary.encoded += len(self.batch)
         for entry, vector in zip(self.batch, vectors, strict=True):

@@ -5,16 +5,18 @@ A plain `multiprocessing.Pool` loses the task of a worker that dies (the run han
 when one dies (a segfault in a codec, an out-of-memory kill) or hangs past the timeout, the file it was on
 is known: it is reported as failed, the worker's other tasks are re-sent, and a fresh worker takes its place.
 
-A background thread does all pipe traffic and buffers finished images, so workers keep decoding while the
-main thread is busy in the encoder; the bounded buffer stops dispatching when the encoder falls behind.
+A background thread does all pipe traffic and buffers finished images; the bounded buffer stops dispatching
+when the encoder falls behind. `paused()` holds the workers between files while the caller encodes on the CPU.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.synchronize
 import queue
 import signal
 import threading
@@ -34,8 +36,12 @@ _POLL_SECONDS = 0.5  # how often a waiting dispatcher looks at timeouts and the 
 _MAX_STARTUP_DEATHS = 3  # workers dying before they are ready: they cannot start, so give up
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, decoder: Callable[[DecodeTask], DecodeResult]) -> None:
-    """A worker's loop: receive (seq, task), send (seq, result) until told to stop."""
+def _worker_main(
+    conn: multiprocessing.connection.Connection,
+    decoder: Callable[[DecodeTask], DecodeResult],
+    gate: multiprocessing.synchronize.Event,
+) -> None:
+    """A worker's loop: receive (seq, task), wait for the gate to be open, send (seq, result); until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     lower_priority()
     import torch
@@ -50,6 +56,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, decoder: Callable[
         if item is None:
             return
         seq, task = item
+        gate.wait()
         try:
             result = decoder(task)
         except Exception as e:  # a decoder bug must cost one file, not the worker
@@ -70,9 +77,13 @@ def _crash_reason(exitcode: int | None) -> str:
 class _Worker:
     """One worker process, its pipe, and the tasks it holds (oldest first)."""
 
-    def __init__(self, ctx: multiprocessing.context.BaseContext, decoder: Callable) -> None:
+    def __init__(
+        self, ctx: multiprocessing.context.BaseContext, decoder: Callable, gate: multiprocessing.synchronize.Event
+    ) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, decoder), daemon=True, name="clipsearch-decoder")
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, decoder, gate), daemon=True, name="clipsearch-decoder"
+        )
         self.process.start()
         child.close()
         self.inflight: collections.deque[tuple[int, DecodeTask]] = collections.deque()
@@ -134,34 +145,38 @@ class DecoderPool:
         self._thread: threading.Thread | None = None
         self._workers: list[_Worker] = []
         self._startup_deaths = 0
+        self._gate = self._ctx.Event()  # set: workers may start their next file
+        self._gate.set()
 
-    def imap_unordered(
-        self, tasks: Iterable[DecodeTask], idle: object = None
-    ) -> Iterator[tuple[DecodeTask, DecodeResult] | object]:
-        """Yield (task, result) for every task, in completion order. Close the pool when done.
-
-        Args:
-            tasks: the files to decode.
-            idle: when not None, yielded whenever no result is ready (then the next one is awaited), so that the
-                consumer can use the wait, e.g. to encode a partial batch.
-        """
+    def imap_unordered(self, tasks: Iterable[DecodeTask]) -> Iterator[tuple[DecodeTask, DecodeResult]]:
+        """Yield (task, result) for every task, in completion order. Close the pool when done."""
         self._thread = threading.Thread(target=self._dispatch, args=(iter(tasks),), daemon=True)
         self._thread.start()
         while True:
-            try:
-                item = self._out.get_nowait()
-            except queue.Empty:
-                if idle is not None:
-                    yield idle
-                item = self._out.get()
+            item = self._out.get()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the workers between files for the duration (a file already being decoded is finished).
+
+        On a CPU whose cores the encoder uses all of, decoding alongside it does not come for free: every
+        preemption of one of its threads stalls the others at the next synchronisation point. Decoding in the
+        encoder's pauses instead gives each the whole machine in turn.
+        """
+        self._gate.clear()
+        try:
+            yield
+        finally:
+            self._gate.set()
+
     def close(self) -> None:
         """Stop the dispatcher and every worker."""
+        self._gate.set()  # a worker waiting at the gate must get to its stop message
         self._stop.set()
         if self._thread is not None:
             while self._thread.is_alive():  # unblock a dispatcher waiting to put into a full buffer
@@ -192,7 +207,7 @@ class DecoderPool:
     def _dispatch(self, tasks: Iterator[DecodeTask]) -> None:
         """The background thread: feed workers, collect results, replace dead or hung workers."""
         try:
-            self._workers = [_Worker(self._ctx, self.decoder) for _ in range(self.n_workers)]
+            self._workers = [_Worker(self._ctx, self.decoder, self._gate) for _ in range(self.n_workers)]
             retry: collections.deque[DecodeTask] = collections.deque()
             exhausted = False
             seq = 0
@@ -261,4 +276,4 @@ class DecoderPool:
             logger.warning("%s: %s", culprit.path, reason)
             self._put((culprit, Failed("worker", reason)))
         self.restarts += 1
-        self._workers[i] = _Worker(self._ctx, self.decoder)
+        self._workers[i] = _Worker(self._ctx, self.decoder, self._gate)

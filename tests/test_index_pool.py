@@ -3,12 +3,13 @@ process's priority alone."""
 
 from __future__ import annotations
 
-import itertools
 import os
+import time
+from dataclasses import dataclass
 
 from test_index_support import NicenessDecoder, tiny_model, write_images
 
-from indexer.decode import Decoded, Decoder, DecodeTask
+from indexer.decode import Decoder, DecodeTask, Failed
 from indexer.pool import DecoderPool
 from indexer.workers import WORKER_NICENESS, start_worker_server
 
@@ -24,16 +25,28 @@ def test_workers_run_at_a_lower_priority_than_the_encoder(tmp_path):
     assert reasons == {f"niceness {max(before, WORKER_NICENESS)}"}
 
 
-def test_the_pool_says_when_nothing_is_decoded_yet(tmp_path):
+@dataclass(frozen=True)
+class ClockDecoder(Decoder):
+    """Reports when it started on a file (as a `Failed` reason), after taking a little while on it."""
+
+    def __call__(self, task: DecodeTask):
+        started = time.time()
+        time.sleep(0.02)
+        return Failed("worker", repr(started))
+
+
+def test_paused_workers_start_no_file_until_resumed(tmp_path):
     _, preprocess = tiny_model()
-    paths = write_images(tmp_path, 6)
-    idle = object()
-    with DecoderPool(Decoder(preprocess), workers=2) as pool:
-        items = list(pool.imap_unordered((DecodeTask(str(p)) for p in paths), idle=idle))
-    results = [item for item in items if item is not idle]
-    assert items[0] is idle  # the workers had not even started when it was first asked
-    assert sorted(task.path for task, _ in results) == sorted(map(str, paths))
-    assert all(isinstance(result, Decoded) for _, result in results)
-    assert all(a is not idle or b is not idle for a, b in itertools.pairwise(items))  # once per wait, no busy loop
-    with DecoderPool(Decoder(preprocess), workers=1) as pool:  # without `idle`: results only
-        assert len(list(pool.imap_unordered(DecodeTask(str(p)) for p in paths))) == len(paths)
+    paths = write_images(tmp_path, 12)
+    with DecoderPool(ClockDecoder(preprocess), workers=2) as pool:
+        results = pool.imap_unordered(DecodeTask(str(p)) for p in paths)
+        starts = [float(next(results)[1].reason)]  # the workers are up and busy
+        with pool.paused():
+            paused_at = time.time()
+            time.sleep(0.5)
+            resumed_at = time.time()
+        starts += [float(result.reason) for _, result in results]
+    assert len(starts) == len(paths)  # nothing lost
+    # A file already under way when the pause began is finished; no other starts until the pause ends.
+    assert not [t for t in starts if paused_at + 0.05 < t < resumed_at]
+    assert sum(t >= resumed_at for t in starts) >= len(paths) - 4  # the rest wait (two per worker were under way)
