@@ -49,10 +49,20 @@ def photos_folder(cache: Path, n: int) -> Path:
     """`n` photo-sized JPEGs with EXIF, generated once and reused."""
     from retrieval.shapes import generate
 
-    folder = cache / f"photos-{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}-{n}"
-    if len(list(folder.glob("*.jpg"))) < n:
-        print(f"generating {n} photos of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} in {folder} ...", file=sys.stderr)
-        generate(folder, n, SEED, image_size=PHOTO_SIZE, formats=["jpeg"], exif=True, progress=True)
+    stem = f"photos-{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}"
+    folder = cache / f"{stem}-{n}"
+    if len(list(folder.glob("*.jpg"))) >= n:
+        return folder
+    for larger in cache.glob(f"{stem}-*"):  # a set of N photos starts with the set of n < N: link those
+        photos = sorted(larger.glob("*.jpg"))
+        if larger != folder and len(photos) >= n:
+            folder.mkdir(exist_ok=True)
+            for photo in photos[:n]:
+                if not (folder / photo.name).exists():
+                    os.link(photo, folder / photo.name)
+            return folder
+    print(f"generating {n} photos of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} in {folder} ...", file=sys.stderr)
+    generate(folder, n, SEED, image_size=PHOTO_SIZE, formats=["jpeg"], exif=True, progress=True)
     return folder
 
 
