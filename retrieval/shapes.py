@@ -449,7 +449,7 @@ def render(scene: Attributes | int, size: int | tuple[int, int] = 128, *, seed: 
 
 
 def example(
-    seed: int, index: int, size: int | tuple[int, int] = 128, shape_group: int = 1
+    seed: int, index: int, size: int | tuple[int, int] = 128, group: int = 1, vary: str = "shape"
 ) -> tuple[Image.Image, str, Attributes]:
     """Image ``index`` of the set for ``seed`` in memory: (upright image, caption, attributes), for training.
 
@@ -457,24 +457,31 @@ def example(
         seed: The set's seed.
         index: The image's position in the set.
         size: As in `render`.
-        shape_group: With G > 1, consecutive images come in groups of G (images ``G*k .. G*k+G-1``) that are
-            the same one-object scene drawn with the same jitter, except for the object's shape: G different
-            shapes. Their captions come from the same caption stream (as a rule the same template and words;
-            a shape with one word, "triangle", draws one random number less and may get another template).
-            In a training batch such a group gives captions that only the shape tells apart, the signal that
+        group: With G > 1, consecutive images come in groups of G (images ``G*k .. G*k+G-1``) that are the same
+            one-object scene drawn with the same jitter, except for the attribute ``vary``: G different values
+            of it. Their captions come from the same caption stream (as a rule the same template and words; a
+            value with one word, "triangle", draws one random number less and may get another template). In a
+            training batch such a group gives captions that only that attribute tells apart, the signal that
             random scenes rarely give (two of them share colour, size and position 1 time in 80).
+        vary: "shape" or "colour", the attribute the images of a group differ in. Colour groups stand on a
+            background no object can have (grey, brown, pink or cyan).
     """
-    if not 1 <= shape_group <= len(SHAPES):
-        raise ValueError(f"shape_group must be 1..{len(SHAPES)} (one shape per image of a group), got {shape_group}")
-    if shape_group == 1:
+    values = {"shape": SHAPES, "colour": COLOURS}.get(vary)
+    if values is None:
+        raise ValueError(f"vary must be 'shape' or 'colour', got {vary!r}")
+    if not 1 <= group <= len(values):
+        raise ValueError(f"group must be 1..{len(values)} (one {vary} per image of a group), got {group}")
+    if group == 1:
         sub = scene_seed(seed, index)
         attributes = random_attributes(sub)
         return render(attributes, size, seed=sub), caption(attributes, sub), attributes
-    group, member = divmod(index, shape_group)
-    sub = scene_seed(seed, group)
+    group_index, member = divmod(index, group)
+    sub = scene_seed(seed, group_index)
     rng = _rng(sub, 0)
-    shapes = rng.permutation(len(SHAPES))[:shape_group]
-    attributes = random_attributes(rng, two_objects_p=0.0, shape=SHAPES[int(shapes[member])])
+    picks = rng.permutation(len(values))[:group]
+    backgrounds = BACKGROUNDS if vary == "shape" else tuple(b for b in BACKGROUNDS if b not in COLOURS)
+    fixed = {vary: values[int(picks[member])]}
+    attributes = random_attributes(rng, two_objects_p=0.0, backgrounds=backgrounds, **fixed)
     return render(attributes, size, seed=sub), caption(attributes, sub), attributes
 
 

@@ -282,23 +282,37 @@ def test_module_runs_without_torch(tmp_path):
     assert result.returncode == 0 and "--photo-size" in result.stdout
 
 
-def test_shape_groups_differ_only_in_the_shape():
+@pytest.mark.parametrize("vary", ["shape", "colour"])
+def test_groups_differ_only_in_one_attribute(vary):
     group = 4
-    members = [shapes.example(5, 8 + m, 96, shape_group=group) for m in range(group)]  # the third group
+    members = [shapes.example(5, 8 + m, 96, group=group, vary=vary) for m in range(group)]  # the third group
     attrs = [a for _, _, a in members]
-    assert len({a.shape for a in attrs}) == group  # a different shape each
-    assert len({dataclasses.replace(a, shape="circle") for a in attrs}) == 1  # everything else the same
+    assert len({getattr(a, vary) for a in attrs}) == group  # a different value each
+    assert len({dataclasses.replace(a, **{vary: "red" if vary == "colour" else "circle"}) for a in attrs}) == 1
     assert all(a.second is None for a in attrs)
+    words = shapes._SHAPE_WORDS if vary == "shape" else shapes._COLOUR_WORDS
     for _, text, a in members:
-        assert any(word in text for word in shapes._SHAPE_WORDS[a.shape]), text
+        assert any(word in text for word in words[getattr(a, vary)]), text
+        assert vary == "shape" or a.background not in shapes.COLOURS  # never the colour of another member
     # Same jitter: the pictures differ only around the object; the background elsewhere is equal.
     pixels = np.stack([np.asarray(image, dtype=np.int16) for image, _, _ in members])
     differs = np.abs(pixels - pixels[0]).max(axis=(0, 3)) > 0
     assert 0 < differs.mean() < 0.3
-    # The next group is another scene; shape_group=1 is the plain set.
-    assert dataclasses.replace(shapes.example(5, 12, 96, shape_group=group)[2], shape="circle") != (
-        dataclasses.replace(attrs[0], shape="circle")
-    )
-    assert shapes.example(5, 3, 96)[1:] == shapes.example(5, 3, 96, shape_group=1)[1:]
-    with pytest.raises(ValueError, match=r"shape_group must be 1\.\.8"):
-        shapes.example(5, 0, 96, shape_group=9)
+    # The next group is another scene; group=1 is the plain set.
+    next_scene = shapes.example(5, 12, 96, group=group, vary=vary)[2]
+    assert dataclasses.replace(next_scene, **{vary: getattr(attrs[0], vary)}) != attrs[0]
+    assert shapes.example(5, 3, 96)[1:] == shapes.example(5, 3, 96, group=1, vary=vary)[1:]
+    with pytest.raises(ValueError, match=rf"group must be 1\.\.8 \(one {vary}"):
+        shapes.example(5, 0, 96, group=9, vary=vary)
+    with pytest.raises(ValueError, match="vary must be 'shape' or 'colour'"):
+        shapes.example(5, 0, 96, group=2, vary="size")
+
+
+EXPECTED_GROUP_SCENE = ("square", "yellow", "large", "top", "black", "big golden block, top")
+
+
+def test_shape_groups_are_the_scenes_shapes_mini_was_trained_on():
+    # The bundled model's stages 8-10 used shape groups; a change here would stop its recipe reproducing it.
+    _, text, attrs = shapes.example(9, 17, 96, group=8)
+    assert (attrs.shape, attrs.colour, attrs.size, attrs.position, attrs.background) == EXPECTED_GROUP_SCENE[:5]
+    assert text == EXPECTED_GROUP_SCENE[5]

@@ -181,7 +181,9 @@ def test_manifests_and_caption_folders(tmp_path):
     with pytest.raises(TrainingError, match="no such manifest or folder"):
         parse_source(tmp_path / "missing.jsonl")
     assert parse_source("shapes:50:3") == ShapesSource(50, 3) and parse_source("shapes:7") == ShapesSource(7, 0)
-    assert parse_source("shapes:64:3:shape-groups=8") == ShapesSource(64, 3, shape_group=8)
+    assert parse_source("shapes:64:3:shape-groups=8") == ShapesSource(64, 3, group=8, vary="shape")
+    assert parse_source("shapes:64:3:colour-groups=4") == ShapesSource(64, 3, group=4, vary="colour")
+    assert str(ShapesSource(64, 3, group=4, vary="colour")) == "shapes:64:3:colour-groups=4"
     with pytest.raises(TrainingError, match=r"shape-groups must be 1\.\.8"):
         parse_source("shapes:64:3:shape-groups=9")
 
@@ -206,7 +208,7 @@ def test_an_epoch_order_keeps_shape_groups_together():
 def test_shape_group_scenes_load_as_a_grouped_set():
     pairs = load_pair_set(parse_source("shapes:8:5:shape-groups=4"), Preprocess(32), context_length=77, progress=False)
     assert pairs.group == 4 and len(pairs) == 8
-    assert pairs.captions[:4] == [shapes.example(5, i, 96, shape_group=4)[1] for i in range(4)]
+    assert pairs.captions[:4] == [shapes.example(5, i, 96, group=4)[1] for i in range(4)]
 
 
 def test_decoded_set_matches_preprocess_and_skips_bad_files(tmp_path, caplog):

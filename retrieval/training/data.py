@@ -25,12 +25,12 @@ from tqdm import tqdm
 from retrieval.errors import ImageLoadError, TrainingError
 from retrieval.model.preprocess import Preprocess
 from retrieval.model.tokenizer import tokenize
-from retrieval.shapes import SHAPES
+from retrieval.shapes import COLOURS, SHAPES
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-SHAPES_PATTERN = re.compile(r"^shapes:(\d+)(?::(\d+))?(?::shape-groups=(\d+))?$")
+SHAPES_PATTERN = re.compile(r"^shapes:(\d+)(?::(\d+))?(?::(shape|colour)-groups=(\d+))?$")
 # Generated scenes are drawn at this side and then preprocessed like files, so the model sees resampled
 # pixels as it will at search time; 96 px is the smallest side `retrieval.shapes.generate` writes by default.
 SHAPES_RENDER_SIZE = 96
@@ -50,29 +50,31 @@ class ShapesSource:
     """Scenes rendered in memory by `retrieval.shapes` (no files): images 0..n-1 of the set `seed`."""
 
     n: int  # number of scenes
-    seed: int  # the set's seed; image i is `retrieval.shapes.example(seed, i, shape_group=shape_group)`
-    shape_group: int = 1  # > 1: groups of this many scenes that differ only in shape, kept together in batches
+    seed: int  # the set's seed; image i is `retrieval.shapes.example(seed, i, group=group, vary=vary)`
+    group: int = 1  # > 1: groups of this many scenes that differ only in `vary`, kept together in batches
+    vary: str = "shape"  # what the scenes of a group differ in: "shape" or "colour"
 
     def __str__(self) -> str:
-        group = f":shape-groups={self.shape_group}" if self.shape_group > 1 else ""
+        group = f":{self.vary}-groups={self.group}" if self.group > 1 else ""
         return f"shapes:{self.n}:{self.seed}{group}"
 
 
 def parse_source(text: str | Path) -> Path | ShapesSource:
     """Read a data argument: a manifest (.jsonl/.csv), a folder of images with .txt captions, or generated scenes.
 
-    Generated scenes are `shapes:N[:SEED]`, or `shapes:N:SEED:shape-groups=G` for groups of G scenes that differ
-    only in the object's shape (see `retrieval.shapes.example`); training keeps each group in one batch.
+    Generated scenes are `shapes:N[:SEED]`, or `shapes:N:SEED:shape-groups=G` (`colour-groups=G`) for groups of G
+    scenes that differ only in the object's shape (colour), see `retrieval.shapes.example`; training keeps each
+    group in one batch.
 
     Raises:
         TrainingError: the path does not exist, or the shape group size is out of range.
     """
     match = SHAPES_PATTERN.match(str(text))
     if match:
-        group = int(match.group(3) or 1)
-        if not 1 <= group <= len(SHAPES):
-            raise TrainingError(f"{text}: shape-groups must be 1..{len(SHAPES)} (one shape per scene of a group)")
-        return ShapesSource(n=int(match.group(1)), seed=int(match.group(2) or 0), shape_group=group)
+        vary, group = match.group(3) or "shape", int(match.group(4) or 1)
+        if not 1 <= group <= len(SHAPES if vary == "shape" else COLOURS):
+            raise TrainingError(f"{text}: {vary}-groups must be 1..8 (one {vary} per scene of a group)")
+        return ShapesSource(n=int(match.group(1)), seed=int(match.group(2) or 0), group=group, vary=vary)
     path = Path(text)
     if not path.exists():
         raise TrainingError(
@@ -240,7 +242,7 @@ def load_pair_set(
             raise TrainingError(f"{source}: none of its images could be decoded; see the warnings above")
     pixels = torch.stack(images) if images else torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
     tokens = tokenize(captions, context_length=context_length, truncate=True)
-    group = source.shape_group if isinstance(source, ShapesSource) else 1
+    group = source.group if isinstance(source, ShapesSource) else 1
     return PairSet(pixels.to(torch.uint8), tokens, captions, preprocess, group)
 
 
@@ -277,7 +279,7 @@ def _render_shapes(
 
     images, captions = [], []
     for index in tqdm(range(source.n), desc=f"rendering {source}", unit="img", disable=not progress):
-        image, text, _ = shapes.example(source.seed, index, SHAPES_RENDER_SIZE, source.shape_group)
+        image, text, _ = shapes.example(source.seed, index, SHAPES_RENDER_SIZE, source.group, source.vary)
         rng = np.random.default_rng([source.seed, index, 7])  # a stream apart from the generator's own
         if rng.random() < _SHAPES_JPEG_P:
             buffer = io.BytesIO()
