@@ -463,19 +463,22 @@ def example(
             value with one word, "triangle", draws one random number less and may get another template). In a
             training batch such a group gives captions that only that attribute tells apart, the signal that
             random scenes rarely give (two of them share colour, size and position 1 time in 80).
-        vary: "shape" or "colour", the attribute the images of a group differ in. Colour groups stand on a
-            background no object can have (grey, brown, pink or cyan).
+        vary: "shape" or "colour", the attribute the images of a group differ in, or "mixed": even groups vary
+            the shape, odd ones the colour. Colour groups stand on a background no object can have (grey,
+            brown, pink or cyan).
     """
-    values = {"shape": SHAPES, "colour": COLOURS}.get(vary)
-    if values is None:
-        raise ValueError(f"vary must be 'shape' or 'colour', got {vary!r}")
-    if not 1 <= group <= len(values):
-        raise ValueError(f"group must be 1..{len(values)} (one {vary} per image of a group), got {group}")
+    if vary not in ("shape", "colour", "mixed"):
+        raise ValueError(f"vary must be 'shape', 'colour' or 'mixed', got {vary!r}")
+    if not 1 <= group <= len(SHAPES):  # as many shapes as colours
+        raise ValueError(f"group must be 1..{len(SHAPES)} (one value per image of a group), got {group}")
     if group == 1:
         sub = scene_seed(seed, index)
         attributes = random_attributes(sub)
         return render(attributes, size, seed=sub), caption(attributes, sub), attributes
     group_index, member = divmod(index, group)
+    if vary == "mixed":
+        vary = ("shape", "colour")[group_index % 2]
+    values = SHAPES if vary == "shape" else COLOURS
     sub = scene_seed(seed, group_index)
     rng = _rng(sub, 0)
     picks = rng.permutation(len(values))[:group]

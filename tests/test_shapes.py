@@ -302,10 +302,16 @@ def test_groups_differ_only_in_one_attribute(vary):
     next_scene = shapes.example(5, 12, 96, group=group, vary=vary)[2]
     assert dataclasses.replace(next_scene, **{vary: getattr(attrs[0], vary)}) != attrs[0]
     assert shapes.example(5, 3, 96)[1:] == shapes.example(5, 3, 96, group=1, vary=vary)[1:]
-    with pytest.raises(ValueError, match=rf"group must be 1\.\.8 \(one {vary}"):
+    with pytest.raises(ValueError, match=r"group must be 1\.\.8 \(one value"):
         shapes.example(5, 0, 96, group=9, vary=vary)
-    with pytest.raises(ValueError, match="vary must be 'shape' or 'colour'"):
+    with pytest.raises(ValueError, match="vary must be 'shape', 'colour' or 'mixed'"):
         shapes.example(5, 0, 96, group=2, vary="size")
+
+
+def test_mixed_groups_alternate_shape_and_colour_groups():
+    for g, vary in ((0, "shape"), (1, "colour"), (2, "shape"), (3, "colour")):
+        mixed = [shapes.example(6, 4 * g + m, 64, group=4, vary="mixed")[1:] for m in range(4)]
+        assert mixed == [shapes.example(6, 4 * g + m, 64, group=4, vary=vary)[1:] for m in range(4)]
 
 
 EXPECTED_GROUP_SCENE = ("square", "yellow", "large", "top", "black", "big golden block, top")

@@ -184,6 +184,7 @@ def test_manifests_and_caption_folders(tmp_path):
     assert parse_source("shapes:64:3:shape-groups=8") == ShapesSource(64, 3, group=8, vary="shape")
     assert parse_source("shapes:64:3:colour-groups=4") == ShapesSource(64, 3, group=4, vary="colour")
     assert str(ShapesSource(64, 3, group=4, vary="colour")) == "shapes:64:3:colour-groups=4"
+    assert parse_source("shapes:64:3:mixed-groups=8") == ShapesSource(64, 3, group=8, vary="mixed")
     with pytest.raises(TrainingError, match=r"shape-groups must be 1\.\.8"):
         parse_source("shapes:64:3:shape-groups=9")
 

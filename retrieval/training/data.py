@@ -25,12 +25,12 @@ from tqdm import tqdm
 from retrieval.errors import ImageLoadError, TrainingError
 from retrieval.model.preprocess import Preprocess
 from retrieval.model.tokenizer import tokenize
-from retrieval.shapes import COLOURS, SHAPES
+from retrieval.shapes import SHAPES
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-SHAPES_PATTERN = re.compile(r"^shapes:(\d+)(?::(\d+))?(?::(shape|colour)-groups=(\d+))?$")
+SHAPES_PATTERN = re.compile(r"^shapes:(\d+)(?::(\d+))?(?::(shape|colour|mixed)-groups=(\d+))?$")
 # Generated scenes are drawn at this side and then preprocessed like files, so the model sees resampled
 # pixels as it will at search time; 96 px is the smallest side `retrieval.shapes.generate` writes by default.
 SHAPES_RENDER_SIZE = 96
@@ -52,7 +52,7 @@ class ShapesSource:
     n: int  # number of scenes
     seed: int  # the set's seed; image i is `retrieval.shapes.example(seed, i, group=group, vary=vary)`
     group: int = 1  # > 1: groups of this many scenes that differ only in `vary`, kept together in batches
-    vary: str = "shape"  # what the scenes of a group differ in: "shape" or "colour"
+    vary: str = "shape"  # what the scenes of a group differ in: "shape", "colour" or "mixed" (alternately)
 
     def __str__(self) -> str:
         group = f":{self.vary}-groups={self.group}" if self.group > 1 else ""
@@ -63,8 +63,8 @@ def parse_source(text: str | Path) -> Path | ShapesSource:
     """Read a data argument: a manifest (.jsonl/.csv), a folder of images with .txt captions, or generated scenes.
 
     Generated scenes are `shapes:N[:SEED]`, or `shapes:N:SEED:shape-groups=G` (`colour-groups=G`) for groups of G
-    scenes that differ only in the object's shape (colour), see `retrieval.shapes.example`; training keeps each
-    group in one batch.
+    scenes that differ only in the object's shape (colour), or `mixed-groups=G` for both kinds of group in turn;
+    see `retrieval.shapes.example`. Training keeps each group in one batch.
 
     Raises:
         TrainingError: the path does not exist, or the shape group size is out of range.
@@ -72,8 +72,8 @@ def parse_source(text: str | Path) -> Path | ShapesSource:
     match = SHAPES_PATTERN.match(str(text))
     if match:
         vary, group = match.group(3) or "shape", int(match.group(4) or 1)
-        if not 1 <= group <= len(SHAPES if vary == "shape" else COLOURS):
-            raise TrainingError(f"{text}: {vary}-groups must be 1..8 (one {vary} per scene of a group)")
+        if not 1 <= group <= len(SHAPES):  # as many shapes as colours
+            raise TrainingError(f"{text}: {vary}-groups must be 1..{len(SHAPES)} (one value per scene of a group)")
         return ShapesSource(n=int(match.group(1)), seed=int(match.group(2) or 0), group=group, vary=vary)
     path = Path(text)
     if not path.exists():
