@@ -78,9 +78,9 @@ def train(
 
     DATA is a JSONL manifest ({"image": path, "caption": text} per line; paths relative to it), a CSV
     manifest with image and caption columns, a folder with a .txt caption beside each image, or
-    shapes:N[:SEED] for N generated shapes scenes rendered in memory (shapes:N:SEED:shape-groups=G or
-    :colour-groups=G: in groups of G scenes that differ only in the object's shape or colour, each group
-    kept in one batch).
+    shapes:N[:SEED] for N generated shapes scenes rendered in memory (shapes:N:SEED:shape-groups=G,
+    :colour-groups=G or :mixed-groups=G: in groups of G scenes that differ only in the object's shape, or
+    colour, or either in turn; each group kept in one batch).
 
     The run folder gets the trained model (config.json + model.safetensors, usable as --model for
     every command), metrics.jsonl (loss, and recall@1/5/10 on the held-out set after each epoch) and
