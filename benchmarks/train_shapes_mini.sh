@@ -16,28 +16,22 @@ common=(--val shapes:500:2 --weight-decay 0.2 --seed 0 --threads 1
 
 clipsearch train shapes:60000:1 --model shapes-mini --epochs 5 --batch-size 128 --lr 1e-3 --log-every 50 --checkpoint-every 200 "${common[@]}" \
     --out "$runs/stage1"
-clipsearch train shapes:40000:3 --from "$runs/stage1" --epochs 4 --batch-size 256 --lr 5e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage2"
-clipsearch train shapes:40000:4 --from "$runs/stage2" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage3"
-clipsearch train shapes:80000:5 --from "$runs/stage3" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage4"
-clipsearch train shapes:120000:6 --from "$runs/stage4" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage5"
-clipsearch train shapes:120000:7 --from "$runs/stage5" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage6"
-clipsearch train shapes:120000:8 --from "$runs/stage6" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage7"
-clipsearch train shapes:96000:9:shape-groups=8 --from "$runs/stage7" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage8"
-clipsearch train shapes:160000:10:shape-groups=8 --from "$runs/stage8" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage9"
-clipsearch train shapes:160000:11:shape-groups=8 --from "$runs/stage9" --epochs 1 --batch-size 256 --lr 2e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage10"
-clipsearch train shapes:120000:12 --from "$runs/stage10" --epochs 1 --batch-size 256 --lr 1e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage11"
-clipsearch train shapes:128000:13:mixed-groups=8 --from "$runs/stage11" --epochs 1 --batch-size 256 --lr 1e-4 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage12"
-clipsearch train shapes:64000:14:colour-groups=8 --from "$runs/stage12" --epochs 1 --batch-size 256 --lr 5e-5 --log-every 25 --checkpoint-every 100 "${common[@]}" \
-    --out "$runs/stage13"
+
+# finetune N DATA EPOCHS LR: stage N fine-tunes stage N-1 on DATA, at batch 256.
+finetune() {
+    clipsearch train "$2" --from "$runs/stage$(($1 - 1))" --epochs "$3" --batch-size 256 --lr "$4" --log-every 25 \
+        --checkpoint-every 100 "${common[@]}" --out "$runs/stage$1"
+}
+finetune 2 shapes:40000:3 4 5e-4
+finetune 3 shapes:40000:4 1 2e-4
+finetune 4 shapes:80000:5 1 2e-4
+finetune 5 shapes:120000:6 1 2e-4
+finetune 6 shapes:120000:7 1 2e-4
+finetune 7 shapes:120000:8 1 2e-4
+finetune 8 shapes:96000:9:shape-groups=8 1 2e-4
+finetune 9 shapes:160000:10:shape-groups=8 1 2e-4
+finetune 10 shapes:160000:11:shape-groups=8 1 2e-4
+finetune 11 shapes:120000:12 1 1e-4
+finetune 12 shapes:128000:13:mixed-groups=8 1 1e-4
+finetune 13 shapes:64000:14:colour-groups=8 1 5e-5
 echo "done: $runs/stage13 holds config.json and model.safetensors"
