@@ -202,6 +202,7 @@ class _Run:
                 self.summary.removed = len(gone)
                 self.pending_deletes.update(gone)
                 self._commit()
+                self._show_counts(refresh=True)  # the last batch's files count too
             state = "complete"
         finally:
             if state != "complete":
@@ -242,19 +243,23 @@ class _Run:
         """Handle one result, then encode and commit when due."""
         self._handle(item, result)
         self.bar.update(1)
-        self.bar.set_postfix(
-            new=self.summary.new,
-            changed=self.summary.changed,
-            unchanged=self.summary.unchanged,
-            failed=len(self.failures),
-            refresh=False,
-        )
+        self._show_counts(refresh=False)
         if len(self.batch) >= self.options.batch_size:
             self._encode_batch()
         if len(self.pending) >= self.options.commit_every or (
             self.pending and time.monotonic() - self.last_commit >= self.options.commit_seconds
         ):
             self._commit()
+
+    def _show_counts(self, refresh: bool) -> None:
+        """The new / changed / unchanged / failed counts beside the progress bar."""
+        self.bar.set_postfix(
+            new=self.summary.new,
+            changed=self.summary.changed,
+            unchanged=self.summary.unchanged,
+            failed=len(self.failures),
+            refresh=refresh,
+        )
 
     def _results(
         self, decoder: Decoder, tasks: Iterable[DecodeTask], n: int

@@ -130,3 +130,12 @@ def test_second_concurrent_index_waits_then_exits_clearly(tmp_path, checkpoint):
     # the kernel dropped the dead holder's lock: the next run goes ahead
     assert IndexLock(tmp_path / "db" / f"{store.table_name}.lock").holder() is None
     assert index(checkpoint, tmp_path / "db", str(photos)).exit_code == 0 and store.count() == 2
+
+
+def test_the_progress_bar_ends_with_every_file_counted(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 5)
+    result = index(checkpoint, tmp_path / "db", str(photos), "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    last = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert "5/5" in last and "new=5" in last, last  # the last, partial batch counted too
