@@ -191,6 +191,7 @@ def build_cold_store(root: Path, n: int) -> tuple[Path, Path]:
     from retrieval.model.config import PRESETS
     from retrieval.model.loading import load_model
     from retrieval.store import ImageRow, Store, utc_now
+    from retrieval.types import ImageMetadata
 
     checkpoint = root / "vit-b-32-random"
     torch.manual_seed(SEED)
@@ -209,13 +210,7 @@ def build_cold_store(root: Path, n: int) -> tuple[Path, Path]:
                     f"/photos/{i:07d}.jpg",
                     1_000_000 + int(i),
                     0,
-                    f"{i:064x}",
-                    4000,
-                    3000,
-                    "JPEG",
-                    None,
-                    None,
-                    None,
+                    ImageMetadata(f"{i:064x}", 4000, 3000, "JPEG", None, None, None),
                     now,
                     vectors[start + j],
                 )

@@ -20,6 +20,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from retrieval.errors import ImageLoadError
 from retrieval.model.preprocess import Preprocess
+from retrieval.types import ImageMetadata
 
 try:  # HEIC/HEIF support when the plugin is installed; the walker lists .heic files only then
     from pillow_heif import register_heif_opener
@@ -38,23 +39,11 @@ class DecodeTask(NamedTuple):
     check_known: bool = False  # the store has files of this size: stop early if the content is known
 
 
-class Metadata(NamedTuple):
-    """What the store records about an image besides its vector."""
-
-    content_hash: str
-    width: int | None
-    height: int | None
-    format: str | None
-    taken_at: datetime | None
-    camera_make: str | None
-    camera_model: str | None
-
-
 class Decoded(NamedTuple):
     """A decoded, preprocessed image."""
 
     pixels: np.ndarray  # [3, S, S] float32, normalised as the model expects
-    metadata: Metadata
+    metadata: ImageMetadata
     seconds: tuple[float, float, float]  # time spent reading (+hashing), decoding, transforming
 
 
@@ -135,7 +124,7 @@ def _contains(sorted_keys: np.ndarray, key: np.uint64) -> bool:
     return i < len(sorted_keys) and sorted_keys[i] == key
 
 
-def _metadata(image: Image.Image, content_hash: str) -> Metadata:
+def _metadata(image: Image.Image, content_hash: str) -> ImageMetadata:
     """Size as displayed (EXIF orientation applied), format, and EXIF capture time and camera, from the header."""
     width, height = image.size
     with warnings.catch_warnings():
@@ -148,7 +137,7 @@ def _metadata(image: Image.Image, content_hash: str) -> Metadata:
     if exif.get(ExifTags.Base.Orientation) in _ORIENTATION_SWAPS:
         width, height = height, width
     taken = sub.get(ExifTags.Base.DateTimeOriginal) or sub.get(ExifTags.Base.DateTimeDigitized)
-    return Metadata(
+    return ImageMetadata(
         content_hash=content_hash,
         width=width,
         height=height,

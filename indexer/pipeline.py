@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from indexer.decode import Decoded, Decoder, DecodeResult, DecodeTask, Failed, Known, Metadata
+from indexer.decode import Decoded, Decoder, DecodeResult, DecodeTask, Failed, Known
 from indexer.lock import IndexLock
 from indexer.options import IndexOptions
 from indexer.pool import DecoderPool
@@ -39,6 +39,7 @@ from retrieval.model.encode import encode_images
 from retrieval.model.preprocess import Preprocess
 from retrieval.store import ImageRow, Store, utc_now
 from retrieval.store_state import Failure
+from retrieval.types import ImageMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class _Pending(NamedTuple):
 
     id: int | None  # None: a new row, its id allocated at commit
     item: WorkItem
-    metadata: Metadata
+    metadata: ImageMetadata
     vector: np.ndarray | None
     source_id: int | None
 
@@ -85,7 +86,7 @@ class _BatchEntry(NamedTuple):
     """A decoded image waiting for the encoder, plus other files with the same content (same metadata)."""
 
     item: WorkItem
-    metadata: Metadata
+    metadata: ImageMetadata
     pixels: np.ndarray
     followers: list[WorkItem]
 
@@ -307,7 +308,7 @@ class _Run:
         self.batch.append(entry)
         self.batch_by_hash[result.metadata.content_hash] = entry
 
-    def _reuse(self, item: WorkItem, metadata: Metadata) -> bool:
+    def _reuse(self, item: WorkItem, metadata: ImageMetadata) -> bool:
         """Give `item` a vector already computed for the same content, if there is one: a touched file keeps
         its row, a moved file takes over its old row (same id), a copy gets a new row; nothing is encoded."""
         content_hash = metadata.content_hash
@@ -349,7 +350,7 @@ class _Run:
             self.pending_deletes[item.old_id] = item.old_hash
 
     def _stage(
-        self, row_id: int | None, item: WorkItem, metadata: Metadata, vector: np.ndarray | None, source: int | None
+        self, row_id: int | None, item: WorkItem, metadata: ImageMetadata, vector: np.ndarray | None, source: int | None
     ) -> None:
         """Queue a row for the next commit."""
         pending = _Pending(row_id, item, metadata, vector, source)
@@ -408,7 +409,7 @@ class _Run:
         for row_id, content_hash in deleted.items():
             self.hash_to_ids.get(content_hash, set()).discard(row_id)
         for row in rows:
-            self.hash_to_ids.setdefault(row.content_hash, set()).add(row.id)
+            self.hash_to_ids.setdefault(row.metadata.content_hash, set()).add(row.id)
         self.summary.commits += 1
         self.stages["write"] += time.perf_counter() - start
         self.last_commit = time.monotonic()
@@ -438,35 +439,21 @@ class _Run:
 
 
 # Metadata a moved or copied file takes from the row it reuses (its worker stopped after hashing).
-_KEPT = ("width", "height", "format", "taken_at", "camera_make", "camera_model")
+_KEPT = ImageMetadata._fields[1:]
 
 
-def _partial_metadata(content_hash: str) -> Metadata:
+def _partial_metadata(content_hash: str) -> ImageMetadata:
     """Metadata known from the hash alone; the rest is filled from the source row at commit."""
-    return Metadata(content_hash, None, None, None, None, None, None)
+    return ImageMetadata(content_hash, *(None for _ in _KEPT))
 
 
-def _complete(metadata: Metadata, source: dict[str, Any] | None) -> Metadata:
+def _complete(metadata: ImageMetadata, source: dict[str, Any] | None) -> ImageMetadata:
     """Fill metadata the worker did not read from the row with the same content."""
     if source is None or metadata.format is not None:
         return metadata
     return metadata._replace(**{k: source[k] for k in _KEPT})
 
 
-def _row(row_id: int, item: WorkItem, metadata: Metadata, vector: np.ndarray, now: Any) -> ImageRow:
+def _row(row_id: int, item: WorkItem, metadata: ImageMetadata, vector: np.ndarray, now: Any) -> ImageRow:
     """An `ImageRow` for the store."""
-    return ImageRow(
-        id=row_id,
-        path=item.path,
-        size=item.size,
-        mtime_ns=item.mtime_ns,
-        content_hash=metadata.content_hash,
-        width=metadata.width,
-        height=metadata.height,
-        format=metadata.format,
-        taken_at=metadata.taken_at,
-        camera_make=metadata.camera_make,
-        camera_model=metadata.camera_model,
-        indexed_at=now,
-        vector=np.asarray(vector, dtype=np.float32),
-    )
+    return ImageRow(row_id, item.path, item.size, item.mtime_ns, metadata, now, np.asarray(vector, dtype=np.float32))

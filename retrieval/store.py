@@ -37,7 +37,7 @@ import pyarrow as pa
 from retrieval.errors import ModelMismatchError, QueryError, StoreError
 from retrieval.model.identity import ModelInfo
 from retrieval.store_state import StoreState
-from retrieval.types import Embeddings, RowIds
+from retrieval.types import Embeddings, ImageMetadata, RowIds
 
 if TYPE_CHECKING:
     import lancedb
@@ -105,13 +105,7 @@ class ImageRow(NamedTuple):
     path: str  # absolute; a str from os.fsdecode, so non-UTF-8 names survive as surrogate escapes
     size: int
     mtime_ns: int
-    content_hash: str
-    width: int | None
-    height: int | None
-    format: str | None
-    taken_at: datetime | None
-    camera_make: str | None
-    camera_model: str | None
+    metadata: ImageMetadata  # content hash, dimensions, format, EXIF time and camera
     indexed_at: datetime
     vector: np.ndarray  # [D] float32, L2-normalised
 
@@ -482,13 +476,7 @@ class Store:
             "path_bytes": [os.fsencode(r.path) for r in rows],
             "size": [r.size for r in rows],
             "mtime": pa.array([r.mtime_ns for r in rows], pa.int64()).cast(schema.field("mtime").type),
-            "content_hash": [r.content_hash for r in rows],
-            "width": [r.width for r in rows],
-            "height": [r.height for r in rows],
-            "format": [r.format for r in rows],
-            "taken_at": [r.taken_at for r in rows],
-            "camera_make": [r.camera_make for r in rows],
-            "camera_model": [r.camera_model for r in rows],
+            **{name: [getattr(r.metadata, name) for r in rows] for name in ImageMetadata._fields},
             "indexed_at": [r.indexed_at for r in rows],
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), self.embed_dim),
         }

@@ -14,6 +14,7 @@ from retrieval.faiss_index import AnnIndex
 from retrieval.model.identity import ModelInfo
 from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD
 from retrieval.store import ImageRow, Store, utc_now
+from retrieval.types import ImageMetadata
 
 DIM = 64
 
@@ -117,9 +118,8 @@ def planted_info() -> ModelInfo:
 
 def row(i: int, vector: np.ndarray, folder: str = "/planted") -> ImageRow:
     """A stored image row for a planted vector."""
-    return ImageRow(
-        int(i), f"{folder}/{i}.jpg", 1, 0, f"{i:064x}", None, None, None, None, None, None, utc_now(), vector
-    )
+    metadata = ImageMetadata(f"{i:064x}", None, None, None, None, None, None)
+    return ImageRow(int(i), f"{folder}/{i}.jpg", 1, 0, metadata, utc_now(), vector)
 
 
 def put(store: Store, vectors: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from retrieval.model.loading import load_model
 from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD
 from retrieval.query import search
 from retrieval.store import ImageRow, Store
+from retrieval.types import ImageMetadata
 
 DIM = 32
 KS = (1, 5, 10)
@@ -106,7 +107,9 @@ def test_ranked_search_through_a_real_store_and_faiss_index(tmp_path):
     now = datetime.now(timezone.utc)
     ids = store.allocate_ids(len(images))
     rows = [
-        ImageRow(int(i), str(tmp_path / f"{j}.png"), 1, 0, f"{j:064x}", 8, 8, "PNG", None, None, None, now, v)
+        ImageRow(
+            int(i), str(tmp_path / f"{j}.png"), 1, 0, ImageMetadata(f"{j:064x}", 8, 8, "PNG", None, None, None), now, v
+        )  # fmt: skip
         for j, (i, v) in enumerate(zip(ids, images, strict=True))
     ]
     store.apply(rows)

@@ -14,6 +14,7 @@ from test_index_support import tiny_model
 from retrieval.errors import ModelMismatchError, QueryError, StoreError
 from retrieval.model.identity import ModelInfo
 from retrieval.store import SCHEMA_VERSION, ImageRow, Store, default_db_dir, display_path, image_schema
+from retrieval.types import ImageMetadata
 
 INFO = ModelInfo("test-model", "ab" * 32, 4, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -24,23 +25,20 @@ def unit(v) -> np.ndarray:
 
 
 def row(row_id: int, path: str, vector, content_hash: str | None = None, **fields) -> ImageRow:
+    """A row with test defaults; `fields` overrides row and metadata fields alike (by name)."""
+    metadata = dict(content_hash=content_hash or f"{row_id:064x}", width=40, height=30, format="JPEG", taken_at=None,
+                    camera_make=None, camera_model=None)  # fmt: skip
     base = dict(
         id=row_id,
         path=path,
         size=100 + row_id,
         mtime_ns=1_700_000_000_123_456_789 + row_id,
-        content_hash=content_hash or f"{row_id:064x}",
-        width=40,
-        height=30,
-        format="JPEG",
-        taken_at=None,
-        camera_make=None,
-        camera_model=None,
         indexed_at=datetime(2024, 5, 1, tzinfo=timezone.utc),
         vector=unit(vector),
     )
-    base.update(fields)
-    return ImageRow(**base)
+    for name, value in fields.items():
+        (metadata if name in ImageMetadata._fields else base)[name] = value
+    return ImageRow(metadata=ImageMetadata(**metadata), **base)
 
 
 @pytest.fixture
