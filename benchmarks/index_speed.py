@@ -45,11 +45,16 @@ MEMORY_POLL_SECONDS = 0.1  # RSS sampling period
 PSS_EVERY = 10  # PSS every this many RSS samples
 
 
-def photos_folder(cache: Path, n: int) -> Path:
-    """`n` photo-sized JPEGs with EXIF, generated once and reused."""
+def photos_folder(cache: Path, n: int, content: str = "shapes") -> Path:
+    """`n` photo-sized JPEGs with EXIF, generated once and reused.
+
+    "shapes" are scenes of `retrieval.shapes`: smooth, so their JPEGs are small (~0.9 MB at 12 MP). "texture"
+    photos have detail down to single pixels and sensor grain (`draft_fidelity.texture_photo`), which makes their
+    files as large as a camera's (several MB) and their entropy decoding as slow.
+    """
     from retrieval.shapes import generate
 
-    stem = f"photos-{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}"
+    stem = f"{'photos' if content == 'shapes' else content}-{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}"
     folder = cache / f"{stem}-{n}"
     if len(list(folder.glob("*.jpg"))) >= n:
         return folder
@@ -61,9 +66,28 @@ def photos_folder(cache: Path, n: int) -> Path:
                 if not (folder / photo.name).exists():
                     os.link(photo, folder / photo.name)
             return folder
-    print(f"generating {n} photos of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} in {folder} ...", file=sys.stderr)
-    generate(folder, n, SEED, image_size=PHOTO_SIZE, formats=["jpeg"], exif=True, progress=True)
+    print(f"generating {n} {content} photos of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} in {folder} ...", file=sys.stderr)
+    if content == "shapes":
+        generate(folder, n, SEED, image_size=PHOTO_SIZE, formats=["jpeg"], exif=True, progress=True)
+    else:
+        texture_photos(folder, n)
     return folder
+
+
+def texture_photos(folder: Path, n: int) -> None:
+    """`n` texture photos with camera EXIF; photo i depends only on i, so a set is a prefix of a larger one."""
+    import numpy as np
+    from PIL import ExifTags, Image
+    from tqdm import tqdm
+
+    from benchmarks.draft_fidelity import texture_photo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = "Canon", "Canon EOS 5D Mark IV"
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = "2021:06:01 12:00:00"
+    for i in tqdm(range(n), desc="texture photos", unit="img"):
+        texture_photo(PHOTO_SIZE, np.random.default_rng([SEED, i])).save(folder / f"{i:06d}.jpg", quality=90, exif=exif)
 
 
 def checkpoint(cache: Path, arch: str, name: str) -> Path:
@@ -210,6 +234,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="--workers for clipsearch index [its default]")
     parser.add_argument("--cache", type=Path, default=CACHE, help=f"where generated data is kept [{CACHE}]")
     parser.add_argument("--reference-model-py", type=Path, default=None, help="openai/CLIP's clip/model.py")
+    parser.add_argument("--content", choices=("shapes", "texture"), default="shapes",
+                        help="smooth scenes (~0.9 MB files) or detailed, camera-sized files [shapes]")  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -217,7 +243,7 @@ def main() -> None:
     from retrieval.model.loading import load_model
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    folder = photos_folder(args.cache, args.photos)
+    folder = photos_folder(args.cache, args.photos, args.content)
     paths = sorted(folder.glob("*.jpg"))[: args.photos]
     vit = checkpoint(args.cache, ARCH, "vit-b-32-random")
     start = time.perf_counter()
@@ -262,6 +288,7 @@ def main() -> None:
     result = {
         "photos": len(paths),
         "photo_size": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}",
+        "content": args.content,
         # Generated scenes are smooth, so their JPEGs are smaller than a camera's (often 3-6 MB at 12 MP), and
         # entropy decoding, which draft() cannot shorten, grows with the file.
         "photo_mean_mb": round(statistics.mean(p.stat().st_size for p in paths) / 1e6, 2),
@@ -284,7 +311,7 @@ def main() -> None:
         "load_average_1min": loads + [os.getloadavg()[0]],
         "runs": {"pipeline": pipeline, "reference": reference, "encoder": encoder, "rerun": reruns},
     }
-    print(f"{len(paths)} photos of {result['photo_size']}, {result['photo_mean_mb']} MB each on average")
+    print(f"{len(paths)} {args.content} photos of {result['photo_size']}, {result['photo_mean_mb']} MB each on average")
     print(f"pipeline      {result['pipeline_images_per_s']:8.2f} images/s  (stages {result['pipeline_stage_seconds']})")
     print(
         f"reference     {result['reference_images_per_s']:8.2f} images/s  (stages {result['reference_stage_seconds']})"
