@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 
 def default_workers() -> int:
-    """One decoder process per core, at most 8. The workers run at a lower priority than the encoder, so they
-    take only the CPU time it leaves idle while it works, and every core while it waits for them."""
+    """One decoder process per core, at most 8. While a batch is encoded on the CPU they pause (the encoder uses
+    every core); in between they have every core. With a GPU encoder they decode all the time."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, 8))
 

@@ -13,9 +13,10 @@ import os
 import sys
 import threading
 
-# Workers yield the CPU to the encoder: on a machine with few cores the encoder's threads use every core, and
-# a decoder competing with them at equal priority stalls all of them at each synchronisation point. At a
-# lower priority the workers decode in the encoder's idle moments, and at full speed whenever it waits on them.
+# Workers yield the CPU to the main process: the file a worker is still finishing when a CPU batch starts (the
+# pool pauses them for the encoder, `DecoderPool.paused`), and decoding beside a GPU encoder, must not hold up
+# the threads that encode, feed the GPU or collect results; a decoder competing with the encoder's threads at
+# equal priority stalls all of them at each synchronisation point.
 WORKER_NICENESS = 10
 
 
