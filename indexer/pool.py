@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.synchronize
 import queue
 import signal
 import threading
@@ -34,12 +34,13 @@ _DONE = object()
 _READY = "ready"
 _POLL_SECONDS = 0.5  # how often a waiting dispatcher looks at timeouts and the stop flag
 _MAX_STARTUP_DEATHS = 3  # workers dying before they are ready: they cannot start, so give up
+_GATE_POLL_SECONDS = 0.01  # how often a held worker looks whether it may go on (a CPU batch takes ~1 s)
 
 
 def _worker_main(
     conn: multiprocessing.connection.Connection,
     decoder: Callable[[DecodeTask], DecodeResult],
-    gate: multiprocessing.synchronize.Event,
+    gate: ctypes.c_bool,
 ) -> None:
     """A worker's loop: receive (seq, task), wait for the gate to be open, send (seq, result); until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
@@ -56,7 +57,8 @@ def _worker_main(
         if item is None:
             return
         seq, task = item
-        gate.wait()
+        while not gate.value:  # held by `DecoderPool.paused`
+            time.sleep(_GATE_POLL_SECONDS)
         try:
             result = decoder(task)
         except Exception as e:  # a decoder bug must cost one file, not the worker
@@ -74,26 +76,60 @@ def _crash_reason(exitcode: int | None) -> str:
     return f"decoder worker crashed (exit code {exitcode})"
 
 
+class _Gate:
+    """Lets the workers start files, or holds them; its clock stands still while they are held, so the time a
+    worker waits at the gate never counts towards the per-file timeout."""
+
+    def __init__(self, ctx: multiprocessing.context.BaseContext) -> None:
+        # A shared flag the workers poll, not a multiprocessing.Event: setting an Event waits for every process
+        # asleep on it to wake, so one killed while waiting (an out-of-memory kill) would hang the indexer.
+        self.open = ctx.RawValue(ctypes.c_bool, True)  # True: workers may start their next file
+        self._lock = threading.Lock()  # the holding thread and the dispatcher both read the times
+        self._held_seconds = 0.0  # time held before the current hold
+        self._held_since: float | None = None  # start of the current hold
+
+    def hold(self) -> None:
+        """Hold the workers before their next file."""
+        with self._lock:
+            self.open.value = False
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+
+    def release(self) -> None:
+        """Let the workers go on (a no-op when they are not held)."""
+        with self._lock:
+            if self._held_since is not None:
+                self._held_seconds += time.monotonic() - self._held_since
+                self._held_since = None
+            self.open.value = True
+
+    def clock(self) -> float:
+        """Seconds on a clock that runs only while the workers are let go."""
+        with self._lock:
+            now = time.monotonic()
+            held = self._held_seconds + (now - self._held_since if self._held_since is not None else 0.0)
+        return now - held
+
+
 class _Worker:
     """One worker process, its pipe, and the tasks it holds (oldest first)."""
 
-    def __init__(
-        self, ctx: multiprocessing.context.BaseContext, decoder: Callable, gate: multiprocessing.synchronize.Event
-    ) -> None:
+    def __init__(self, ctx: multiprocessing.context.BaseContext, decoder: Callable, gate: _Gate) -> None:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=_worker_main, args=(child, decoder, gate), daemon=True, name="clipsearch-decoder"
+            target=_worker_main, args=(child, decoder, gate.open), daemon=True, name="clipsearch-decoder"
         )
         self.process.start()
         child.close()
+        self.gate = gate
         self.inflight: collections.deque[tuple[int, DecodeTask]] = collections.deque()
-        self.busy_since = time.monotonic()
+        self.busy_since = gate.clock()
         self.ready = False  # set once the process has started and unpickled the decoder
 
     def send(self, seq: int, task: DecodeTask) -> None:
         """Hand over a task; the clock starts when it is the worker's current one."""
         if not self.inflight and self.ready:
-            self.busy_since = time.monotonic()
+            self.busy_since = self.gate.clock()
         self.inflight.append((seq, task))
         self.conn.send((seq, task))
 
@@ -121,7 +157,8 @@ class DecoderPool:
         workers: number of processes (>= 1).
         prefetch: tasks queued per worker, so it never waits for the next one.
         buffer: finished results held while the consumer is busy.
-        timeout: seconds one file may take before its worker is killed and the file reported.
+        timeout: seconds one file may take before its worker is killed and the file reported (time the workers
+            spend held by `paused()` does not count).
     """
 
     def __init__(
@@ -145,8 +182,7 @@ class DecoderPool:
         self._thread: threading.Thread | None = None
         self._workers: list[_Worker] = []
         self._startup_deaths = 0
-        self._gate = self._ctx.Event()  # set: workers may start their next file
-        self._gate.set()
+        self._gate = _Gate(self._ctx)
 
     def imap_unordered(self, tasks: Iterable[DecodeTask]) -> Iterator[tuple[DecodeTask, DecodeResult]]:
         """Yield (task, result) for every task, in completion order. Close the pool when done."""
@@ -168,15 +204,15 @@ class DecoderPool:
         preemption of one of its threads stalls the others at the next synchronisation point. Decoding in the
         encoder's pauses instead gives each the whole machine in turn.
         """
-        self._gate.clear()
+        self._gate.hold()
         try:
             yield
         finally:
-            self._gate.set()
+            self._gate.release()
 
     def close(self) -> None:
         """Stop the dispatcher and every worker."""
-        self._gate.set()  # a worker waiting at the gate must get to its stop message
+        self._gate.release()  # a worker waiting at the gate must get to its stop message
         self._stop.set()
         if self._thread is not None:
             while self._thread.is_alive():  # unblock a dispatcher waiting to put into a full buffer
@@ -239,20 +275,20 @@ class DecoderPool:
                             logger.debug(
                                 "decoder worker %d ready after %.2f s",
                                 worker.process.pid,
-                                time.monotonic() - worker.busy_since,
+                                self._gate.clock() - worker.busy_since,
                             )
                             worker.ready = True
-                            worker.busy_since = time.monotonic()
+                            worker.busy_since = self._gate.clock()
                             continue
                         _, result = message
                         _, task = worker.inflight.popleft()
-                        worker.busy_since = time.monotonic()
+                        worker.busy_since = self._gate.clock()
                         if not self._put((task, result)):
                             return
                     elif worker.process.sentinel in ready:
                         worker.process.join()
                         self._replace(i, retry, _crash_reason(worker.process.exitcode))
-                    elif worker.inflight and time.monotonic() - worker.busy_since > self.timeout:
+                    elif worker.inflight and self._gate.clock() - worker.busy_since > self.timeout:
                         self._replace(i, retry, f"decoding took longer than {self.timeout:g} s")
         except BaseException as e:  # hand any dispatcher failure to the consumer instead of hanging it
             self._put(e)
