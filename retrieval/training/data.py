@@ -67,7 +67,7 @@ def parse_source(text: str | Path) -> Path | ShapesSource:
     see `retrieval.shapes.example`. Training keeps each group in one batch.
 
     Raises:
-        TrainingError: the path does not exist, or the shape group size is out of range.
+        TrainingError: the path does not exist, or the group size is out of range.
     """
     match = SHAPES_PATTERN.match(str(text))
     if match:
