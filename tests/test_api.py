@@ -71,8 +71,9 @@ def test_embed_images_takes_a_model_a_pair_or_one_image(checkpoint, photos):
     by_pair = clipsearch.embed_images(photos[:2], model=loaded)
     single = clipsearch.embed_images(photos[0], model=loaded)
 
-    np.testing.assert_array_equal(by_model, by_pair)
-    np.testing.assert_array_equal(single, by_pair[:1])
+    np.testing.assert_array_equal(by_model, by_pair)  # same batch, same threads: the same arithmetic
+    # One image alone and the same image in a batch of two take different kernels (and thread splits).
+    np.testing.assert_allclose(single, by_pair[:1], rtol=0, atol=1e-6)
 
 
 def test_embed_images_shows_progress_on_stderr(checkpoint, photos, capsys):
