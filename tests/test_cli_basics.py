@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+
+import pytest
 from click.testing import CliRunner
 
 from clipsearch import __version__
@@ -14,3 +19,22 @@ def test_unknown_command_is_a_usage_error():
     result = CliRunner().invoke(cli, ["frobnicate"])
     assert result.exit_code == 2
     assert "No such command 'frobnicate'" in result.output
+
+
+def run_without_torch(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`clipsearch ARGS` in a fresh process where `import torch` fails."""
+    blocker = tmp_path / "no-torch" / "torch"
+    blocker.mkdir(parents=True, exist_ok=True)
+    (blocker / "__init__.py").write_text("raise ImportError('this command must not import torch')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), *sys.path])}
+    code = "import sys; from clipsearch.cli import main; sys.argv = ['clipsearch', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["models"], ["models", "--json"], ["index", "--help"], ["query", "--help"], ["train", "--help"]]
+)
+def test_help_and_model_listing_do_not_import_torch(tmp_path, args):
+    result = run_without_torch(tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout and not result.stderr

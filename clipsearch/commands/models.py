@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from retrieval.model.checkpoint import CONFIG_FILE
 from retrieval.model.download import cache_dir, cached_path
+from retrieval.model.files import CONFIG_FILE
 from retrieval.model.registry import available_models, default_model_name, get_spec
 
 

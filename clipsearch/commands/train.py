@@ -6,8 +6,6 @@ import json
 
 import click
 
-from retrieval.training.trainer import TrainConfig
-
 
 @click.command("train")
 @click.argument("data")
@@ -95,6 +93,7 @@ def train(
     """
     import torch
 
+    from retrieval.training.trainer import TrainConfig
     from retrieval.training.trainer import train as run_training
 
     if model_name is not None and init_from is not None:

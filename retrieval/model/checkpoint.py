@@ -32,13 +32,12 @@ from torch import nn
 from retrieval.errors import CheckpointError
 from retrieval.model.clip import CLIP, Towers
 from retrieval.model.config import CLIPConfig
+from retrieval.model.files import CONFIG_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "clipsearch-checkpoint"
 FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 ACCEPTED_FORMATS = (
     "OpenAI TorchScript .pt, state-dict .pt/.pth/.bin, .safetensors, open_clip checkpoints, "
     "Hugging Face CLIPModel folders, clipsearch checkpoint folders"

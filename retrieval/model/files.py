@@ -1,0 +1,4 @@
+"""The file names of a clipsearch checkpoint folder; free of heavy imports, so listing models needs no torch."""
+
+CONFIG_FILE = "config.json"  # the architecture, name and provenance, as JSON
+WEIGHTS_FILE = "model.safetensors"  # the tensors, under OpenAI's parameter names
