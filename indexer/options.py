@@ -25,4 +25,5 @@ class IndexOptions:
     commit_seconds: float = 10.0  # ... and seconds between commits at most
     decode_timeout: float = 120.0  # seconds one file may take to decode before its worker is replaced
     lock_wait: float = 10.0  # seconds to wait for another indexer on the same table
+    retry_failed: bool = False  # read files that failed before even when they have not changed since
     progress: bool = True  # a tqdm bar on stderr

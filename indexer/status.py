@@ -56,7 +56,7 @@ def store_status(db_dir: str | os.PathLike[str] | None = None, model: str | None
                 "indexing_pid": holder,
                 "last_run": last,
                 "ann": index_state(store),
-                "failures": [f._asdict() for f in store.state.failures()],
+                "failures": [f.to_dict() for f in store.state.failures()],
             }
         )
     return {"db": str(db_dir.absolute()), "models": out}

@@ -34,6 +34,7 @@ class Plan(NamedTuple):
 
     work: list[WorkItem]  # files to read, in walk order
     unchanged: int  # files skipped without reading
+    failed_unchanged: list[Failure]  # earlier failures whose file has not changed since: not read again
     walk_failures: list[Failure]  # broken symlinks, unlistable folders
     vanished: dict[int, str]  # id -> content hash of rows under the roots whose file no longer exists
     known: np.ndarray  # sorted hash keys of stored content with a size some work item has
@@ -46,7 +47,13 @@ def is_under(path: bytes, roots: Sequence[bytes]) -> bool:
     return any(path == r or path.startswith(r.rstrip(b"/") + b"/") for r in roots)
 
 
-def plan_sync(found: Iterable[Found], catalog: Catalog, roots: Sequence[str]) -> Plan:
+def plan_sync(
+    found: Iterable[Found],
+    catalog: Catalog,
+    roots: Sequence[str],
+    failed: Iterable[Failure] = (),
+    retry_failed: bool = False,
+) -> Plan:
     """Decide what an index run has to do.
 
     Args:
@@ -54,11 +61,16 @@ def plan_sync(found: Iterable[Found], catalog: Catalog, roots: Sequence[str]) ->
         catalog: what the store holds.
         roots: the folders (or files) being indexed, absolute. Rows outside them are never touched; rows
             under a root that does not exist (an unmounted drive) are not removed either.
+        failed: the failures recorded by earlier runs; a file with the size and mtime it failed with is not read
+            again (it would only fail again), unless `retry_failed`.
+        retry_failed: read every earlier failure again.
     """
     by_path = {p: i for i, p in enumerate(catalog.paths)}
+    earlier = {} if retry_failed else {f.path: f for f in failed if f.size is not None}
     seen: set[bytes] = set()
     work: list[WorkItem] = []
     failures: list[Failure] = []
+    failed_unchanged: list[Failure] = []
     unchanged = 0
     for entry in found:
         raw = os.fsencode(entry.path)
@@ -66,6 +78,10 @@ def plan_sync(found: Iterable[Found], catalog: Catalog, roots: Sequence[str]) ->
             failures.append(Failure(entry.path, "walk", entry.error))
             continue
         seen.add(raw)
+        failure = earlier.get(entry.path)
+        if failure is not None and failure.matches(entry.size, entry.mtime_ns):
+            failed_unchanged.append(failure)
+            continue
         row = by_path.get(raw)
         if row is None:
             work.append(WorkItem(entry.path, entry.size, entry.mtime_ns))
@@ -87,4 +103,4 @@ def plan_sync(found: Iterable[Found], catalog: Catalog, roots: Sequence[str]) ->
     hash_to_ids: dict[str, set[int]] = {}
     for i, h in zip(catalog.ids.tolist(), catalog.hashes, strict=True):
         hash_to_ids.setdefault(h, set()).add(i)
-    return Plan(work, unchanged, failures, vanished, known, stored_sizes, hash_to_ids)
+    return Plan(work, unchanged, failed_unchanged, failures, vanished, known, stored_sizes, hash_to_ids)

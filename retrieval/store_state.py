@@ -28,6 +28,16 @@ class Failure(NamedTuple):
     path: str
     stage: str  # walk, read, decode, preprocess, worker, encode
     reason: str
+    size: int | None = None  # the file's size and mtime when it failed: an unchanged file is not retried
+    mtime_ns: int | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        """What a user is shown: {"path", "stage", "reason"} (size and mtime are bookkeeping)."""
+        return {"path": self.path, "stage": self.stage, "reason": self.reason}
+
+    def matches(self, size: int, mtime_ns: int) -> bool:
+        """Whether the file is as it was when it failed (same size and mtime)."""
+        return self.size == size and self.mtime_ns == mtime_ns
 
 
 class StoreState:
@@ -86,7 +96,7 @@ class StoreState:
         return list(self.load().get("runs", []))
 
     def failures(self) -> list[Failure]:
-        """Files that failed in the latest runs, sorted by path."""
+        """Files that failed in the latest runs, sorted by path (older states recorded no size and mtime)."""
         return [Failure(*f) for f in self.load().get("failures", [])]
 
     def record(self, run: dict[str, Any], failures: list[Failure]) -> None:
@@ -94,5 +104,5 @@ class StoreState:
         data = self.load()
         runs = [r for r in data.get("runs", []) if r.get("run_id") != run["run_id"]]
         data["runs"] = [*runs, run]
-        data["failures"] = [list(f) for f in sorted(failures)]
+        data["failures"] = [list(f) for f in sorted(failures, key=lambda f: (f.path, f.stage, f.reason))]
         self.save(data)

@@ -153,13 +153,22 @@ def test_first_frame_of_an_animation_is_what_gets_encoded(indexed):
     )
 
 
-def test_rerun_retries_failures_without_duplicating_anything(indexed):
+def test_rerun_skips_unchanged_failures_and_retries_on_request(indexed):
     store, root, good, bad = indexed["store"], indexed["root"], indexed["good"], indexed["bad"]
     (root / "vanish.jpg").write_bytes(b"")  # it vanished last time; now it is back, empty
     options = dataclasses.replace(indexed["options"], workers=1)
     summary = index_folders([root], indexed["model"], indexed["preprocess"], store, options, indexed["decoder"])
     assert summary.unchanged == len(good) and summary.indexed == 0
-    assert summary.failed == len(bad)
+    # read again: the file that came back, and what the walk reports each time (it has no size or mtime)
+    again = {"vanish.jpg"} | {name for name, (stage, _) in bad.items() if stage == "walk"}
+    assert {os.path.relpath(f.path, root) for f in summary.failures} == again
+    assert summary.failed_unchanged == len(bad) - len(again)
+    assert len(store.state.failures()) == len(bad)
+
+    (root / "vanish.jpg").write_bytes(b"")  # the faulty decoder removed it again
+    retried = dataclasses.replace(options, retry_failed=True)
+    summary = index_folders([root], indexed["model"], indexed["preprocess"], store, retried, indexed["decoder"])
+    assert summary.failed == len(bad) and summary.failed_unchanged == 0
     assert store.count() == len(good) == len(set(store.ids().tolist()))
 
 
