@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 
 import click
 
@@ -22,6 +23,19 @@ COMMANDS = {
     "classify": "clipsearch.commands.classify:classify",
     "tag": "clipsearch.commands.classify:tag",
 }
+
+
+class ProgressSafeHandler(logging.Handler):
+    """Writes log lines to stderr through tqdm, which clears a progress bar first and redraws it after, so a
+    line never lands at the end of the bar's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 class LazyGroup(click.Group):
@@ -58,7 +72,9 @@ def cli(verbose: int) -> None:
       clipsearch similar ./photos/beach.jpg
     """
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = ProgressSafeHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main() -> None:

@@ -25,12 +25,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from indexer.decode import Decoded, Decoder, DecodeResult, DecodeTask, Failed, Known
 from indexer.lock import IndexLock
 from indexer.options import IndexOptions
 from indexer.pool import DecoderPool
+from indexer.progress import Progress
 from indexer.sync import Plan, WorkItem, is_under, plan_sync
 from indexer.walk import walk
 from indexer.workers import start_worker_server
@@ -47,13 +47,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class IndexSummary:
     """What a run did. `indexed` counts files written with a vector (new, changed, and copies of known
-    content); `encoded` counts images that went through the model."""
+    content); `encoded` counts images that went through the model; `failed` counts files that failed in this run
+    (listed in `failures`), `failed_unchanged` earlier failures skipped because their file has not changed."""
 
+    found: int = 0
     indexed: int = 0
     unchanged: int = 0
     moved: int = 0
     removed: int = 0
     failed: int = 0
+    failed_unchanged: int = 0
     new: int = 0
     changed: int = 0
     duplicates: int = 0
@@ -67,7 +70,7 @@ class IndexSummary:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, failures as {"path", "stage", "reason"} objects."""
         out = dataclasses.asdict(self)
-        out["failures"] = [f._asdict() for f in self.failures]
+        out["failures"] = [f.to_dict() for f in self.failures]
         out["files_per_second"] = round((self.indexed + self.moved) / self.seconds, 2) if self.seconds else 0.0
         return out
 
@@ -160,7 +163,7 @@ class _Run:
         self.run_id = uuid.uuid4().hex
         self.started = utc_now()
         self.last_commit = time.monotonic()
-        self.bar: tqdm | None = None
+        self.bar: Progress | None = None
 
     # ---- driving -------------------------------------------------------------------------------
 
@@ -168,29 +171,35 @@ class _Run:
         """Scan, process every work item, remove what vanished, record the run."""
         start = time.perf_counter()
         found = list(walk(self.roots, self.options.exclude))
-        self.plan: Plan = plan_sync(found, self.store.catalog(), self.roots)
+        self.plan: Plan = plan_sync(
+            found, self.store.catalog(), self.roots, self.store.state.failures(), self.options.retry_failed
+        )
         self.stages["scan"] = time.perf_counter() - start
         self.hash_to_ids = self.plan.hash_to_ids
         self.vanished_by_hash: dict[str, list[int]] = {}
         for row_id, content_hash in self.plan.vanished.items():
             self.vanished_by_hash.setdefault(content_hash, []).append(row_id)
+        self.summary.found = len(found)
         self.summary.unchanged = self.plan.unchanged
+        self.summary.failed_unchanged = len(self.plan.failed_unchanged)
         self.failures.extend(self.plan.walk_failures)
         logger.info(
-            "%d files found: %d unchanged, %d to read, %d gone",
+            "%d files found: %d unchanged, %d to read, %d gone, %d failed before and unchanged",
             len(found),
             self.plan.unchanged,
             len(self.plan.work),
             len(self.plan.vanished),
+            len(self.plan.failed_unchanged),
         )
         self._record("running")
         state = "interrupted"
         try:
-            with tqdm(
+            with Progress(
                 total=len(self.plan.work),
+                settle=2 * self.options.batch_size,  # two encoder batches: past the workers' start and a cold encoder
                 unit="file",
                 file=sys.stderr,
-                disable=not self.options.progress,
+                disable=not (self.options.progress and self.plan.work),
                 dynamic_ncols=True,
                 desc="indexing",
             ) as self.bar:
@@ -291,8 +300,9 @@ class _Run:
     def _handle(self, item: WorkItem, result: DecodeResult) -> None:
         """Route one decode result: a failure, known content (no encoding), or pixels for the batch."""
         if isinstance(result, Failed):
-            logger.warning("skipping %s: %s (%s)", item.path, result.reason, result.stage)
-            self.failures.append(Failure(item.path, result.stage, result.reason))
+            # info, not a warning: the summary lists every failure once, at the end
+            logger.info("skipping %s: %s (%s)", item.path, result.reason, result.stage)
+            self.failures.append(Failure(item.path, result.stage, result.reason, item.size, item.mtime_ns))
             return
         for stage, seconds in zip(("read", "decode", "transform"), result.seconds, strict=True):
             self.stages[stage] += seconds
@@ -417,7 +427,8 @@ class _Run:
 
     def _record(self, state: str) -> None:
         """Save the run's progress and the failure list in the store's state file."""
-        failing = {f.path for f in self.failures}
+        current = self.failures + self.plan.failed_unchanged
+        failing = {f.path for f in current}
         roots = [os.fsencode(r) for r in self.roots]
         kept = [  # earlier failures outside this run's folders, or not retried yet
             f
@@ -435,7 +446,7 @@ class _Run:
             **summary,
             "failed": len(self.failures),
         }
-        self.store.state.record(run, kept + self.failures)
+        self.store.state.record(run, kept + current)
 
 
 # Metadata a moved or copied file takes from the row it reuses (its worker stopped after hashing).

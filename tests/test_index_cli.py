@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -44,10 +47,16 @@ def test_index_json_summary_and_status(tmp_path, checkpoint):
 
     again = index(checkpoint, tmp_path / "db", str(photos))
     assert again.exit_code == 0
-    assert again.stdout.splitlines()[0].startswith(
-        "Indexed 0 images (0 new, 0 changed, 0 duplicates; 0 encoded), 6 unchanged, 0 moved, 0 removed, 1 failed in"
+    lines = again.stdout.splitlines()
+    assert lines[0].startswith(
+        "Indexed 0 images (0 new, 0 changed, 0 duplicates; 0 encoded), 6 unchanged, 0 moved, 0 removed, 0 failed, "
+        "1 failed before (skipped) in"
     )
-    assert f"  {photos / 'broken.jpg'}: decode: not an image Pillow can read" in again.stdout
+    assert lines[1:] == [
+        "Skipped 1 file that failed before and did not change since (`clipsearch status` lists the failures; "
+        "--retry-failed reads them again).",
+        f"Store: {tmp_path / 'db'} (6 images, model tiny-test)",
+    ]
 
     status = CliRunner().invoke(cli, ["status", "--db", str(tmp_path / "db"), "--json"])
     [entry] = json.loads(status.output)["models"]
@@ -139,3 +148,109 @@ def test_the_progress_bar_ends_with_every_file_counted(tmp_path, checkpoint):
     assert result.exit_code == 0, result.output
     last = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert "5/5" in last and "new=5" in last, last  # the last, partial batch counted too
+
+
+def test_a_failed_file_is_not_read_again_until_it_changes(tmp_path, checkpoint):
+    photos, db = tmp_path / "photos", tmp_path / "db"
+    write_images(photos, 2)
+    broken = photos / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but nothing after")
+
+    def run(*args):
+        result = index(checkpoint, db, str(photos), "--json", *args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    first = run()
+    assert (first["failed"], first["failed_unchanged"]) == (1, 0)
+    again = run()  # nothing changed: the broken file is not even opened
+    assert (again["failed"], again["failed_unchanged"], again["unchanged"]) == (0, 1, 2)
+    assert again["failures"] == []
+    status = json.loads(CliRunner().invoke(cli, ["status", "--db", str(db), "--json"]).output)
+    assert status["models"][0]["failures"] == [
+        {"path": str(broken), "stage": "decode", "reason": "not an image Pillow can read"}
+    ]  # still listed
+
+    retried = run("--retry-failed")
+    assert (retried["failed"], retried["failed_unchanged"]) == (1, 0)
+    stat = broken.stat()
+    os.utime(broken, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched: maybe fixed, so read it
+    assert (run()["failed"], run()["failed_unchanged"]) == (1, 1)
+
+    [image] = write_images(tmp_path, 1, start=7, ext=".png")
+    os.replace(image, broken)  # now a real image under the failed name
+    fixed = run()
+    assert (fixed["failed"], fixed["failed_unchanged"], fixed["new"]) == (0, 0, 1)
+    status = json.loads(CliRunner().invoke(cli, ["status", "--db", str(db), "--json"]).output)
+    assert status["models"][0]["failures"] == [] and status["models"][0]["count"] == 3
+
+
+def test_index_without_model_goes_on_with_the_stores_model(tmp_path):
+    photos, db = tmp_path / "photos", tmp_path / "db"
+    write_images(photos, 2)
+    first = CliRunner().invoke(cli, ["index", str(photos), "--db", str(db), "--model", "shapes-mini", "-q"])
+    assert first.exit_code == 0, first.output
+    write_images(photos, 1, start=2)
+    # No --model, no $CLIPSEARCH_MODEL, an empty cache and no network: ViT-B/32 cannot be had, shapes-mini can.
+    again = CliRunner().invoke(cli, ["index", str(photos), "--db", str(db), "--json", "--workers", "0"])
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.output)
+    assert (summary["model"], summary["new"], summary["unchanged"], summary["total"]) == ("shapes-mini", 1, 2, 3)
+
+
+def test_index_with_an_unknown_model_fails_at_once_without_torch(tmp_path):
+    from test_cli_basics import run_without_torch
+
+    write_images(tmp_path / "photos", 1)
+    photos = str(tmp_path / "photos")
+    result = run_without_torch(tmp_path, "index", photos, "--model", "ViT-B/33", "--db", str(tmp_path / "db"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: unknown model 'ViT-B/33': not a registry name and no file or folder at")
+    assert result.stderr.count("\n") == 1 and "ViT-B/32" in result.stderr  # one line, naming the choices
+
+
+def test_summary_wording_for_one_image_and_for_an_empty_folder(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 1)
+    one = index(checkpoint, tmp_path / "db", str(photos))
+    assert one.stdout.startswith("Indexed 1 image (1 new, 0 changed, 0 duplicates; 1 encoded), 0 unchanged,")
+    assert f"Store: {tmp_path / 'db'} (1 image, model tiny-test)\n" in one.stdout
+
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
+    (tmp_path / "empty" / "notes" / "readme.txt").write_text("no pictures here")
+    empty = index(checkpoint, tmp_path / "db", str(tmp_path / "empty"))
+    assert empty.exit_code == 0
+    assert empty.stdout.splitlines()[1] == (
+        f"No image files found in {tmp_path / 'empty'}: clipsearch indexes JPEG, PNG, WebP, GIF, BMP and TIFF files "
+        "(and others Pillow reads) in these folders and their sub-folders, except hidden folders."
+    )
+
+
+def test_log_lines_never_land_on_the_progress_bar(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 3)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    command = [sys.executable, "-m", "clipsearch", "-v", "index", str(photos), "--model", str(checkpoint),
+               "--db", str(tmp_path / "db"), "--workers", "0"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "indexing:" in done.stderr  # the bar is drawn (stderr is not a terminal, but the bar is asked for)
+    logged = [line for line in done.stderr.split("\n") if "skipping" in line]
+    assert len(logged) == 1
+    # tqdm's writer clears the bar ("\r   \r") before the line; a plain handler would append it to the bar
+    assert logged[0].rsplit("\r", 1)[-1].startswith("INFO indexer.pipeline: skipping ")
+
+
+def test_the_progress_bar_gives_no_time_left_until_it_has_settled():
+    from indexer.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress(total=1000, settle=64, file=out, ncols=100, mininterval=0)
+    bar.start_t -= 10  # ten seconds of worker start-up before the first file
+    bar.update(4)
+    assert "<?" in str(bar) and "file/s" not in str(bar) and "it/s" not in str(bar)
+    bar.update(96)
+    shown = str(bar)
+    assert "<?" not in shown and "it/s" in shown  # 100 files in ~10 s: about 1.5 minutes left
+    assert re.search(r"<0[01]:[0-9][0-9],", shown), shown
+    bar.close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from indexer.options import default_workers
 from indexer.workers import start_worker_server
+
+if TYPE_CHECKING:
+    from indexer.pipeline import IndexSummary
 
 _DB_HELP = "Store directory [env CLIPSEARCH_HOME; default ~/.local/share/clipsearch]."
 _SHOWN_FAILURES = 20
@@ -35,7 +38,10 @@ _SHOWN_FAILURES = 20
               help="Commit at least this often.")  # fmt: skip
 @click.option("--lock-wait", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds to wait for another `index` on the same store to finish.")  # fmt: skip
-@click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
+@click.option("--retry-failed", is_flag=True,
+              help="Read files that failed before again, even when they have not changed since.")  # fmt: skip
+@click.option("--strict", is_flag=True,
+              help="Exit with status 1 when any file failed (in this run, or before and unchanged since).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def index(
@@ -50,6 +56,7 @@ def index(
     commit_every: int,
     commit_seconds: float,
     lock_wait: float,
+    retry_failed: bool,
     strict: bool,
     as_json: bool,
     quiet: bool,
@@ -58,8 +65,11 @@ def index(
 
     New and changed files are embedded; unchanged files are skipped without being read; moved or renamed
     files keep their vectors; files deleted from FOLDERS leave the store. A file that cannot be read is
-    recorded (see `clipsearch status`) and skipped. Interrupting is safe: run the same command again to
-    carry on.
+    recorded (see `clipsearch status`) and skipped; later runs skip it too until it changes (or with
+    --retry-failed). Interrupting is safe: run the same command again to carry on.
+
+    Without --model, a store that holds one model's images goes on with that model; a new store uses
+    $CLIPSEARCH_MODEL, else ViT-B/32.
 
     \b
     Examples:
@@ -67,6 +77,15 @@ def index(
       clipsearch index ~/Pictures /mnt/nas/photos --exclude '*/thumbnails/*' --workers 4
       clipsearch index ./photos --model shapes-mini --db ./demo-store --json
     """
+    from retrieval.model.registry import check_model_name
+
+    if model_name is not None:
+        check_model_name(model_name)  # a typo fails now, not after seconds of imports
+    else:
+        from clipsearch.library import default_model_for
+        from retrieval.store import default_db_dir
+
+        model_name = default_model_for(db_dir or default_db_dir())  # the store's own model, as `query` does
     workers = default_workers() if workers is None else workers
     if workers:
         start_worker_server()  # the decoder workers' server imports torch while this process loads the model
@@ -85,6 +104,7 @@ def index(
         commit_every=commit_every,
         commit_seconds=commit_seconds,
         lock_wait=lock_wait,
+        retry_failed=retry_failed,
         progress=not (quiet or as_json),
     )
     summary = index_folders(folders, model, preprocess, store, options)
@@ -93,15 +113,9 @@ def index(
         out.update(db=str(store.path), table=store.table_name, model=model.info.name, total=store.count())
         click.echo(json.dumps(out, ensure_ascii=False, default=str))
     else:
-        s = summary
-        click.echo(
-            f"Indexed {s.indexed} images ({s.new} new, {s.changed} changed, {s.duplicates} duplicates; "
-            f"{s.encoded} encoded), {s.unchanged} unchanged, {s.moved} moved, {s.removed} removed, "
-            f"{s.failed} failed in {s.seconds:.1f} s."
-        )
-        click.echo(f"Store: {store.path} ({store.count()} images, model {model.info.name})")
-        _echo_failures([f._asdict() for f in s.failures])
-    if strict and summary.failed:
+        _echo_summary(summary, folders)
+        click.echo(f"Store: {store.path} ({_count(store.count(), 'image')}, model {model.info.name})")
+    if strict and (summary.failed or summary.failed_unchanged):
         raise SystemExit(1)
 
 
@@ -142,6 +156,32 @@ def status(db_dir: str | None, model_name: str | None, as_json: bool) -> None:
                 f"{run.get('failed', 0)} failed; folders: {', '.join(run.get('roots', []))}"
             )
         _echo_failures(entry["failures"])
+
+
+def _count(n: int, noun: str) -> str:
+    """ "1 image", "2 images"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _echo_summary(s: IndexSummary, folders: tuple[str, ...]) -> None:
+    """What an index run did, its new failures, and a hint where the run found nothing or skipped failures."""
+    failed = f"{s.failed} failed" + (f", {s.failed_unchanged} failed before (skipped)" if s.failed_unchanged else "")
+    click.echo(
+        f"Indexed {_count(s.indexed, 'image')} ({s.new} new, {s.changed} changed, {s.duplicates} duplicates; "
+        f"{s.encoded} encoded), {s.unchanged} unchanged, {s.moved} moved, {s.removed} removed, "
+        f"{failed} in {s.seconds:.1f} s."
+    )
+    if s.found == 0:
+        click.echo(
+            f"No image files found in {', '.join(folders)}: clipsearch indexes JPEG, PNG, WebP, GIF, BMP and TIFF "
+            "files (and others Pillow reads) in these folders and their sub-folders, except hidden folders."
+        )
+    _echo_failures([f.to_dict() for f in s.failures])
+    if s.failed_unchanged:
+        click.echo(
+            f"Skipped {_count(s.failed_unchanged, 'file')} that failed before and did not change since "
+            "(`clipsearch status` lists the failures; --retry-failed reads them again)."
+        )
 
 
 def _state_text(entry: dict[str, Any]) -> str:
