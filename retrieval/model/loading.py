@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from retrieval.errors import CheckpointError, UnknownModelError
+from retrieval.errors import CheckpointError
 from retrieval.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_model, read_checkpoint, save_checkpoint
 from retrieval.model.clip import CLIP, TOWERS, Towers
 from retrieval.model.download import cache_dir, ensure_downloaded, file_sha256
 from retrieval.model.identity import ModelInfo
 from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
-from retrieval.model.registry import ModelSpec, available_models, default_model_name, get_spec, is_registered
+from retrieval.model.registry import ModelSpec, check_model_name, default_model_name, get_spec, is_registered
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,8 @@ def load_model(
             source = _float32_copy(ensure_downloaded(spec), spec)
             registry_sha = spec.sha256
     else:
+        check_model_name(name)
         source = Path(name).expanduser()
-        if not source.exists():
-            raise UnknownModelError(
-                f"unknown model {name!r}: not a registry name and no file or folder at that path; "
-                f"available: {', '.join(available_models())}"
-            )
         name = ""  # taken from the checkpoint below
 
     key = (str(source.resolve()), _stamp(source), name, str(target))

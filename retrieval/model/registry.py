@@ -140,6 +140,19 @@ def is_registered(name: str) -> bool:
     return name in _REGISTRY or sum(key.lower() == name.lower() for key in _REGISTRY) == 1
 
 
+def check_model_name(name: str) -> None:
+    """Refuse, before anything heavy is imported or loaded, a model that is neither a registry name nor a path.
+
+    Raises:
+        UnknownModelError: the message lists the available names.
+    """
+    if not is_registered(name) and not Path(name).expanduser().exists():
+        raise UnknownModelError(
+            f"unknown model {name!r}: not a registry name and no file or folder at that path; "
+            f"available: {', '.join(available_models())}"
+        )
+
+
 def register_model(spec: ModelSpec) -> None:
     """Add (or replace) a named model, e.g. a mirror of a checkpoint on a local server.
 
