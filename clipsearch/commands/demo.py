@@ -34,7 +34,7 @@ def demo(directory: Path, images: int, top: int, queries: tuple[str, ...]) -> No
     \b
     Examples:
       clipsearch demo
-      clipsearch demo --query "a green triangle at the top" --query "a black ring"
+      clipsearch demo --query "a small red circle" --query "a blue star"
       clipsearch query --db clipsearch-demo/db --model shapes-mini "a purple heart"
     """
     from clipsearch.library import Library
@@ -49,14 +49,16 @@ def demo(directory: Path, images: int, top: int, queries: tuple[str, ...]) -> No
     summary = library.index([image_dir])
     click.echo(f"Indexed {summary.indexed} new, {summary.unchanged} unchanged, {summary.failed} failed.", err=True)
 
-    for text in queries or _example_queries(samples):
+    examples = _example_queries(samples, count=4)
+    queries = queries or tuple(examples[:3])
+    for text in queries:
         click.echo(f'\nquery: "{text}"')
         for hit in library.search(text, k=top):
             caption = captions.get(str(Path(hit.path).resolve()), "")
             click.echo(f"  {hit.rank:>2}  {hit.score:.3f}  {Path(hit.path).name:<12}  {caption}")
-    click.echo(
-        f'\nTry: clipsearch query --db {directory / "db"} --model shapes-mini "a green triangle at the top"', err=True
-    )
+    # a scene the set holds and the queries above did not show
+    suggestion = next((q for q in reversed(examples) if q not in queries), examples[0] if examples else "a red circle")
+    click.echo(f'\nTry: clipsearch query --db {directory / "db"} --model shapes-mini "{suggestion}"', err=True)
 
 
 def _example_queries(samples: list, count: int = 3) -> list[str]:
