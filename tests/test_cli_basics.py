@@ -32,7 +32,8 @@ def run_without_torch(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["models"], ["models", "--json"], ["index", "--help"], ["query", "--help"], ["train", "--help"]]
+    "args",
+    [["--help"], ["models"], ["models", "--json"], ["index", "--help"], ["query", "--help"], ["train", "--help"]],
 )
 def test_help_and_model_listing_do_not_import_torch(tmp_path, args):
     result = run_without_torch(tmp_path, *args)

@@ -237,7 +237,11 @@ def test_ensemble_averages_the_prompt_templates(world):
     prompts = encode_texts(model, [t.format("dog") for t in IMAGENET_TEMPLATES])
     query = prompts.mean(axis=0) / np.linalg.norm(prompts.mean(axis=0))
     _, paths, vectors = stored(world)
-    assert [h["path"] for h in json_lines(result.output)] == [paths[i] for i in np.argsort(-(vectors @ query))]
+    hits = json_lines(result.output)
+    assert sorted(h["path"] for h in hits) == sorted(paths)
+    # FAISS and numpy round differently: near-ties may swap, so each rank's score is checked, within rounding
+    scores = dict(zip(paths, vectors @ query, strict=True))
+    np.testing.assert_allclose([scores[h["path"]] for h in hits], np.sort(vectors @ query)[::-1], atol=1e-5)
 
 
 def test_a_text_query_loads_no_indexer_no_store_and_no_image_tower(world):
