@@ -139,7 +139,8 @@ def test_query_texts_encode_within_bfloat16_rounding_of_float32(library):
     assert (np.sum(exact * approx, axis=1) > 0.999).all()
 
     one_shot = Library(db=library.db, model=library.model_name, text_precision="float32")
-    np.testing.assert_array_equal(one_shot.encode(texts[1]), exact[1])
+    # float32 both ways, but on one thread and alone instead of in a batch of three: equal up to rounding
+    np.testing.assert_allclose(one_shot.encode(texts[1]), exact[1], atol=1e-6)
     assert float(library.encode(texts[1]) @ exact[1]) > 0.999
     with pytest.raises(ValueError, match="text_precision"):
         Library(db=library.db, text_precision="bf16")
