@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
+
+# The start of a weighted term: a decimal number (no exponent, no inf/nan) and a colon, as in `-0.5:night`.
+WEIGHT_PREFIX = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)):")
 
 # The 80 prompt templates CLIP's authors used for zero-shot ImageNet (Radford et al. 2021, the
 # "Prompt_Engineering_for_ImageNet" notebook). Averaging a label's embeddings over them is "prompt ensembling".
@@ -158,15 +162,17 @@ def is_image_path(text: str | os.PathLike[str]) -> bool:
 
 
 def _split_weight(token: str) -> tuple[float, str]:
-    """`"2:golden retriever"` -> (2.0, "golden retriever"); a prefix that is not a number stays text."""
-    head, sep, rest = token.partition(":")
-    if sep and rest:
-        try:
-            weight = float(head)
-        except ValueError:
-            return 1.0, token
-        if np.isfinite(weight):
-            return weight, rest
+    """`"2:golden retriever"` -> (2.0, "golden retriever"); anything else, `"16:9 screenshot"` too, stays text.
+
+    Only a number, a colon, and then a letter or an image file name make a weight: a text that merely
+    starts with digits and a colon (an aspect ratio, a time of day) must be searched as written.
+    """
+    match = WEIGHT_PREFIX.match(token)
+    if match is None:
+        return 1.0, token
+    weight, rest = float(match.group(1)), token[match.end() :]
+    if np.isfinite(weight) and (rest[:1].isalpha() or Path(rest).suffix.lower() in IMAGE_EXTENSIONS):
+        return weight, rest
     return 1.0, token
 
 
@@ -183,7 +189,9 @@ def parse_terms(tokens: Sequence[str]) -> list[Term]:
     """Parse a command-line query into weighted terms.
 
     Grammar: terms separated by `+` or `-` (a `-` subtracts the next term); each term may start with a
-    weight, `W:term` (`2:golden retriever`, `-0.5:night`), which also starts a new term; an existing file
+    weight, `W:term` where W is a number and the term starts with a letter or names an image file
+    (`2:golden retriever`, `-0.5:night`, `0.5:pool.jpg`), which also starts a new term (anything else with a
+    colon is text: `16:9 screenshot`, `time: 10:30`); an existing file
     with an image extension is an image, anything else is text. Other words not separated by an operator
     belong to one text, so `clipsearch query red circle` searches for "red circle". Terms side by side add up.
 

@@ -31,6 +31,7 @@ TINY = CLIPConfig(
     text=TextConfig(width=64, heads=2, layers=2),
 )
 EXIF_IFD, DATE_TIME_ORIGINAL = 0x8769, 0x9003
+OUT_OF_RANGE = "-1 is not in the range x>=1."
 
 
 def tiny_checkpoint(folder: Path, seed: int) -> Path:
@@ -181,6 +182,30 @@ def test_threshold(world):
     assert [h["path"] for h in kept] == [h["path"] for h in hits[:5]]
     result = run(world, "query", "dog", "--threshold", "1.01")
     assert result.exit_code == 0 and result.stdout == ""
+
+
+def test_negative_numbers_are_option_values(world):
+    """`--threshold -0.5` and `-n -1` reach click as they were typed, next to a negative-weight term."""
+    photo = str(world["photos"] / "p01.png")
+    for command in (["query", "dog", "-0.5:night"], ["similar", photo]):
+        spaced = run(world, *command, "--threshold", "-0.5", "--json", "-n", "15")
+        assert spaced.exit_code == 0, spaced.output
+        joined = run(world, *command, "--threshold=-0.5", "--json", "-n", "15")
+        assert spaced.output == joined.output and all(h["score"] >= -0.5 for h in json_lines(spaced.output))
+        refused = run(world, *command, "-n", "-1")
+        assert refused.exit_code == 2
+        assert refused.output.splitlines()[-1] == f"Error: Invalid value for '-n' / '--top': {OUT_OF_RANGE}"
+
+
+def test_a_number_colon_text_is_searched_as_written(world):
+    result = run(world, "query", "16:9 screenshot", "--json", "-n", "15")
+    assert result.exit_code == 0, result.output
+    model, _ = load_model(world["checkpoint"], towers="text")
+    _, paths, vectors = stored(world)
+    scores = vectors @ encode_texts(model, ["16:9 screenshot"])[0]
+    hits = json_lines(result.output)
+    assert [h["path"] for h in hits] == [paths[i] for i in np.argsort(-scores)]
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1], atol=1e-5)
 
 
 def test_deleted_files_never_come_back(world, tmp_path):

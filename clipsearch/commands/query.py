@@ -18,23 +18,53 @@ import click
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
-_NEGATIVE_WEIGHT = re.compile(r"-\.?\d")  # a term like `-0.5:night`, which click would read as options
+# A term with a negative weight, `-0.5:night` (see `retrieval.query.WEIGHT_PREFIX`), which click would read as
+# short options (`-0`, ..., `-n ight`).
+_NEGATIVE_WEIGHT = re.compile(r"-(?:\d+(?:\.\d*)?|\.\d+):")
 _ESCAPE = "\x00"
 
 
 class TermsCommand(click.Command):
     """A command whose arguments may be terms with a negative weight (`-0.5:night`).
 
-    Click would split `-0.5:night` into short options (`-0`, ..., `-n ight`); such tokens are marked before
-    parsing and unmarked by `terms_from`. `+` and a lone `-` need nothing: click passes them as arguments.
+    Such tokens are marked before click parses them and unmarked by `terms_from`. A token that is the value
+    of an option (`--threshold -0.5`, `-n -1`) is left alone, so click parses or refuses it as that option's
+    value; after `--` nothing needs marking. `+` and a lone `-` need nothing: click passes them as arguments.
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        marked, options_ended = [], False
+        takes = {
+            name: param.nargs
+            for param in self.get_params(ctx)
+            if isinstance(param, click.Option) and not (param.is_flag or param.count)
+            for name in param.opts
+        }
+        marked: list[str] = []
+        values_due, options_ended = 0, False
         for arg in args:
-            options_ended = options_ended or arg == "--"
-            marked.append(_ESCAPE + arg if not options_ended and _NEGATIVE_WEIGHT.match(arg) else arg)
+            if values_due:
+                values_due -= 1
+            elif options_ended or arg == "--":
+                options_ended = True
+            elif _NEGATIVE_WEIGHT.match(arg):
+                arg = _ESCAPE + arg
+            else:
+                values_due = _values_after(arg, takes)
+            marked.append(arg)
         return super().parse_args(ctx, marked)
+
+
+def _values_after(arg: str, takes: dict[str, int]) -> int:
+    """How many of the next arguments click takes as option values after `arg` (`--top`, `-n`, `-fn`: 1)."""
+    if arg.startswith("--"):
+        return 0 if "=" in arg else takes.get(arg, 0)
+    if not arg.startswith("-"):
+        return 0
+    for end, char in enumerate(arg[1:], start=2):  # a cluster of short options, read as click reads it
+        nargs = takes.get("-" + char, 0)
+        if nargs:
+            return nargs - (end < len(arg))  # in `-n5` the value is attached
+    return 0
 
 
 def terms_from(arguments: Sequence[str]) -> list[str]:
@@ -157,8 +187,10 @@ def query(
     """Find images by describing them, by example images, or by a weighted mix of both.
 
     TERMS are texts or image files (an existing file with an image extension is an image). Join terms
-    with + and - (subtract); weight a term with W:term. Words not separated by + or - form one text.
-    Options may come anywhere; after -- every argument is a term.
+    with + and - (subtract); weight a term with W:term, where W is a number and the term starts with a
+    letter or names an image ("2:golden retriever", "-0.5:night"); any other colon is text, so
+    "16:9 screenshot" is searched as written. Words not separated by + or - form one text. Options may
+    come anywhere, and take negative values ("--threshold -0.2"); after -- every argument is a term.
 
     \b
     Examples:
