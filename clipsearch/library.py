@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from retrieval.errors import ImageLoadError, StoreError
+from retrieval.errors import ImageLoadError, ModelMismatchError, StoreError
 from retrieval.query import (
     IMAGENET_TEMPLATES,
     SearchResult,
@@ -169,6 +169,7 @@ class Library:
         self._index_version: int | None = None
         self._saved: SavedIndex | None = None
         self._query_text_model: CLIP | None = None
+        self._store_checked = False
 
     # ---- parts, loaded on first use ------------------------------------------------------------
 
@@ -221,6 +222,42 @@ class Library:
                 "run `clipsearch index FOLDER` first"
             )
         return store
+
+    def _check_searchable(self) -> None:
+        """Refuse a search that cannot find anything before a model loads: loading one may mean downloading
+        hundreds of MB, only to learn that there is no store, no image in it, or none for this registry model.
+
+        Raises:
+            StoreError: no store at `db`, or no images for the model in it.
+            ModelMismatchError: a registry model named whose images the store does not hold.
+        """
+        if self._store_checked or self._models or self._given_model is not None:
+            return  # a model is loaded already: the store itself says what is wrong
+        from retrieval.ann import saved_tables
+        from retrieval.model.registry import get_spec, is_registered
+
+        tables = saved_tables(self.db) if self.db.is_dir() else []
+        if tables is None:  # a table without a current saved index: count its rows in the store
+            from retrieval.store import Store
+
+            tables = [(m.model, Store.open(self.db, m.model).count()) for m in Store.models(self.db)]
+        if not tables:
+            raise StoreError(f"no image store at {self.db}; run `clipsearch index FOLDER` first")
+        name = self.model_name
+        spec = get_spec(name) if is_registered(name) else None
+        if spec is not None and not spec.bundled:  # its identity is known without its weights
+            name = spec.name
+            own = [(model, count) for model, count in tables if model.weights_sha256 == spec.sha256]
+            if not own and any(count for _, count in tables):
+                raise ModelMismatchError(
+                    f"the store at {self.db} has no images indexed with model {name!r} (it has: "
+                    f"{', '.join(sorted({model.name for model, _ in tables}))}); pass --model with one of those, "
+                    f"or run `clipsearch index FOLDER --model {name}`"
+                )
+            tables = own
+        if not any(count for _, count in tables):
+            raise StoreError(f"no images indexed for model {name!r} in {self.db}; run `clipsearch index FOLDER` first")
+        self._store_checked = True
 
     def ann_index(self) -> AnnIndex:
         """The FAISS index, synced with the store whenever the store has changed since the last call."""
@@ -334,6 +371,7 @@ class Library:
         Returns:
             `SearchResult(path, score, rank, metadata)` records, best first.
         """
+        self._check_searchable()
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
         if not metadata and condition is None:
             saved = self._saved_index()
@@ -365,6 +403,7 @@ class Library:
         path = Path(path).expanduser()
         if not path.is_file():
             raise ImageLoadError(f"{path}: no such file")
+        self._check_searchable()
         self._model("image")  # before the store: its identity then comes from the tower a re-encode needs
         store = self._searchable_store()
         row_id = store.id_for_path(path)

@@ -237,8 +237,11 @@ def test_clear_errors(world, tmp_path):
     model, _ = load_model(world["checkpoint"], towers="text")
     Store.open(empty, model.info, create=True)
     result = run(world, "query", "dog", db=empty)
-    assert result.exit_code == 1 and "no images indexed for model 'tiny-0'" in result.output
-    assert "run `clipsearch index FOLDER` first" in result.output
+    assert result.exit_code == 1  # checked before the model loads, so it names the model as given
+    assert result.output == (
+        f"Error: no images indexed for model {str(world['checkpoint'])!r} in {empty}; "
+        "run `clipsearch index FOLDER` first\n"
+    )
 
     other = tiny_checkpoint(tmp_path / "other", seed=1)
     result = CliRunner().invoke(cli, ["query", "dog", "--model", str(other), "--db", str(world["db"])])
@@ -251,6 +254,34 @@ def test_clear_errors(world, tmp_path):
         assert result.exit_code == 1 and str(broken) in result.output and len(result.output.splitlines()) == 1
     result = run(world, "similar", str(tmp_path / "missing.jpg"))
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+@pytest.fixture
+def unfetchable(tmp_path, monkeypatch):
+    """A registry model that is not cached and cannot be fetched (its URL is a closed loopback port)."""
+    from retrieval.model import registry
+
+    spec = registry.ModelSpec("ViT-T/0", "never fetched", url="http://127.0.0.1:9/vit-t-0.pt", sha256="0" * 64)
+    monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
+    return spec
+
+
+def test_nothing_to_search_fails_before_a_model_loads(world, tmp_path, unfetchable):
+    """No store, an empty one, or one without this model's images: said at once, never after a download."""
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    Store.open(empty, load_model(world["checkpoint"], towers="text")[0].info, create=True)
+    expected = {
+        missing: f"Error: no image store at {missing}; run `clipsearch index FOLDER` first\n",
+        empty: f"Error: no images indexed for model 'ViT-T/0' in {empty}; run `clipsearch index FOLDER` first\n",
+        world["db"]: f"Error: the store at {world['db']} has no images indexed with model 'ViT-T/0' (it has: tiny-0); "
+        "pass --model with one of those, or run `clipsearch index FOLDER --model ViT-T/0`\n",
+    }
+    for command in (["query", "dog"], ["similar", str(world["photos"] / "p01.png")]):
+        for db, message in expected.items():
+            result = CliRunner().invoke(cli, [*command, "--model", "ViT-T/0", "--db", str(db)])
+            assert (result.exit_code, result.output) == (1, message)
+    assert not (tmp_path / "cache").exists()  # nothing was downloaded, nor even started
 
 
 def test_ensemble_averages_the_prompt_templates(world):
