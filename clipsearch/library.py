@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from retrieval.errors import ImageLoadError, ModelMismatchError, StoreError
+from retrieval.errors import ImageLoadError, ModelMismatchError, QueryError, StoreError
 from retrieval.query import (
     IMAGENET_TEMPLATES,
     SearchResult,
@@ -120,6 +120,19 @@ def default_model_for(db: str | os.PathLike[str] | None) -> str:
         models = [m.model for m in Store.models(db)]
     names = {m.name for m in models if is_registered(m.name)}
     return names.pop() if len(names) == 1 else default_model_name()
+
+
+def _check_folder(store: Store, in_dir: str | os.PathLike[str]) -> None:
+    """Refuse an `in_dir` that is no folder and holds no indexed image: a mistyped path, not an empty result.
+
+    A folder that is gone but still has images in the store (an unmounted disk) is searched as usual.
+
+    Raises:
+        QueryError: no such folder, and no stored image under it.
+    """
+    if Path(in_dir).expanduser().is_dir() or len(store.filter_ids(build_filter(in_dir=in_dir))):
+        return
+    raise QueryError(f"--in {os.fspath(in_dir)}: no such folder, and no indexed image is under it; check the path")
 
 
 class Library:
@@ -380,7 +393,10 @@ class Library:
                 return search_saved(saved, vector, k, threshold=threshold)
         store = self._searchable_store()
         vector = self.encode(query, ensemble=ensemble, templates=templates)
-        return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
+        results = search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
+        if not results and in_dir is not None:
+            _check_folder(store, in_dir)
+        return results
 
     def similar(
         self,
@@ -412,7 +428,10 @@ class Library:
             vector = self._encode_images([path])[0]
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
         exclude = [row_id] if row_id is not None else []
-        return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold, exclude=exclude)
+        results = search(store, self.ann_index(), vector, k, where=condition, threshold=threshold, exclude=exclude)
+        if not results and in_dir is not None:
+            _check_folder(store, in_dir)
+        return results
 
     @staticmethod
     def _stored_vector(store: Store, row_id: int, path: Path) -> np.ndarray | None:

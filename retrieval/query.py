@@ -370,7 +370,7 @@ def build_filter(
     if in_dir is not None:
         from retrieval.store import display_path  # here: the store module imports LanceDB (~1 s)
 
-        folder = os.path.join(os.path.abspath(os.fspath(in_dir)), "")  # trailing separator: /a/b not /a/bc
+        folder = os.path.join(os.path.abspath(os.path.expanduser(in_dir)), "")  # trailing /: /a/b, not /a/bc
         clauses.append(f"starts_with(path, {_sql_string(display_path(folder))})")
     if after is not None:
         clauses.append(f"taken_at >= {_sql_timestamp(after)}")

@@ -175,6 +175,29 @@ def test_filters_hold_and_still_fill_k(world):
     assert result.exit_code == 1 and result.output.startswith("Error: invalid filter")
 
 
+def test_in_a_missing_folder_is_an_error(world, tmp_path):
+    """A typo in --in says so; a folder that is gone but still indexed (an unmounted disk) is searched."""
+    missing = tmp_path / "no-such-folder"
+    for command in (["query", "dog"], ["similar", str(world["photos"] / "p01.png")]):
+        result = run(world, *command, "--in", str(missing))
+        assert result.exit_code == 1
+        assert (
+            result.output
+            == f"Error: --in {missing}: no such folder, and no indexed image is under it; check the path\n"
+        )
+    (tmp_path / "empty").mkdir()
+    result = run(world, "query", "dog", "--in", str(tmp_path / "empty"))
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "no results\n")
+
+    photos, db = tmp_path / "photos", tmp_path / "db"
+    shutil.copytree(world["photos"] / "sub", photos)
+    Library(db=db, model=world["checkpoint"]).index([photos], workers=0, progress=False)
+    photos.rename(tmp_path / "unmounted")
+    result = run(world, "query", "dog", "--in", str(photos), "--paths", db=db)
+    assert result.exit_code == 0
+    assert sorted(result.output.splitlines()) == [str(photos / n) for n in ("p00.jpg", "p03.png", "p06.jpg", "p09.png")]
+
+
 def test_threshold(world):
     hits = json_lines(run(world, "query", "dog", "--json", "-n", "15").output)
     cut = (hits[4]["score"] + hits[5]["score"]) / 2  # between the 5th and 6th score (JSON rounds them)
