@@ -105,6 +105,16 @@ def encode_query_texts(model: CLIP, texts: list[str]) -> Embeddings:
         torch.set_num_threads(previous)
 
 
+def _warn_if_cut(texts: list[str], context_length: int) -> None:
+    """Say once, for all the texts of a query, that the text encoder will not see the end of one of them."""
+    from retrieval.model.tokenizer import token_count
+
+    if any(token_count(text) > context_length for text in texts):
+        logger.warning(
+            "the query text is longer than the model's %d tokens; only the first part is used", context_length
+        )
+
+
 def default_model_for(db: str | os.PathLike[str] | None) -> str:
     """The model to use when none is named: `$CLIPSEARCH_MODEL`, else the store's only registered model, else
     the registry default (ViT-B/32)."""
@@ -331,6 +341,7 @@ class Library:
             if self._query_text_model is None:
                 model = self._model("text")[0]
                 self._query_text_model = query_text_model(model) if self.text_precision == "auto" else model
+            _warn_if_cut(batch, self._query_text_model.config.text.context_length)
             return encode_query_texts(self._query_text_model, batch)
 
         return encode_query(terms, texts, self._encode_images, ensemble=ensemble, templates=templates)

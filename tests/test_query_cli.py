@@ -307,6 +307,28 @@ def test_nothing_to_search_fails_before_a_model_loads(world, tmp_path, unfetchab
     assert not (tmp_path / "cache").exists()  # nothing was downloaded, nor even started
 
 
+CUT_WARNING = (
+    "WARNING clipsearch.library: the query text is longer than the model's 77 tokens; only the first part is used\n"
+)
+
+
+def test_a_query_cut_at_77_tokens_is_warned_about_once(world, caplog):
+    """One line on stderr however many texts (or prompt templates) run over; none when the text fits."""
+    fits, too_long = " ".join(["red"] * 75), " ".join(["red"] * 76)  # 75 tokens + start and end = 77
+    main = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+    options = ["--paths", "-n", "1", "--model", str(world["checkpoint"]), "--db", str(world["db"])]
+    for terms, warning in (([fits], ""), ([too_long, "-", "blue " * 80, "--ensemble"], CUT_WARNING)):
+        done = subprocess.run([*main, "query", *terms, *options], capture_output=True, text=True, timeout=300)
+        assert (done.returncode, done.stderr) == (0, warning), terms
+        assert len(done.stdout.splitlines()) == 1
+
+    library = Library(db=world["db"], model=world["checkpoint"])
+    for query, ensemble, cut in ((fits, False, False), (too_long, False, True), ("blue", True, False)):
+        caplog.clear()
+        library.encode(query, ensemble=ensemble)
+        assert [r.getMessage() + "\n" for r in caplog.records] == ([CUT_WARNING.split(": ", 1)[1]] if cut else [])
+
+
 def test_ensemble_averages_the_prompt_templates(world):
     from retrieval.query import IMAGENET_TEMPLATES
 
