@@ -29,6 +29,7 @@ from retrieval.query import (
     as_terms,
     build_filter,
     encode_query,
+    refuse_urls,
     search,
     search_saved,
 )
@@ -426,7 +427,9 @@ class Library:
 
         Raises:
             ImageLoadError: the file is missing or not a readable image.
+            QueryError: `path` is an http(s) URL.
         """
+        refuse_urls(os.fspath(path))
         path = Path(path).expanduser()
         if not path.is_file():
             raise ImageLoadError(f"{path}: no such file")

@@ -37,6 +37,8 @@ IMAGE_EXTENSIONS = frozenset(
 
 # The start of a weighted term: a decimal number (no exponent, no inf/nan) and a colon, as in `-0.5:night`.
 WEIGHT_PREFIX = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)):")
+# A web address in a query, which a user may expect to be fetched like a query image.
+_URL = re.compile(r"https?://", re.IGNORECASE)
 
 # The 80 prompt templates CLIP's authors used for zero-shot ImageNet (Radford et al. 2021, the
 # "Prompt_Engineering_for_ImageNet" notebook). Averaging a label's embeddings over them is "prompt ensembling".
@@ -176,8 +178,20 @@ def _split_weight(token: str) -> tuple[float, str]:
     return 1.0, token
 
 
+def refuse_urls(text: str) -> None:
+    """Refuse a query holding an http(s) URL: images are read from files only.
+
+    Raises:
+        QueryError: a word of `text` is a URL; the message says to download the image first.
+    """
+    url = next((word for word in text.split() if _URL.match(word)), None)
+    if url is not None:
+        raise QueryError(f"query term {url}: URLs are not fetched; download the image first and give its path")
+
+
 def _term_for(text: str, weight: float) -> Term:
     """A text or image term for one written term."""
+    refuse_urls(text)
     if is_image_path(text):
         return Term(weight, "image", Path(text).expanduser())
     if Path(text).suffix.lower() in IMAGE_EXTENSIONS and os.sep in text and " " not in text:
@@ -202,7 +216,7 @@ def parse_terms(tokens: Sequence[str]) -> list[Term]:
         The terms, in order.
 
     Raises:
-        QueryError: an empty query, or an operator with no term after it.
+        QueryError: an empty query, an operator with no term after it, or an http(s) URL (never fetched).
         ImageLoadError: a term that is a path to an image file (`./photos/x.jpg`) which does not exist.
     """
     terms: list[Term] = []
@@ -253,7 +267,7 @@ def as_terms(query: Any) -> list[Term]:
             list mixing those and `(weight, any of those)` tuples.
 
     Raises:
-        QueryError: an unsupported query type or an empty list.
+        QueryError: an unsupported query type, an empty list, or an http(s) URL (never fetched).
     """
     if isinstance(query, list | tuple) and not (
         isinstance(query, tuple) and len(query) == 2 and isinstance(query[0], int | float)

@@ -277,6 +277,13 @@ def test_clear_errors(world, tmp_path):
         assert result.exit_code == 1 and str(broken) in result.output and len(result.output.splitlines()) == 1
     result = run(world, "similar", str(tmp_path / "missing.jpg"))
     assert result.exit_code == 1 and "no such file" in result.output
+    for command in ("query", "similar"):
+        result = run(world, command, "https://example.com/dog.jpg")
+        assert (result.exit_code, result.output) == (
+            1,
+            "Error: query term https://example.com/dog.jpg: URLs are not fetched; download the image first and give "
+            "its path\n",
+        )
 
 
 @pytest.fixture

@@ -73,6 +73,23 @@ def test_missing_or_non_image_files_are_text(tmp_path, monkeypatch):
         parse_terms(["dog", "+", "2:./gone.jpg"])
 
 
+@pytest.mark.parametrize(
+    ("tokens", "url"),
+    [
+        (["https://example.com/dog.jpg"], "https://example.com/dog.jpg"),
+        (["dog", "+", "2:HTTP://example.com/a?b=c"], "HTTP://example.com/a?b=c"),
+        (["like http://x.org/cat.png please"], "http://x.org/cat.png"),
+    ],
+)
+def test_urls_are_not_fetched(tokens, url):
+    message = f"query term {url}: URLs are not fetched; download the image first and give its path"
+    with pytest.raises(QueryError) as error:
+        parse_terms(tokens)
+    assert str(error.value) == message
+    with pytest.raises(QueryError, match="URLs are not fetched"):
+        as_terms(url)
+
+
 @pytest.mark.parametrize("tokens", [[], ["+"], ["dog", "-"], ["  "]])
 def test_bad_queries(tokens):
     with pytest.raises(QueryError):

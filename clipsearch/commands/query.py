@@ -220,10 +220,10 @@ def query(
 
 
 @click.command("similar")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(dir_okay=False))  # a str: Path() would fold the // of a URL
 @_common_options
 def similar(
-    path: Path,
+    path: str,
     top: int,
     in_dir: Path | None,
     after: datetime | None,
