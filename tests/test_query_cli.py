@@ -124,6 +124,46 @@ def test_table_and_paths_output(world):
     assert result.exit_code == 2 and "--json and --paths" in result.output
 
 
+def test_output_formats_for_any_file_name(world, tmp_path):
+    """The table and --plain escape control characters; -0 gives every name exactly; rclip's -t and -f work."""
+    photos, db = tmp_path / "photos", tmp_path / "db"
+    photos.mkdir()
+    names = ["new\nline.png", "tab\there.png", "plain.png", "esc\x1b.png"]
+    for i, name in enumerate(names):
+        pattern(i).save(photos / name)
+    library = Library(db=db, model=world["checkpoint"], text_precision="float32")
+    library.index([photos], workers=0, progress=False)
+    hits = library.search("dog", k=3, metadata=False)
+    escaped = ["new\\nline.png", "tab\\there.png", "plain.png", "esc\\x1b.png"]  # as repr() shows them
+    shown = {str(photos / n): str(photos / e) for n, e in zip(names, escaped, strict=True)}
+    table = "rank   score  path\n" + "".join(f"{h.rank:>4}  {h.score:>6.3f}  {shown[h.path]}\n" for h in hits)
+    expected = {
+        (): table,
+        ("--plain",): "".join(f"{h.score:.3f}\t{shown[h.path]}\n" for h in hits),
+        ("-f",): "".join(h.path + "\n" for h in hits),
+        ("-0",): "".join(h.path + "\0" for h in hits),
+        ("--paths", "--null"): "".join(h.path + "\0" for h in hits),
+        ("-f0",): "".join(h.path + "\0" for h in hits),
+    }
+    for options, output in expected.items():
+        for top in (["-n", "3"], ["-t", "3"], ["--top=3"]):
+            result = run(world, "query", "dog", *top, *options, db=db)
+            assert (result.exit_code, result.stdout) == (0, output), (options, top)
+    everything = run(world, "query", "dog", "-t", "10", "-0", db=db).stdout
+    assert sorted(everything.split("\0")[:-1]) == sorted(str(photos / n) for n in names)
+    similar = run(world, "similar", str(photos / "plain.png"), "-0", db=db).stdout
+    assert sorted(similar.split("\0")[:-1]) == sorted(str(photos / n) for n in names if n != "plain.png")
+
+    for options, message in (
+        (("--json", "--plain"), "--json and --plain"),
+        (("--plain", "-0"), "--plain and --null"),
+        (("-f", "--json", "-0"), "--json and --null"),
+    ):
+        result = run(world, "query", "dog", *options, db=db)
+        assert result.exit_code == 2
+        assert result.output.splitlines()[-1] == f"Error: {message} cannot be used together; choose one output format"
+
+
 def test_similar_finds_near_duplicates_first(world, tmp_path):
     photos = world["photos"]
     dups = {str(photos / n) for n in ("dup_reencoded.jpg", "dup_resized.png", "dup_cropped.png")}
@@ -217,7 +257,7 @@ def test_negative_numbers_are_option_values(world):
         assert spaced.output == joined.output and all(h["score"] >= -0.5 for h in json_lines(spaced.output))
         refused = run(world, *command, "-n", "-1")
         assert refused.exit_code == 2
-        assert refused.output.splitlines()[-1] == f"Error: Invalid value for '-n' / '--top': {OUT_OF_RANGE}"
+        assert refused.output.splitlines()[-1] == f"Error: Invalid value for '-n' / '-t' / '--top': {OUT_OF_RANGE}"
 
 
 def test_a_number_colon_text_is_searched_as_written(world):
