@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from retrieval.errors import ImageLoadError, StoreError
+from retrieval.errors import ImageLoadError, ModelMismatchError, QueryError, StoreError
 from retrieval.query import (
     IMAGENET_TEMPLATES,
     SearchResult,
     as_terms,
     build_filter,
     encode_query,
+    refuse_urls,
     search,
     search_saved,
 )
@@ -105,6 +106,16 @@ def encode_query_texts(model: CLIP, texts: list[str]) -> Embeddings:
         torch.set_num_threads(previous)
 
 
+def _warn_if_cut(texts: list[str], context_length: int) -> None:
+    """Say once, for all the texts of a query, that the text encoder will not see the end of one of them."""
+    from retrieval.model.tokenizer import token_count
+
+    if any(token_count(text) > context_length for text in texts):
+        logger.warning(
+            "the query text is longer than the model's %d tokens; only the first part is used", context_length
+        )
+
+
 def default_model_for(db: str | os.PathLike[str] | None) -> str:
     """The model to use when none is named: `$CLIPSEARCH_MODEL`, else the store's only registered model, else
     the registry default (ViT-B/32)."""
@@ -120,6 +131,19 @@ def default_model_for(db: str | os.PathLike[str] | None) -> str:
         models = [m.model for m in Store.models(db)]
     names = {m.name for m in models if is_registered(m.name)}
     return names.pop() if len(names) == 1 else default_model_name()
+
+
+def _check_folder(store: Store, in_dir: str | os.PathLike[str]) -> None:
+    """Refuse an `in_dir` that is no folder and holds no indexed image: a mistyped path, not an empty result.
+
+    A folder that is gone but still has images in the store (an unmounted disk) is searched as usual.
+
+    Raises:
+        QueryError: no such folder, and no stored image under it.
+    """
+    if Path(in_dir).expanduser().is_dir() or len(store.filter_ids(build_filter(in_dir=in_dir))):
+        return
+    raise QueryError(f"--in {os.fspath(in_dir)}: no such folder, and no indexed image is under it; check the path")
 
 
 class Library:
@@ -169,6 +193,7 @@ class Library:
         self._index_version: int | None = None
         self._saved: SavedIndex | None = None
         self._query_text_model: CLIP | None = None
+        self._store_checked = False
 
     # ---- parts, loaded on first use ------------------------------------------------------------
 
@@ -221,6 +246,42 @@ class Library:
                 "run `clipsearch index FOLDER` first"
             )
         return store
+
+    def _check_searchable(self) -> None:
+        """Refuse a search that cannot find anything before a model loads: loading one may mean downloading
+        hundreds of MB, only to learn that there is no store, no image in it, or none for this registry model.
+
+        Raises:
+            StoreError: no store at `db`, or no images for the model in it.
+            ModelMismatchError: a registry model named whose images the store does not hold.
+        """
+        if self._store_checked or self._models or self._given_model is not None:
+            return  # a model is loaded already: the store itself says what is wrong
+        from retrieval.ann import saved_tables
+        from retrieval.model.registry import get_spec, is_registered
+
+        tables = saved_tables(self.db) if self.db.is_dir() else []
+        if tables is None:  # a table without a current saved index: count its rows in the store
+            from retrieval.store import Store
+
+            tables = [(m.model, Store.open(self.db, m.model).count()) for m in Store.models(self.db)]
+        if not tables:
+            raise StoreError(f"no image store at {self.db}; run `clipsearch index FOLDER` first")
+        name = self.model_name
+        spec = get_spec(name) if is_registered(name) else None
+        if spec is not None and not spec.bundled:  # its identity is known without its weights
+            name = spec.name
+            own = [(model, count) for model, count in tables if model.weights_sha256 == spec.sha256]
+            if not own and any(count for _, count in tables):
+                raise ModelMismatchError(
+                    f"the store at {self.db} has no images indexed with model {name!r} (it has: "
+                    f"{', '.join(sorted({model.name for model, _ in tables}))}); pass --model with one of those, "
+                    f"or run `clipsearch index FOLDER --model {name}`"
+                )
+            tables = own
+        if not any(count for _, count in tables):
+            raise StoreError(f"no images indexed for model {name!r} in {self.db}; run `clipsearch index FOLDER` first")
+        self._store_checked = True
 
     def ann_index(self) -> AnnIndex:
         """The FAISS index, synced with the store whenever the store has changed since the last call."""
@@ -281,6 +342,7 @@ class Library:
             if self._query_text_model is None:
                 model = self._model("text")[0]
                 self._query_text_model = query_text_model(model) if self.text_precision == "auto" else model
+            _warn_if_cut(batch, self._query_text_model.config.text.context_length)
             return encode_query_texts(self._query_text_model, batch)
 
         return encode_query(terms, texts, self._encode_images, ensemble=ensemble, templates=templates)
@@ -334,6 +396,7 @@ class Library:
         Returns:
             `SearchResult(path, score, rank, metadata)` records, best first.
         """
+        self._check_searchable()
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
         if not metadata and condition is None:
             saved = self._saved_index()
@@ -342,7 +405,10 @@ class Library:
                 return search_saved(saved, vector, k, threshold=threshold)
         store = self._searchable_store()
         vector = self.encode(query, ensemble=ensemble, templates=templates)
-        return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
+        results = search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
+        if not results and in_dir is not None:
+            _check_folder(store, in_dir)
+        return results
 
     def similar(
         self,
@@ -361,10 +427,13 @@ class Library:
 
         Raises:
             ImageLoadError: the file is missing or not a readable image.
+            QueryError: `path` is an http(s) URL.
         """
+        refuse_urls(os.fspath(path))
         path = Path(path).expanduser()
         if not path.is_file():
             raise ImageLoadError(f"{path}: no such file")
+        self._check_searchable()
         self._model("image")  # before the store: its identity then comes from the tower a re-encode needs
         store = self._searchable_store()
         row_id = store.id_for_path(path)
@@ -373,7 +442,10 @@ class Library:
             vector = self._encode_images([path])[0]
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
         exclude = [row_id] if row_id is not None else []
-        return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold, exclude=exclude)
+        results = search(store, self.ann_index(), vector, k, where=condition, threshold=threshold, exclude=exclude)
+        if not results and in_dir is not None:
+            _check_folder(store, in_dir)
+        return results
 
     @staticmethod
     def _stored_vector(store: Store, row_id: int, path: Path) -> np.ndarray | None:

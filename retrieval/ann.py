@@ -272,6 +272,12 @@ def saved_models(db_dir: str | os.PathLike[str]) -> list[ModelInfo] | None:
     """The model of every table in a store directory, read from their saved indexes when each of them reflects
     its table as it is now; None when any table lacks such an index (then ask `Store.models`).
     """
+    tables = saved_tables(db_dir)
+    return None if tables is None else [model for model, _ in tables]
+
+
+def saved_tables(db_dir: str | os.PathLike[str]) -> list[tuple[ModelInfo, int]] | None:
+    """`saved_models` with each table's image count: (model, images) per table, or None."""
     from retrieval.model.identity import ModelInfo
 
     db_dir = Path(db_dir)
@@ -279,14 +285,14 @@ def saved_models(db_dir: str | os.PathLike[str]) -> list[ModelInfo] | None:
         tables = sorted(p.name.removesuffix(".lance") for p in db_dir.iterdir() if p.name.endswith(".lance"))
     except OSError:
         return None
-    models = []
+    found = []
     for table in tables:
         meta = _read_meta(db_dir / f"{table}.faiss.json") or {}
         fingerprint = meta.get("fingerprint")
         if not meta.get("model") or not fingerprint or fingerprint != table_fingerprint(db_dir / f"{table}.lance"):
             return None
-        models.append(ModelInfo.from_dict(meta["model"]))
-    return models
+        found.append((ModelInfo.from_dict(meta["model"]), int(meta["ntotal"]) - len(meta.get("tombstones", []))))
+    return found
 
 
 def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnIndex:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -33,6 +34,11 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
+
+# The start of a weighted term: a decimal number (no exponent, no inf/nan) and a colon, as in `-0.5:night`.
+WEIGHT_PREFIX = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)):")
+# A web address in a query, which a user may expect to be fetched like a query image.
+_URL = re.compile(r"https?://", re.IGNORECASE)
 
 # The 80 prompt templates CLIP's authors used for zero-shot ImageNet (Radford et al. 2021, the
 # "Prompt_Engineering_for_ImageNet" notebook). Averaging a label's embeddings over them is "prompt ensembling".
@@ -158,20 +164,34 @@ def is_image_path(text: str | os.PathLike[str]) -> bool:
 
 
 def _split_weight(token: str) -> tuple[float, str]:
-    """`"2:golden retriever"` -> (2.0, "golden retriever"); a prefix that is not a number stays text."""
-    head, sep, rest = token.partition(":")
-    if sep and rest:
-        try:
-            weight = float(head)
-        except ValueError:
-            return 1.0, token
-        if np.isfinite(weight):
-            return weight, rest
+    """`"2:golden retriever"` -> (2.0, "golden retriever"); anything else, `"16:9 screenshot"` too, stays text.
+
+    Only a number, a colon, and then a letter or an image file name make a weight: a text that merely
+    starts with digits and a colon (an aspect ratio, a time of day) must be searched as written.
+    """
+    match = WEIGHT_PREFIX.match(token)
+    if match is None:
+        return 1.0, token
+    weight, rest = float(match.group(1)), token[match.end() :]
+    if np.isfinite(weight) and (rest[:1].isalpha() or Path(rest).suffix.lower() in IMAGE_EXTENSIONS):
+        return weight, rest
     return 1.0, token
+
+
+def refuse_urls(text: str) -> None:
+    """Refuse a query holding an http(s) URL: images are read from files only.
+
+    Raises:
+        QueryError: a word of `text` is a URL; the message says to download the image first.
+    """
+    url = next((word for word in text.split() if _URL.match(word)), None)
+    if url is not None:
+        raise QueryError(f"query term {url}: URLs are not fetched; download the image first and give its path")
 
 
 def _term_for(text: str, weight: float) -> Term:
     """A text or image term for one written term."""
+    refuse_urls(text)
     if is_image_path(text):
         return Term(weight, "image", Path(text).expanduser())
     if Path(text).suffix.lower() in IMAGE_EXTENSIONS and os.sep in text and " " not in text:
@@ -183,7 +203,9 @@ def parse_terms(tokens: Sequence[str]) -> list[Term]:
     """Parse a command-line query into weighted terms.
 
     Grammar: terms separated by `+` or `-` (a `-` subtracts the next term); each term may start with a
-    weight, `W:term` (`2:golden retriever`, `-0.5:night`), which also starts a new term; an existing file
+    weight, `W:term` where W is a number and the term starts with a letter or names an image file
+    (`2:golden retriever`, `-0.5:night`, `0.5:pool.jpg`), which also starts a new term (anything else with a
+    colon is text: `16:9 screenshot`, `time: 10:30`); an existing file
     with an image extension is an image, anything else is text. Other words not separated by an operator
     belong to one text, so `clipsearch query red circle` searches for "red circle". Terms side by side add up.
 
@@ -194,7 +216,7 @@ def parse_terms(tokens: Sequence[str]) -> list[Term]:
         The terms, in order.
 
     Raises:
-        QueryError: an empty query, or an operator with no term after it.
+        QueryError: an empty query, an operator with no term after it, or an http(s) URL (never fetched).
         ImageLoadError: a term that is a path to an image file (`./photos/x.jpg`) which does not exist.
     """
     terms: list[Term] = []
@@ -245,7 +267,7 @@ def as_terms(query: Any) -> list[Term]:
             list mixing those and `(weight, any of those)` tuples.
 
     Raises:
-        QueryError: an unsupported query type or an empty list.
+        QueryError: an unsupported query type, an empty list, or an http(s) URL (never fetched).
     """
     if isinstance(query, list | tuple) and not (
         isinstance(query, tuple) and len(query) == 2 and isinstance(query[0], int | float)
@@ -362,7 +384,7 @@ def build_filter(
     if in_dir is not None:
         from retrieval.store import display_path  # here: the store module imports LanceDB (~1 s)
 
-        folder = os.path.join(os.path.abspath(os.fspath(in_dir)), "")  # trailing separator: /a/b not /a/bc
+        folder = os.path.join(os.path.abspath(os.path.expanduser(in_dir)), "")  # trailing /: /a/b, not /a/bc
         clauses.append(f"starts_with(path, {_sql_string(display_path(folder))})")
     if after is not None:
         clauses.append(f"taken_at >= {_sql_timestamp(after)}")

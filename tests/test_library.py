@@ -62,6 +62,16 @@ def test_search_forms_agree(library):
         library.search(photos / "missing.png")
 
 
+def test_in_dir_is_a_folder_under_the_home_too_and_a_missing_one_is_an_error(library, monkeypatch):
+    library, photos = library
+    monkeypatch.setenv("HOME", str(photos.parent))
+    assert len(library.search("x", k=10, in_dir="~/photos")) == 6
+    with pytest.raises(QueryError, match=r"^--in ~/nothing: no such folder, and no indexed image is under it"):
+        library.search("x", in_dir="~/nothing")
+    with pytest.raises(QueryError, match=r"^--in /nothing: no such folder"):
+        library.similar(photos / "1.png", in_dir="/nothing")
+
+
 def test_similar_embeddings_and_status(library):
     library, photos = library
     hits = library.similar(photos / "0.png", k=10)

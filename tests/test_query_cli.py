@@ -31,6 +31,7 @@ TINY = CLIPConfig(
     text=TextConfig(width=64, heads=2, layers=2),
 )
 EXIF_IFD, DATE_TIME_ORIGINAL = 0x8769, 0x9003
+OUT_OF_RANGE = "-1 is not in the range x>=1."
 
 
 def tiny_checkpoint(folder: Path, seed: int) -> Path:
@@ -123,6 +124,46 @@ def test_table_and_paths_output(world):
     assert result.exit_code == 2 and "--json and --paths" in result.output
 
 
+def test_output_formats_for_any_file_name(world, tmp_path):
+    """The table and --plain escape control characters; -0 gives every name exactly; rclip's -t and -f work."""
+    photos, db = tmp_path / "photos", tmp_path / "db"
+    photos.mkdir()
+    names = ["new\nline.png", "tab\there.png", "plain.png", "esc\x1b.png"]
+    for i, name in enumerate(names):
+        pattern(i).save(photos / name)
+    library = Library(db=db, model=world["checkpoint"], text_precision="float32")
+    library.index([photos], workers=0, progress=False)
+    hits = library.search("dog", k=3, metadata=False)
+    escaped = ["new\\nline.png", "tab\\there.png", "plain.png", "esc\\x1b.png"]  # as repr() shows them
+    shown = {str(photos / n): str(photos / e) for n, e in zip(names, escaped, strict=True)}
+    table = "rank   score  path\n" + "".join(f"{h.rank:>4}  {h.score:>6.3f}  {shown[h.path]}\n" for h in hits)
+    expected = {
+        (): table,
+        ("--plain",): "".join(f"{h.score:.3f}\t{shown[h.path]}\n" for h in hits),
+        ("-f",): "".join(h.path + "\n" for h in hits),
+        ("-0",): "".join(h.path + "\0" for h in hits),
+        ("--paths", "--null"): "".join(h.path + "\0" for h in hits),
+        ("-f0",): "".join(h.path + "\0" for h in hits),
+    }
+    for options, output in expected.items():
+        for top in (["-n", "3"], ["-t", "3"], ["--top=3"]):
+            result = run(world, "query", "dog", *top, *options, db=db)
+            assert (result.exit_code, result.stdout) == (0, output), (options, top)
+    everything = run(world, "query", "dog", "-t", "10", "-0", db=db).stdout
+    assert sorted(everything.split("\0")[:-1]) == sorted(str(photos / n) for n in names)
+    similar = run(world, "similar", str(photos / "plain.png"), "-0", db=db).stdout
+    assert sorted(similar.split("\0")[:-1]) == sorted(str(photos / n) for n in names if n != "plain.png")
+
+    for options, message in (
+        (("--json", "--plain"), "--json and --plain"),
+        (("--plain", "-0"), "--plain and --null"),
+        (("-f", "--json", "-0"), "--json and --null"),
+    ):
+        result = run(world, "query", "dog", *options, db=db)
+        assert result.exit_code == 2
+        assert result.output.splitlines()[-1] == f"Error: {message} cannot be used together; choose one output format"
+
+
 def test_similar_finds_near_duplicates_first(world, tmp_path):
     photos = world["photos"]
     dups = {str(photos / n) for n in ("dup_reencoded.jpg", "dup_resized.png", "dup_cropped.png")}
@@ -174,6 +215,29 @@ def test_filters_hold_and_still_fill_k(world):
     assert result.exit_code == 1 and result.output.startswith("Error: invalid filter")
 
 
+def test_in_a_missing_folder_is_an_error(world, tmp_path):
+    """A typo in --in says so; a folder that is gone but still indexed (an unmounted disk) is searched."""
+    missing = tmp_path / "no-such-folder"
+    for command in (["query", "dog"], ["similar", str(world["photos"] / "p01.png")]):
+        result = run(world, *command, "--in", str(missing))
+        assert result.exit_code == 1
+        assert (
+            result.output
+            == f"Error: --in {missing}: no such folder, and no indexed image is under it; check the path\n"
+        )
+    (tmp_path / "empty").mkdir()
+    result = run(world, "query", "dog", "--in", str(tmp_path / "empty"))
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "no results\n")
+
+    photos, db = tmp_path / "photos", tmp_path / "db"
+    shutil.copytree(world["photos"] / "sub", photos)
+    Library(db=db, model=world["checkpoint"]).index([photos], workers=0, progress=False)
+    photos.rename(tmp_path / "unmounted")
+    result = run(world, "query", "dog", "--in", str(photos), "--paths", db=db)
+    assert result.exit_code == 0
+    assert sorted(result.output.splitlines()) == [str(photos / n) for n in ("p00.jpg", "p03.png", "p06.jpg", "p09.png")]
+
+
 def test_threshold(world):
     hits = json_lines(run(world, "query", "dog", "--json", "-n", "15").output)
     cut = (hits[4]["score"] + hits[5]["score"]) / 2  # between the 5th and 6th score (JSON rounds them)
@@ -181,6 +245,30 @@ def test_threshold(world):
     assert [h["path"] for h in kept] == [h["path"] for h in hits[:5]]
     result = run(world, "query", "dog", "--threshold", "1.01")
     assert result.exit_code == 0 and result.stdout == ""
+
+
+def test_negative_numbers_are_option_values(world):
+    """`--threshold -0.5` and `-n -1` reach click as they were typed, next to a negative-weight term."""
+    photo = str(world["photos"] / "p01.png")
+    for command in (["query", "dog", "-0.5:night"], ["similar", photo]):
+        spaced = run(world, *command, "--threshold", "-0.5", "--json", "-n", "15")
+        assert spaced.exit_code == 0, spaced.output
+        joined = run(world, *command, "--threshold=-0.5", "--json", "-n", "15")
+        assert spaced.output == joined.output and all(h["score"] >= -0.5 for h in json_lines(spaced.output))
+        refused = run(world, *command, "-n", "-1")
+        assert refused.exit_code == 2
+        assert refused.output.splitlines()[-1] == f"Error: Invalid value for '-n' / '-t' / '--top': {OUT_OF_RANGE}"
+
+
+def test_a_number_colon_text_is_searched_as_written(world):
+    result = run(world, "query", "16:9 screenshot", "--json", "-n", "15")
+    assert result.exit_code == 0, result.output
+    model, _ = load_model(world["checkpoint"], towers="text")
+    _, paths, vectors = stored(world)
+    scores = vectors @ encode_texts(model, ["16:9 screenshot"])[0]
+    hits = json_lines(result.output)
+    assert [h["path"] for h in hits] == [paths[i] for i in np.argsort(-scores)]
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1], atol=1e-5)
 
 
 def test_deleted_files_never_come_back(world, tmp_path):
@@ -212,8 +300,11 @@ def test_clear_errors(world, tmp_path):
     model, _ = load_model(world["checkpoint"], towers="text")
     Store.open(empty, model.info, create=True)
     result = run(world, "query", "dog", db=empty)
-    assert result.exit_code == 1 and "no images indexed for model 'tiny-0'" in result.output
-    assert "run `clipsearch index FOLDER` first" in result.output
+    assert result.exit_code == 1  # checked before the model loads, so it names the model as given
+    assert result.output == (
+        f"Error: no images indexed for model {str(world['checkpoint'])!r} in {empty}; "
+        "run `clipsearch index FOLDER` first\n"
+    )
 
     other = tiny_checkpoint(tmp_path / "other", seed=1)
     result = CliRunner().invoke(cli, ["query", "dog", "--model", str(other), "--db", str(world["db"])])
@@ -226,6 +317,63 @@ def test_clear_errors(world, tmp_path):
         assert result.exit_code == 1 and str(broken) in result.output and len(result.output.splitlines()) == 1
     result = run(world, "similar", str(tmp_path / "missing.jpg"))
     assert result.exit_code == 1 and "no such file" in result.output
+    for command in ("query", "similar"):
+        result = run(world, command, "https://example.com/dog.jpg")
+        assert (result.exit_code, result.output) == (
+            1,
+            "Error: query term https://example.com/dog.jpg: URLs are not fetched; download the image first and give "
+            "its path\n",
+        )
+
+
+@pytest.fixture
+def unfetchable(tmp_path, monkeypatch):
+    """A registry model that is not cached and cannot be fetched (its URL is a closed loopback port)."""
+    from retrieval.model import registry
+
+    spec = registry.ModelSpec("ViT-T/0", "never fetched", url="http://127.0.0.1:9/vit-t-0.pt", sha256="0" * 64)
+    monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
+    return spec
+
+
+def test_nothing_to_search_fails_before_a_model_loads(world, tmp_path, unfetchable):
+    """No store, an empty one, or one without this model's images: said at once, never after a download."""
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    Store.open(empty, load_model(world["checkpoint"], towers="text")[0].info, create=True)
+    expected = {
+        missing: f"Error: no image store at {missing}; run `clipsearch index FOLDER` first\n",
+        empty: f"Error: no images indexed for model 'ViT-T/0' in {empty}; run `clipsearch index FOLDER` first\n",
+        world["db"]: f"Error: the store at {world['db']} has no images indexed with model 'ViT-T/0' (it has: tiny-0); "
+        "pass --model with one of those, or run `clipsearch index FOLDER --model ViT-T/0`\n",
+    }
+    for command in (["query", "dog"], ["similar", str(world["photos"] / "p01.png")]):
+        for db, message in expected.items():
+            result = CliRunner().invoke(cli, [*command, "--model", "ViT-T/0", "--db", str(db)])
+            assert (result.exit_code, result.output) == (1, message)
+    assert not (tmp_path / "cache").exists()  # nothing was downloaded, nor even started
+
+
+CUT_WARNING = (
+    "WARNING clipsearch.library: the query text is longer than the model's 77 tokens; only the first part is used\n"
+)
+
+
+def test_a_query_cut_at_77_tokens_is_warned_about_once(world, caplog):
+    """One line on stderr however many texts (or prompt templates) run over; none when the text fits."""
+    fits, too_long = " ".join(["red"] * 75), " ".join(["red"] * 76)  # 75 tokens + start and end = 77
+    main = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+    options = ["--paths", "-n", "1", "--model", str(world["checkpoint"]), "--db", str(world["db"])]
+    for terms, warning in (([fits], ""), ([too_long, "-", "blue " * 80, "--ensemble"], CUT_WARNING)):
+        done = subprocess.run([*main, "query", *terms, *options], capture_output=True, text=True, timeout=300)
+        assert (done.returncode, done.stderr) == (0, warning), terms
+        assert len(done.stdout.splitlines()) == 1
+
+    library = Library(db=world["db"], model=world["checkpoint"])
+    for query, ensemble, cut in ((fits, False, False), (too_long, False, True), ("blue", True, False)):
+        caplog.clear()
+        library.encode(query, ensemble=ensemble)
+        assert [r.getMessage() + "\n" for r in caplog.records] == ([CUT_WARNING.split(": ", 1)[1]] if cut else [])
 
 
 def test_ensemble_averages_the_prompt_templates(world):

@@ -49,9 +49,17 @@ def test_weight_prefixes(pool):
     assert parse_terms(["0.5:pool.jpg"]) == [Term(0.5, "image", pool)]
     assert parse_terms(["-0.5:night", "sky"]) == [Term(-0.5, "text", "night sky")]
     assert parse_terms(["-", "3:rain"]) == [Term(-3.0, "text", "rain")]
+    assert parse_terms(["0.5:./pool.jpg", "+2:été"]) == [Term(0.5, "image", pool), Term(2.0, "text", "été")]
     # a colon that does not follow a number is text
     assert parse_terms(["time: 10:30"]) == [Term(1.0, "text", "time: 10:30")]
     assert parse_terms(["nan:x"]) == [Term(1.0, "text", "nan:x")]
+
+
+@pytest.mark.parametrize("text", ["16:9 screenshot", "16:9", "2: dog", "4:3:2 shot", "1e3:x", "inf:x"])
+def test_a_number_and_colon_before_anything_but_a_letter_or_an_image_is_text(text, pool):
+    """Only `W:` followed by a letter (or an image file name) is a weight; `16:9 screenshot` is searched as is."""
+    assert parse_terms([text]) == [Term(1.0, "text", text)]
+    assert parse_terms(["-", text]) == [Term(-1.0, "text", text)]
 
 
 def test_missing_or_non_image_files_are_text(tmp_path, monkeypatch):
@@ -61,6 +69,25 @@ def test_missing_or_non_image_files_are_text(tmp_path, monkeypatch):
     assert parse_terms(["gone.jpg"]) == [Term(1.0, "text", "gone.jpg")]
     with pytest.raises(ImageLoadError, match="query image ./gone.jpg: no such file"):
         parse_terms(["dog", "+", "./gone.jpg"])
+    with pytest.raises(ImageLoadError, match="query image ./gone.jpg: no such file"):
+        parse_terms(["dog", "+", "2:./gone.jpg"])
+
+
+@pytest.mark.parametrize(
+    ("tokens", "url"),
+    [
+        (["https://example.com/dog.jpg"], "https://example.com/dog.jpg"),
+        (["dog", "+", "2:HTTP://example.com/a?b=c"], "HTTP://example.com/a?b=c"),
+        (["like http://x.org/cat.png please"], "http://x.org/cat.png"),
+    ],
+)
+def test_urls_are_not_fetched(tokens, url):
+    message = f"query term {url}: URLs are not fetched; download the image first and give its path"
+    with pytest.raises(QueryError) as error:
+        parse_terms(tokens)
+    assert str(error.value) == message
+    with pytest.raises(QueryError, match="URLs are not fetched"):
+        as_terms(url)
 
 
 @pytest.mark.parametrize("tokens", [[], ["+"], ["dog", "-"], ["  "]])
@@ -170,3 +197,41 @@ def test_click_hands_operators_and_dash_terms_through(pool):
 
     result = runner.invoke(probe, ["dog", "--bogus"])
     assert result.exit_code == 2 and "No such option '--bogus'" in result.output
+
+
+def test_negative_option_values_reach_click_unmarked():
+    """A value after an option that takes one is never marked as a term, so click parses (or refuses) it."""
+    from clipsearch.commands.query import TermsCommand, terms_from
+
+    captured = {}
+
+    @click.command(cls=TermsCommand)
+    @click.argument("terms", nargs=-1, required=True)
+    @click.option("-n", "--top", default=10, type=click.IntRange(min=1))
+    @click.option("--threshold", type=float)
+    @click.option("--where")
+    @click.option("-f", "--paths", is_flag=True)
+    def probe(terms, top, threshold, where, paths):
+        captured.update(terms=tuple(terms_from(terms)), top=top, threshold=threshold, where=where, paths=paths)
+
+    runner = CliRunner()
+    for args, expected in [
+        (["dog", "--threshold", "-0.5"], {"terms": ("dog",), "threshold": -0.5}),
+        (["--threshold", "-.5", "dog"], {"terms": ("dog",), "threshold": -0.5}),
+        (["--threshold=-0.5", "-0.5:night", "dog"], {"terms": ("-0.5:night", "dog"), "threshold": -0.5}),
+        (["-0.5:night", "--threshold", "-2", "-n", "3"], {"terms": ("-0.5:night",), "threshold": -2.0, "top": 3}),
+        (["dog", "--where", "-1:x"], {"terms": ("dog",), "where": "-1:x"}),
+        (["dog", "-fn", "4", "-1:x"], {"terms": ("dog", "-1:x"), "top": 4, "paths": True}),
+    ]:
+        captured.clear()
+        result = runner.invoke(probe, args)
+        assert result.exit_code == 0, (args, result.output)
+        assert {key: captured[key] for key in expected} == expected, args
+
+    for args in (["dog", "-n", "-1"], ["dog", "-n-1"], ["-n", "-1", "dog"]):
+        result = runner.invoke(probe, args)
+        assert result.exit_code == 2, args
+        assert result.output.splitlines()[-1] == "Error: Invalid value for '-n' / '--top': -1 is not in the range x>=1."
+    result = runner.invoke(probe, ["dog", "--threshold", "-0.5:x"])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == "Error: Invalid value for '--threshold': '-0.5:x' is not a valid float."

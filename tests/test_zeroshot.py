@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from clipsearch.cli import cli
 from clipsearch.library import Library
@@ -176,6 +177,30 @@ def test_classify_reports_unreadable_files_and_goes_on(tiny, gallery, tmp_path):
     assert f"{broken}: skipped:" in result.stderr
     only_broken = CliRunner().invoke(cli, ["classify", str(broken), "--labels", "a,b", "--model", str(tiny)])
     assert only_broken.exit_code == 1
+
+
+def test_classify_names_each_failure_once_and_has_max_megapixels(tiny, tmp_path):
+    big, broken = tmp_path / "big.png", tmp_path / "broken.jpg"
+    Image.new("RGB", (1000, 1000), "red").save(big)  # 1 MP
+    broken.write_bytes(b"not a jpeg")
+    args = ["classify", str(big), str(broken), "--labels", "a,b", "--model", str(tiny)]
+    refused = CliRunner().invoke(cli, [*args, "--max-megapixels", "0.5"])
+    assert (refused.exit_code, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        f"{big}: skipped: 1000x1000 is 1 MP, above the 0.5 MP limit; raise --max-megapixels to read it\n"
+        f"{broken}: skipped: not an image Pillow can read\n"
+    )
+    as_json = CliRunner().invoke(cli, [*args, "--max-megapixels", "0.5", "--json"])
+    assert [json.loads(line) for line in as_json.stderr.splitlines()] == [
+        {"path": str(big), "error": "1000x1000 is 1 MP, above the 0.5 MP limit; raise --max-megapixels to read it"},
+        {"path": str(broken), "error": "not an image Pillow can read"},
+    ]
+    accepted = CliRunner().invoke(cli, args)  # the default limit is 100 MP, as for `clipsearch index`
+    assert accepted.exit_code == 0 and accepted.stdout.split()[0] == str(big)
+    assert accepted.stderr == f"{broken}: skipped: not an image Pillow can read\n"
+    zero = CliRunner().invoke(cli, [*args, "--max-megapixels", "0"])
+    assert zero.exit_code == 2
+    assert zero.output.splitlines()[-1] == "Error: Invalid value for '--max-megapixels': 0.0 is not in the range x>0."
 
 
 def test_classify_label_options_conflict(tiny, gallery, tmp_path):

@@ -49,6 +49,8 @@ def _labels(labels: str | None, labels_file: str | None) -> list[str]:
 @click.option("--top", default=3, show_default=True, type=click.IntRange(min=1), help="Labels shown per image.")
 @click.option("--model", "model_name", envvar="CLIPSEARCH_MODEL", default=None, help=_MODEL_HELP)
 @click.option("--device", default="auto", show_default=True, help='"auto", "cpu", "cuda", "mps".')
+@click.option("--max-megapixels", default=100.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Skip larger images (decompression bombs); JPEGs count after reduced decoding.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image: path and labels with probabilities.")
 def classify(
     paths: tuple[str, ...],
@@ -58,19 +60,22 @@ def classify(
     top: int,
     model_name: str | None,
     device: str,
+    max_megapixels: float,
     as_json: bool,
 ) -> None:
     """Zero-shot classify images (files, or folders searched recursively) into the given labels.
 
     Each label goes through the prompt templates ("a photo of a {}."), the text embeddings are averaged
     per label, and each image gets the softmax over 100 x its cosine to every label: the top labels are
-    printed with their probabilities. Files that cannot be read are reported and skipped. For a large
-    collection, `clipsearch index` it and run `clipsearch tag`, which reuses the stored vectors.
+    printed with their probabilities. Files that cannot be read, or are larger than --max-megapixels, are
+    reported and skipped. For a large collection, `clipsearch index` it and run `clipsearch tag`, which
+    reuses the stored vectors.
 
     \b
     Examples:
       clipsearch classify photo.jpg --labels "cat,dog,car"
       clipsearch classify ./photos --labels-file labels.txt --top 1 --json
+      clipsearch classify ./scans --labels "map,letter,photo" --max-megapixels 400
       clipsearch classify ./shapes --labels "red,green,blue" --template "a photo of a {} circle" --model shapes-mini
     """
     import torch
@@ -80,6 +85,7 @@ def classify(
     from retrieval.errors import ImageLoadError
     from retrieval.model.encode import encode_images, encode_texts
     from retrieval.model.loading import load_model
+    from retrieval.model.preprocess import open_image
     from retrieval.zeroshot import build_classifier
 
     label_list = _labels(labels, labels_file)
@@ -99,7 +105,8 @@ def classify(
                 try:
                     if item.error is not None:
                         raise ImageLoadError(item.error)
-                    pixels.append(preprocess(item.path))
+                    with open_image(item.path) as image:
+                        pixels.append(preprocess.transform(preprocess.decode(image, max_megapixels)))
                     batch.append(item.path)
                 except ImageLoadError as e:
                     failed += 1
@@ -128,6 +135,7 @@ def _line(path: str, predicted: list[Prediction], width: int, as_json: bool) -> 
 
 def _report_failure(path: str, reason: str, as_json: bool) -> None:
     """One line on stderr for a file that could not be read (a JSON object with --json)."""
+    reason = reason.removeprefix(f"{path}: ")  # decoding errors start with the path, which is said already
     if as_json:
         click.echo(json.dumps({"path": path, "error": reason}, ensure_ascii=False), err=True)
     else:

@@ -18,23 +18,55 @@ import click
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
-_NEGATIVE_WEIGHT = re.compile(r"-\.?\d")  # a term like `-0.5:night`, which click would read as options
+# A term with a negative weight, `-0.5:night` (see `retrieval.query.WEIGHT_PREFIX`), which click would read as
+# short options (`-0`, ..., `-n ight`).
+_NEGATIVE_WEIGHT = re.compile(r"-(?:\d+(?:\.\d*)?|\.\d+):")
 _ESCAPE = "\x00"
+# What a table or --plain line escapes in a path: C0 and C1 controls, and the Unicode line/paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class TermsCommand(click.Command):
     """A command whose arguments may be terms with a negative weight (`-0.5:night`).
 
-    Click would split `-0.5:night` into short options (`-0`, ..., `-n ight`); such tokens are marked before
-    parsing and unmarked by `terms_from`. `+` and a lone `-` need nothing: click passes them as arguments.
+    Such tokens are marked before click parses them and unmarked by `terms_from`. A token that is the value
+    of an option (`--threshold -0.5`, `-n -1`) is left alone, so click parses or refuses it as that option's
+    value; after `--` nothing needs marking. `+` and a lone `-` need nothing: click passes them as arguments.
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        marked, options_ended = [], False
+        takes = {
+            name: param.nargs
+            for param in self.get_params(ctx)
+            if isinstance(param, click.Option) and not (param.is_flag or param.count)
+            for name in param.opts
+        }
+        marked: list[str] = []
+        values_due, options_ended = 0, False
         for arg in args:
-            options_ended = options_ended or arg == "--"
-            marked.append(_ESCAPE + arg if not options_ended and _NEGATIVE_WEIGHT.match(arg) else arg)
+            if values_due:
+                values_due -= 1
+            elif options_ended or arg == "--":
+                options_ended = True
+            elif _NEGATIVE_WEIGHT.match(arg):
+                arg = _ESCAPE + arg
+            else:
+                values_due = _values_after(arg, takes)
+            marked.append(arg)
         return super().parse_args(ctx, marked)
+
+
+def _values_after(arg: str, takes: dict[str, int]) -> int:
+    """How many of the next arguments click takes as option values after `arg` (`--top`, `-n`, `-fn`: 1)."""
+    if arg.startswith("--"):
+        return 0 if "=" in arg else takes.get(arg, 0)
+    if not arg.startswith("-"):
+        return 0
+    for end, char in enumerate(arg[1:], start=2):  # a cluster of short options, read as click reads it
+        nargs = takes.get("-" + char, 0)
+        if nargs:
+            return nargs - (end < len(arg))  # in `-n5` the value is attached
+    return 0
 
 
 def terms_from(arguments: Sequence[str]) -> list[str]:
@@ -45,7 +77,7 @@ def terms_from(arguments: Sequence[str]) -> list[str]:
 def _common_options(command: Any) -> Any:
     """The options `query` and `similar` share: result count, filters, output format, model and store."""
     options = [
-        click.option("-n", "--top", default=10, show_default=True, type=click.IntRange(min=1), help="Results."),
+        click.option("-n", "-t", "--top", default=10, show_default=True, type=click.IntRange(min=1), help="Results."),
         click.option(
             "--in", "in_dir", type=click.Path(file_okay=False, path_type=Path), help="Only images under this folder."
         ),
@@ -66,7 +98,13 @@ def _common_options(command: Any) -> Any:
         ),
         click.option("--threshold", type=float, metavar="S", help="Drop results with a cosine similarity below S."),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per result and line."),
-        click.option("--paths", "paths_only", is_flag=True, help="Only the paths, one per line (for xargs)."),
+        click.option("--plain", is_flag=True, help="score<TAB>path per result, no header."),
+        click.option(
+            "-f", "--paths", "paths_only", is_flag=True, help="Only the paths, one per line (for xargs -d '\\n')."
+        ),
+        click.option(
+            "-0", "--null", is_flag=True, help="Only the paths, each ended by a NUL byte (for xargs -0): any name."
+        ),
         click.option(
             "--index",
             "index_type",
@@ -101,20 +139,29 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _print_results(results: Sequence[Any], as_json: bool, paths_only: bool) -> None:
-    """Print as a table (rank, score, path), JSON lines, or bare paths."""
-    if paths_only:
+def _shown(path: str) -> str:
+    """A path for a line of text: control characters (a newline in a file name) escaped as repr() does."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], path)
+
+
+def _print_results(results: Sequence[Any], output: str) -> None:
+    """Print as a table (rank, score, path), score<TAB>path lines, JSON lines, or bare paths."""
+    if output in ("paths", "null"):
+        end = "\0" if output == "null" else "\n"
         for result in results:
-            click.echo(result.path)
-    elif as_json:
+            click.echo(result.path + end, nl=False)
+    elif output == "json":
         for result in results:
             record = {"rank": result.rank, "score": round(result.score, 6), "path": result.path}
             record.update({key: _json_safe(value) for key, value in result.metadata.items()})
             click.echo(json.dumps(record, ensure_ascii=False))
+    elif output == "plain":
+        for result in results:
+            click.echo(f"{result.score:.3f}\t{_shown(result.path)}")
     elif results:
         click.echo(f"{'rank':>4}  {'score':>6}  path")
         for result in results:
-            click.echo(f"{result.rank:>4}  {result.score:>6.3f}  {result.path}")
+            click.echo(f"{result.rank:>4}  {result.score:>6.3f}  {_shown(result.path)}")
     else:
         click.echo("no results", err=True)
 
@@ -129,10 +176,14 @@ def _library(db: Path | None, model: str | None, index_type: str | None) -> Any:
     return Library(db=db, model=model, index_type=index_type, text_precision="float32")
 
 
-def _check_output(as_json: bool, paths_only: bool) -> None:
-    """--json and --paths exclude each other."""
-    if as_json and paths_only:
-        raise click.UsageError("--json and --paths cannot be used together; choose one output format")
+def _output(as_json: bool, plain: bool, paths_only: bool, null: bool) -> str:
+    """The output format the flags ask for: "table", "json", "plain", "paths" or "null" (--paths may join -0)."""
+    given = [name for name, on in (("--json", as_json), ("--plain", plain), ("--paths", paths_only)) if on]
+    if null:
+        given = [name for name in given if name != "--paths"] + ["--null"]
+    if len(given) > 1:
+        raise click.UsageError(f"{given[0]} and {given[1]} cannot be used together; choose one output format")
+    return given[0].removeprefix("--") if given else "table"
 
 
 @click.command("query", cls=TermsCommand)
@@ -149,7 +200,9 @@ def query(
     where: str | None,
     threshold: float | None,
     as_json: bool,
+    plain: bool,
     paths_only: bool,
+    null: bool,
     index_type: str | None,
     model: str | None,
     db: Path | None,
@@ -157,20 +210,27 @@ def query(
     """Find images by describing them, by example images, or by a weighted mix of both.
 
     TERMS are texts or image files (an existing file with an image extension is an image). Join terms
-    with + and - (subtract); weight a term with W:term. Words not separated by + or - form one text.
-    Options may come anywhere; after -- every argument is a term.
+    with + and - (subtract); weight a term with W:term, where W is a number and the term starts with a
+    letter or names an image ("2:golden retriever", "-0.5:night"); any other colon is text, so
+    "16:9 screenshot" is searched as written. Words not separated by + or - form one text. Options may
+    come anywhere, and take negative values ("--threshold -0.2"); after -- every argument is a term.
+
+    Output: a table (control characters in paths, such as a newline, shown escaped as \\n), or --plain
+    score<TAB>path lines, --json, -f/--paths one path a line, -0/--null NUL-ended paths for any file name.
 
     \b
     Examples:
       clipsearch query "a photo of a dog"
       clipsearch query "2:golden retriever" + ./pool.jpg - "night"
-      clipsearch query sunset --in ~/Pictures/2023 --after 2023-06-01 -n 20
+      clipsearch query sunset --in ~/Pictures/2023 --after 2023-06-01 -t 20
       clipsearch query "a red car" --where "width >= 1920" --threshold 0.25 --json
-      clipsearch query cat --paths | xargs -d '\\n' feh
+      clipsearch query cat --plain
+      clipsearch query cat -f | xargs -d '\\n' feh
+      clipsearch query cat -0 | xargs -0 feh
     """
     from retrieval.query import parse_terms
 
-    _check_output(as_json, paths_only)
+    output = _output(as_json, plain, paths_only, null)
     parsed = parse_terms(terms_from(terms))
     library = _library(db, model, index_type)
     results = library.search(
@@ -182,16 +242,16 @@ def query(
         before=before,
         threshold=threshold,
         ensemble=ensemble,
-        metadata=as_json,  # a table or bare paths need no metadata, so a query may skip opening the store
+        metadata=output == "json",  # the other formats need no metadata, so a query may skip opening the store
     )
-    _print_results(results, as_json, paths_only)
+    _print_results(results, output)
 
 
 @click.command("similar")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(dir_okay=False))  # a str: Path() would fold the // of a URL
 @_common_options
 def similar(
-    path: Path,
+    path: str,
     top: int,
     in_dir: Path | None,
     after: datetime | None,
@@ -199,19 +259,24 @@ def similar(
     where: str | None,
     threshold: float | None,
     as_json: bool,
+    plain: bool,
     paths_only: bool,
+    null: bool,
     index_type: str | None,
     model: str | None,
     db: Path | None,
 ) -> None:
     """Find the images most like the image at PATH, indexed or not (an indexed PATH is left out).
 
+    Output formats as for `clipsearch query`: a table, --plain, --json, -f/--paths, -0/--null.
+
     \b
     Examples:
       clipsearch similar ./photos/beach.jpg
       clipsearch similar ~/Downloads/sofa.png -n 5 --json
+      clipsearch similar ./photos/beach.jpg -t 3 -0 | xargs -0 cp -t ./picked/
     """
-    _check_output(as_json, paths_only)
+    output = _output(as_json, plain, paths_only, null)
     library = _library(db, model, index_type)
     results = library.similar(path, k=top, where=where, in_dir=in_dir, after=after, before=before, threshold=threshold)
-    _print_results(results, as_json, paths_only)
+    _print_results(results, output)

@@ -67,7 +67,7 @@ def to_rgb(image: Image.Image, min_size: int | None = None, max_megapixels: floa
     if max_megapixels is not None and width * height > max_megapixels * 1e6:
         raise ImageLoadError(
             f"{name}: {width}x{height} is {width * height / 1e6:.0f} MP, above the {max_megapixels:g} MP limit; "
-            "raise --max-megapixels to index it"
+            "raise --max-megapixels to read it"
         )
     try:
         with warnings.catch_warnings():

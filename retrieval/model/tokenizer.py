@@ -295,3 +295,14 @@ def tokenize(
         torch.Size([2, 77])
     """
     return default_tokenizer().tokenize(texts, context_length=context_length, truncate=truncate)
+
+
+def token_count(text: str) -> int:
+    """How many ids a text takes in a `tokenize` row, start and end tokens included; whatever does not fit
+    the context length (77) is cut off.
+
+    Example:
+        >>> token_count("a photo of a cat")
+        7
+    """
+    return len(default_tokenizer().encode(text)) + 2
