@@ -1,7 +1,7 @@
 """Reading CLIP checkpoints of every common format into our model, and writing our own format.
 
 Formats read (`read_checkpoint`):
-- OpenAI's TorchScript archives (what the registry downloads), read with `torch.jit.load` on the CPU;
+- OpenAI's TorchScript archives (what the registry downloads): their tensors only, never their code (`torchscript`);
 - plain state dicts (.pt/.pth/.bin) and open_clip checkpoints (a dict with a `state_dict` key, possibly
   with DataParallel's `module.` prefixes), read with `torch.load(weights_only=True)`;
 - .safetensors files with OpenAI key names;
@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from torch import nn
 from retrieval.errors import CheckpointError
 from retrieval.model.clip import CLIP, Towers
 from retrieval.model.config import CLIPConfig
+from retrieval.model.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -133,19 +133,16 @@ def _read_safetensors(
 
 
 def _torch_load(path: Path) -> tuple[dict[str, Any], str]:
-    """Unpickle a .pt/.pth/.bin safely: a TorchScript archive's state dict, or a weights-only pickle."""
+    """Unpickle a .pt/.pth/.bin safely: a TorchScript archive's tensors (never its code), or a weights-only pickle."""
     is_zip = zipfile.is_zipfile(path)
-    torchscript = False
     if is_zip:
-        with zipfile.ZipFile(path) as archive:
-            torchscript = any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if is_torchscript_archive(archive.namelist()):
+                    return read_torchscript_state_dict(archive, path), "torchscript"
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path}: a damaged zip archive ({e}); download or copy it again") from e
     try:
-        if torchscript:
-            with warnings.catch_warnings():
-                # TorchScript is deprecated, but OpenAI's published checkpoints are TorchScript archives.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                archive = torch.jit.load(str(path), map_location="cpu")
-            return dict(archive.state_dict()), "torchscript"
         # mmap (zip files only) means tensors of a tower that is then dropped are never read from disk.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for foreign files
