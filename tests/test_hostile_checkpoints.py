@@ -3,12 +3,15 @@ as data in a fresh process, and every file the payloads aim at stays as it was."
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 import subprocess
 import sys
+import threading
 import warnings
 import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -19,6 +22,12 @@ from retrieval.model.checkpoint import read_checkpoint
 from tests.test_loading import TOKENS, tiny_model
 
 LOAD = "import sys, clipsearch; clipsearch.load_model(sys.argv[1]); print('loaded')"
+LOAD_REGISTERED = (
+    "import sys, clipsearch\n"
+    "from retrieval.model.registry import ModelSpec, register_model\n"
+    "register_model(ModelSpec('ViT-B/32-crafted', 'a crafted release', url=sys.argv[1], sha256=sys.argv[2]))\n"
+    "clipsearch.load_model('ViT-B/32-crafted')\n"
+)
 QUERY = "from clipsearch.cli import main; main()"
 VICTIM_TEXT = b"precious bytes that must stay"
 
@@ -61,6 +70,15 @@ class ExecPayload:
         return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
 
 
+def payload_model(created: Path, overwritten: Path) -> nn.Module:
+    """A tiny CLIP whose ln_final is a `PayloadLayerNorm` aimed at the two paths."""
+    model = tiny_model("tiny-vit", fp16_exact=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated; attackers do not care
+        model.ln_final = torch.jit.script(PayloadLayerNorm(model.config.text.width, str(created), str(overwritten)))
+    return model
+
+
 def openai_archive(path: Path, model: nn.Module) -> Path:
     """A TorchScript archive laid out like OpenAI's releases: a traced model with fp16 weights."""
     size = model.config.vision.image_size
@@ -71,14 +89,14 @@ def openai_archive(path: Path, model: nn.Module) -> Path:
     return path
 
 
-def rewrite_archive(source: Path, target: Path, replace: dict[str, bytes], add: dict[str, bytes] = {}) -> None:  # noqa: B006
+def rewrite_archive(source: Path, target: Path, replace: dict[str, bytes], add: dict[str, bytes] | None = None) -> None:
     """Copy a zip, replacing the entries named in `replace` (and dropping those mapped to b"") and adding `add`."""
     with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
         for info in old.infolist():
             data = replace.get(info.filename, old.read(info.filename))
             if data:
                 new.writestr(info, data)
-        for name, data in add.items():
+        for name, data in (add or {}).items():
             new.writestr(zipfile.ZipInfo(name), data)
 
 
@@ -89,6 +107,13 @@ def snapshot(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.relative_to(root).parts[0] not in ("cache", "home")
     }
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves a folder without logging each request to stderr."""
+
+    def log_message(self, *args) -> None:
+        pass
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -115,11 +140,7 @@ def assert_refused(done: subprocess.CompletedProcess, *fragments: str) -> None:
 
 def test_a_scripted_setstate_in_the_checkpoint_never_runs(tmp_path):
     created, victim = tmp_path / "created", tmp_path / "victim"
-    model = tiny_model("tiny-vit", fp16_exact=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated; attackers do not care
-        model.ln_final = torch.jit.script(PayloadLayerNorm(model.config.text.width, str(created), str(victim)))
-    path = openai_archive(tmp_path / "ViT-B-32.pt", model)
+    path = openai_archive(tmp_path / "ViT-B-32.pt", payload_model(created, victim))
     victim.write_bytes(VICTIM_TEXT)
     # The payload is live: torch.jit.load runs it.
     done = run("-c", "import sys, torch; torch.jit.load(sys.argv[1])", str(path), cwd=tmp_path)
@@ -129,12 +150,38 @@ def test_a_scripted_setstate_in_the_checkpoint_never_runs(tmp_path):
     victim.write_bytes(VICTIM_TEXT)
     before = snapshot(tmp_path)
 
-    for done in (load_in_subprocess(path, tmp_path), query_in_subprocess(path, tmp_path)):
-        assert not created.exists()
-        assert victim.read_bytes() == VICTIM_TEXT
-        assert snapshot(tmp_path) == before
+    loaded = load_in_subprocess(path, tmp_path)
+    queried = query_in_subprocess(path, tmp_path)
+
+    assert not created.exists()
+    assert victim.read_bytes() == VICTIM_TEXT
+    assert snapshot(tmp_path) == before
+    for done in (loaded, queried):
         assert_refused(done, str(path), "ln_final", "custom state")
-    assert len(query_in_subprocess(path, tmp_path).stderr.strip().splitlines()) == 1  # no traceback
+    assert queried.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_a_registry_release_with_a_scripted_setstate_runs_nothing(tmp_path):
+    created, victim = tmp_path / "created", tmp_path / "victim"
+    served = tmp_path / "served"
+    served.mkdir()
+    path = openai_archive(served / "ViT-B-32.pt", payload_model(created, victim))
+    victim.write_bytes(VICTIM_TEXT)
+    before = snapshot(tmp_path)
+    handler = functools.partial(QuietHandler, directory=str(served))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/ViT-B-32.pt"
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            done = run("-c", LOAD_REGISTERED, url, sha256, cwd=tmp_path)
+        finally:
+            httpd.shutdown()
+
+    assert not created.exists()
+    assert victim.read_bytes() == VICTIM_TEXT
+    assert snapshot(tmp_path) == before
+    assert_refused(done, "ViT-B-32.pt", "ln_final", "custom state")
 
 
 def test_reduce_payloads_in_every_pickle_of_the_archive_never_run(tmp_path):
