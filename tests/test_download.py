@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -24,6 +25,7 @@ from retrieval.model.download import cache_dir, cached_path, ensure_downloaded, 
 from retrieval.model.encode import encode_images, encode_texts
 from retrieval.model.loading import load_model
 from retrieval.model.registry import ModelSpec, register_model
+from tests.test_hostile_checkpoints import openai_archive
 
 # One-head towers: the smallest CLIP whose text tower still takes the real tokenizer's ids.
 TINY = CLIPConfig(
@@ -262,3 +264,27 @@ def test_a_download_loads_through_a_checked_float32_copy(server, tiny_checkpoint
     np.testing.assert_array_equal(encode_texts(model, texts), expected)  # the copy was written again
     assert weights.read_bytes() != bytes(damaged)
     assert sum(server.hits.values()) == 1
+
+
+def test_an_openai_style_torchscript_release_loads_through_the_registry(server, isolated_registry, tmp_path):
+    torch.manual_seed(0)
+    reference = CLIP(TINY).eval()
+    with torch.no_grad():
+        for tensor in reference.state_dict().values():
+            tensor.copy_(tensor.half().float())  # the release is fp16: these values survive it exactly
+    # A copy: the traced module shares its parameters, and the archive's .half() would convert them.
+    body = openai_archive(tmp_path / "ViT-tiny.pt", copy.deepcopy(reference)).read_bytes()
+    sha256 = hashlib.sha256(body).hexdigest()
+    server.files[f"/models/{sha256}/ViT-tiny.pt"] = body
+    register_model(
+        ModelSpec("ViT-tiny", "a TorchScript release", url=f"{server.url}/models/{sha256}/ViT-tiny.pt", sha256=sha256)
+    )
+
+    model, _ = load_model("ViT-tiny")
+
+    assert model.info.weights_sha256 == sha256
+    assert (cache_dir() / "float32" / sha256 / "converted.json").is_file()  # read once, as data, then our format
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(encode_images(model, pixels), encode_images(reference, pixels))
+    texts = ["a red circle", "two blue squares on a white background"]
+    np.testing.assert_array_equal(encode_texts(model, texts), encode_texts(reference, texts))

@@ -7,13 +7,17 @@ import hashlib
 import json
 import os
 import pickle
+import subprocess
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from retrieval.errors import CheckpointError, UnknownModelError
 from retrieval.model import registry
@@ -111,13 +115,16 @@ def test_torchscript_archive_round_trip(tmp_path, preset):
     traced = traced.half()
     path = tmp_path / "RN-ish.pt"
     torch.jit.save(traced, str(path))
-    assert "input_resolution" in torch.jit.load(str(path)).state_dict()
+    expected = torch.jit.load(str(path)).state_dict()  # trusted: this test made the archive
+    assert "input_resolution" in expected
 
     checkpoint = read_checkpoint(path)
     model, _ = load_model(path)
 
     assert checkpoint.format == "torchscript"
-    assert "input_resolution" not in checkpoint.state_dict
+    # The archive is read as data, without torch.jit.load, to the same tensors (less OpenAI's scalars).
+    assert set(checkpoint.state_dict) == set(expected) - {"input_resolution", "context_length", "vocab_size"}
+    assert all(torch.equal(v, expected[k].float()) for k, v in checkpoint.state_dict.items())
     assert_same_outputs(model, reference)
 
 
@@ -327,6 +334,111 @@ def test_unreadable_files_name_the_path_and_the_formats(tmp_path, filename, cont
     assert str(path) in message
     assert "accepted: OpenAI TorchScript .pt" in message
     assert "\n" not in message
+
+
+def cut_short(path: Path, keep: float = 0.5) -> Path:
+    """Truncate a file as an interrupted download or copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def hugging_face_folder(folder: Path, weights: str) -> Path:
+    """A Hugging Face CLIP folder (config.json with transformers' defaults) holding one weights file of that name."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    tensors = {f"text_model.encoder.layers.{i}.mlp.fc1.weight": torch.randn(256, 64) for i in range(4)}
+    if weights.endswith(".safetensors"):
+        save_file(tensors, str(folder / weights))
+    else:
+        torch.save(tensors, folder / weights)
+    return folder / weights
+
+
+def damaged(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """(what to load, the damaged file in it) for each way a model file arrives broken."""
+    reference = tiny_model("tiny-vit")
+    if kind == "hf-safetensors-half":
+        weights = cut_short(hugging_face_folder(tmp_path / "hf", "model.safetensors"))
+    elif kind == "hf-safetensors-header":
+        weights = cut_short(hugging_face_folder(tmp_path / "hf", "model.safetensors"), keep=0.0001)
+    elif kind == "hf-bin-half":
+        weights = cut_short(hugging_face_folder(tmp_path / "hf", "pytorch_model.bin"))
+    elif kind == "hf-bin-empty":
+        weights = cut_short(hugging_face_folder(tmp_path / "hf", "pytorch_model.bin"), keep=0)
+    elif kind == "hf-shard-missing":
+        weights = hugging_face_folder(tmp_path / "hf", "model-00001-of-00002.safetensors")
+        index = {"weight_map": {"a": weights.name, "b": "model-00002-of-00002.safetensors"}}
+        (weights.parent / "model.safetensors.index.json").write_text(json.dumps(index))
+        weights = weights.parent / "model-00002-of-00002.safetensors"
+    elif kind == "hf-shard-list-half":
+        shard = hugging_face_folder(tmp_path / "hf", "model-00001-of-00001.safetensors")
+        weights = shard.parent / "model.safetensors.index.json"
+        weights.write_text(json.dumps({"metadata": {}, "weight_map": {"a": shard.name, "b": shard.name}}))
+        cut_short(weights)
+    elif kind == "ours-half":
+        weights = cut_short(save_checkpoint(reference, tmp_path / "mine") / "model.safetensors")
+    elif kind == "safetensors-half":
+        weights = tmp_path / "half-downloaded.safetensors"
+        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
+        cut_short(weights, keep=0.99)
+    elif kind == "state-dict-half":
+        weights = tmp_path / "weights.pt"
+        torch.save(reference.state_dict(), weights)
+        cut_short(weights)
+    elif kind == "torchscript-storage-short":  # the zip is whole, one tensor's bytes are not
+        weights = tmp_path / "ViT-B-32.pt"
+        traced = torch.jit.trace(nn.Linear(4, 3), torch.zeros(1, 4))
+        torch.jit.save(traced, str(weights))
+        with zipfile.ZipFile(weights) as archive:
+            entries = {n: archive.read(n) for n in archive.namelist()}
+        entries["ViT-B-32/data/0"] = entries["ViT-B-32/data/0"][:-4]
+        with zipfile.ZipFile(weights, "w") as archive:
+            for name, data in entries.items():
+                archive.writestr(name, data)
+    return (weights.parent if kind.startswith(("hf-", "ours-")) else weights), weights
+
+
+DAMAGE = [
+    "hf-safetensors-half",
+    "hf-safetensors-header",
+    "hf-bin-half",
+    "hf-bin-empty",
+    "hf-shard-missing",
+    "hf-shard-list-half",
+    "ours-half",
+    "safetensors-half",
+    "state-dict-half",
+    "torchscript-storage-short",
+]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_model_file_is_one_line_naming_it_and_the_fix(tmp_path, kind):
+    target, weights = damaged(tmp_path, kind)
+
+    with pytest.raises(CheckpointError) as excinfo:
+        load_model(target)
+
+    message = str(excinfo.value)
+    assert str(weights) in message
+    assert message.endswith("download or copy it again")
+    assert "\n" not in message and len(message) < 400
+    if kind.endswith("-half") and "list" not in kind:  # a cut-short weights file: the message says how much is there
+        size = weights.stat().st_size
+        assert f"is incomplete ({size} " in message
+
+
+def test_a_damaged_model_on_the_command_line_is_one_error_line(tmp_path):
+    target, weights = damaged(tmp_path, "hf-safetensors-half")
+    command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "query", "a dog"]
+    command += ["--model", str(target), "--db", str(tmp_path / "db")]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith(f"Error: {weights} is incomplete (") and done.stderr.count("\n") == 1, done.stderr
 
 
 def test_a_pickle_of_something_else_is_refused(tmp_path):

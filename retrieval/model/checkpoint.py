@@ -1,7 +1,7 @@
 """Reading CLIP checkpoints of every common format into our model, and writing our own format.
 
 Formats read (`read_checkpoint`):
-- OpenAI's TorchScript archives (what the registry downloads), read with `torch.jit.load` on the CPU;
+- OpenAI's TorchScript archives (what the registry downloads): their tensors only, never their code (`torchscript`);
 - plain state dicts (.pt/.pth/.bin) and open_clip checkpoints (a dict with a `state_dict` key, possibly
   with DataParallel's `module.` prefixes), read with `torch.load(weights_only=True)`;
 - .safetensors files with OpenAI key names;
@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from retrieval.errors import CheckpointError
 from retrieval.model.clip import CLIP, Towers
 from retrieval.model.config import CLIPConfig
 from retrieval.model.files import CONFIG_FILE, WEIGHTS_FILE
+from retrieval.model.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ ACCEPTED_FORMATS = (
 # Scalars OpenAI's TorchScript archives keep next to the weights; the config carries them instead.
 _TORCHSCRIPT_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 _SHOWN_KEYS = 5
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses longer headers
 
 
 class Checkpoint(NamedTuple):
@@ -127,33 +128,77 @@ def _read_safetensors(
             prefixed = {k.removeprefix("module."): k for k in f.keys()}
             state_dict = {k: f.get_tensor(prefixed[k]) for k in CLIP.state_dict_for_towers(shapes, towers)}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} as safetensors ({e}); accepted: {ACCEPTED_FORMATS}") from e
+        # A file the user named may be no checkpoint at all; a checkpoint folder's weights file can only be damaged.
+        raise unreadable_weights_error(path, e, accepted=config is None) from e
     return _as_float32(state_dict), config
 
 
 def _torch_load(path: Path) -> tuple[dict[str, Any], str]:
-    """Unpickle a .pt/.pth/.bin safely: a TorchScript archive's state dict, or a weights-only pickle."""
+    """Unpickle a .pt/.pth/.bin safely: a TorchScript archive's tensors (never its code), or a weights-only pickle."""
     is_zip = zipfile.is_zipfile(path)
-    torchscript = False
     if is_zip:
-        with zipfile.ZipFile(path) as archive:
-            torchscript = any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if is_torchscript_archive(archive.namelist()):
+                    return read_torchscript_state_dict(archive, path), "torchscript"
+        except (zipfile.BadZipFile, OSError) as e:
+            raise unreadable_weights_error(path, e) from e
     try:
-        if torchscript:
-            with warnings.catch_warnings():
-                # TorchScript is deprecated, but OpenAI's published checkpoints are TorchScript archives.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                archive = torch.jit.load(str(path), map_location="cpu")
-            return dict(archive.state_dict()), "torchscript"
         # mmap (zip files only) means tensors of a tower that is then dropped are never read from disk.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for foreign files
-        raise CheckpointError(
-            f"cannot read {path} as a CLIP checkpoint ({_first_line(e)}); accepted: {ACCEPTED_FORMATS}"
-        ) from e
+        raise unreadable_weights_error(path, e, accepted=True) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; accepted: {ACCEPTED_FORMATS}")
     return dict(obj), "state_dict"
+
+
+def unreadable_weights_error(path: Path, error: BaseException, accepted: bool = False) -> CheckpointError:
+    """The one-line error for a weights file that cannot be read: missing, cut short (saying how short), or damaged.
+
+    Args:
+        path: the file.
+        error: what reading it raised.
+        accepted: when nothing shows the file was cut short, list the formats this module reads (for a file the
+            user named, which may be no checkpoint at all) instead of calling it damaged.
+    """
+    again = "download or copy it again"
+    if not path.is_file():
+        return CheckpointError(f"{path} is missing: {again}")
+    shortfall = _shortfall(path)
+    if shortfall:
+        return CheckpointError(
+            f"{path} is incomplete ({shortfall}), as an interrupted download or copy leaves it: {again}"
+        )
+    if accepted:
+        return CheckpointError(
+            f"cannot read {path} as a CLIP checkpoint ({_first_line(error)}); accepted: {ACCEPTED_FORMATS}"
+        )
+    return CheckpointError(f"cannot read {path} ({_first_line(error)}): the file is damaged; {again}")
+
+
+def _shortfall(path: Path) -> str | None:
+    """How a weights file shows it was cut short, if it does: a safetensors file shorter than its header says, or a
+    zip (torch.save, TorchScript) without the directory a zip ends with."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+        if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+            return f"{size} bytes of a zip archive whose end, the zip directory, is missing"
+        # safetensors: the header's length as 8 little-endian bytes, the JSON header, then every tensor's bytes.
+        header_size = int.from_bytes(head[:8], "little")
+        if head[8:] != b"{" or header_size > _MAX_SAFETENSORS_HEADER:
+            return None
+        if 8 + header_size > size:
+            return f"{size} bytes, fewer than its {8 + header_size}-byte header alone"
+        f.seek(8)
+        header = f.read(header_size)
+    try:
+        offsets = [entry["data_offsets"][1] for k, entry in json.loads(header).items() if k != "__metadata__"]
+        expected = 8 + header_size + max(offsets, default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    return f"{size} of {expected} bytes" if isinstance(expected, int) and expected > size else None
 
 
 def _first_line(error: BaseException) -> str:

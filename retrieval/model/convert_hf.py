@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from retrieval.errors import CheckpointError
+from retrieval.model.checkpoint import unreadable_weights_error
 from retrieval.model.clip import CLIP
 from retrieval.model.config import CLIPConfig, TextConfig, VisionConfig
 
@@ -217,14 +218,29 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         ("model.safetensors.index.json", load_file),
         ("pytorch_model.bin.index.json", _load_bin),
     ):
-        if (folder / index_name).is_file():
-            shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in loader(folder / shard).items()}
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(
+                    f"cannot read the shard list {index} ({type(e).__name__}: {e}): the file is damaged; "
+                    "download or copy it again"
+                ) from e
+            return {k: v for shard in shards for k, v in _load_weights(folder / shard, loader).items()}
     if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
+        return _load_weights(folder / "model.safetensors", load_file)
     if (folder / "pytorch_model.bin").is_file():
-        return _load_bin(folder / "pytorch_model.bin")
+        return _load_weights(folder / "pytorch_model.bin", _load_bin)
     raise CheckpointError(f"{folder} has no model.safetensors or pytorch_model.bin next to its config.json")
+
+
+def _load_weights(path: Path, loader: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One weights file, or a one-line error naming it (truncated, damaged, missing) instead of the loader's own."""
+    try:
+        return loader(path)
+    except Exception as e:  # safetensors and torch raise SafetensorError, RuntimeError, EOFError, ... for bad files
+        raise unreadable_weights_error(path, e) from e
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
