@@ -1,4 +1,4 @@
-"""Crafted TorchScript checkpoints run none of their code: `load_model` and `clipsearch query --model` read them
+"""Crafted TorchScript checkpoints run none of their code: `load_model` and `clipsearch index --model` read them
 as data in a fresh process, and every file the payloads aim at stays as it was."""
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def load_in_subprocess(path: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def query_in_subprocess(path: Path, cwd: Path) -> subprocess.CompletedProcess:
-    return run("-c", QUERY, "query", "a cat", "--model", str(path), "--db", str(cwd / "db"), cwd=cwd)
+    """`clipsearch index --model PATH`: the command that loads a model before it opens (or needs) a store."""
+    return run("-c", QUERY, "index", str(cwd), "--model", str(path), "--db", str(cwd / "db"), "--workers", "0", cwd=cwd)
 
 
 def assert_refused(done: subprocess.CompletedProcess, *fragments: str) -> None:

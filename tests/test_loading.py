@@ -431,8 +431,8 @@ def test_a_damaged_model_file_is_one_line_naming_it_and_the_fix(tmp_path, kind):
 
 def test_a_damaged_model_on_the_command_line_is_one_error_line(tmp_path):
     target, weights = damaged(tmp_path, "hf-safetensors-half")
-    command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "query", "a dog"]
-    command += ["--model", str(target), "--db", str(tmp_path / "db")]
+    command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "index", str(tmp_path)]
+    command += ["--model", str(target), "--db", str(tmp_path / "db"), "--workers", "0"]
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
 
