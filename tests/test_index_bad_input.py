@@ -9,6 +9,8 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
+import sys
 from datetime import datetime
 
 import numpy as np
@@ -177,3 +179,37 @@ def test_status_shows_failures(indexed):
     assert f"Failed files ({len(indexed['bad'])}):" in text.output
     assert f"{indexed['root'] / 'empty.jpg'}: read: empty file (0 bytes)" in text.output
     assert "State: complete" in text.output and f"Images: {len(indexed['good'])}" in text.output
+
+
+# Decodes files under an address-space limit a little above what the process already maps (torch maps a lot).
+_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+from indexer.decode import Decoder, DecodeTask
+from retrieval.model.preprocess import Preprocess
+
+decoder = Decoder(Preprocess(224))
+with open("/proc/self/status") as f:
+    mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = mapped + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for path in sys.argv[2:]:
+    result = decoder(DecodeTask(path))
+    print(type(result).__name__, tuple(result.pixels.shape) if hasattr(result, "pixels") else result, flush=True)
+"""
+
+
+def test_very_thin_images_decode_within_a_small_memory_limit(tmp_path):
+    # 177-byte PNGs: resizing the short side to 224 px first would make a 22400000x224 image (15 GB)
+    Image.new("RGB", (100_000, 1), (200, 30, 30)).save(tmp_path / "wide.png")
+    Image.new("RGB", (1, 100_000), (30, 30, 200)).save(tmp_path / "tall.png")
+    script = [
+        sys.executable,
+        "-c",
+        _UNDER_A_MEMORY_LIMIT,
+        "300",
+        str(tmp_path / "wide.png"),
+        str(tmp_path / "tall.png"),
+    ]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["Decoded (3, 224, 224)", "Decoded (3, 224, 224)"]

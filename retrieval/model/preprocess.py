@@ -31,6 +31,11 @@ Image.MAX_IMAGE_PIXELS = None
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
+# Resized images larger than this many times the S x S crop (an aspect ratio beyond 16:1) are resampled within the
+# crop only (`_resize_crop`), so the work and memory of `Preprocess.transform` stay bounded by its output whatever
+# the aspect ratio; below it, plain resize-then-crop is as cheap.
+_RESIZE_BUDGET = 16
+
 
 def open_image(path: str | Path) -> Image.Image:
     """Open an image lazily (header only).
@@ -97,6 +102,21 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _resize_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int) -> Image.Image:
+    """`image.resize(new_size, BICUBIC).crop(...)` of the S x S square at `corner`, computing only that square.
+
+    Resizing everything first would turn a 100000x1 strip into a 22400000x224 image at 224 px (15 GB). Pillow's
+    `box` is the square's region in source pixels; the filter still reads the pixels around it, so the result is
+    the same resampling, except that Pillow may order its two passes (rows, columns) differently for the region
+    than for the whole image, which can move a few pixels of sharp detail by a few levels.
+    """
+    width, height = image.size
+    scale_x, scale_y = width / new_size[0], height / new_size[1]
+    left, top = corner[0] * scale_x, corner[1] * scale_y
+    right, bottom = min((corner[0] + size) * scale_x, width), min((corner[1] + size) * scale_y, height)
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, right, bottom))
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """CLIP's transform for one model: PIL image or path -> float32 tensor [3, S, S].
@@ -136,12 +156,14 @@ class Preprocess:
             new_size = (size, int(size * height / width))
         else:
             new_size = (int(size * width / height), size)
-        if new_size != image.size:
-            image = image.resize(new_size, Image.Resampling.BICUBIC)
-        width, height = image.size
         # round() half-to-even, as torchvision's centre crop does
-        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-        image = image.crop((left, top, left + size, top + size))
+        top, left = int(round((new_size[1] - size) / 2.0)), int(round((new_size[0] - size) / 2.0))
+        if new_size[0] * new_size[1] > _RESIZE_BUDGET * size * size:
+            image = _resize_crop(image, new_size, (left, top), size)
+        else:
+            if new_size != image.size:
+                image = image.resize(new_size, Image.Resampling.BICUBIC)
+            image = image.crop((left, top, left + size, top + size))
         if image.mode != "RGB":
             image = image.convert("RGB")
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
