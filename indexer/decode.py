@@ -7,16 +7,18 @@ already has (`Decoder.known`), it stops before decoding: the vector can be reuse
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from retrieval.errors import ImageLoadError
 from retrieval.model.preprocess import Preprocess
@@ -95,9 +97,14 @@ class Decoder:
         if task.check_known and _contains(self.known, hash_key(content_hash)):
             return Known(content_hash, (read_done - start, 0.0, 0.0))
         try:
-            image = Image.open(io.BytesIO(data))
-            metadata = _metadata(image, content_hash)
-            rgb = self.preprocess.decode(image, max_megapixels=self.max_megapixels)
+            with _refusing_truncated_data():
+                image = Image.open(io.BytesIO(data))
+                stored_size = image.size  # before a JPEG draft shrinks it
+                # Decode before reading the metadata: reading a PNG's EXIF loads the pixels, and a load failing there
+                # (its error swallowed, as EXIF damage only costs the metadata) would leave a half-decoded image that
+                # the next load returns without complaint.
+                rgb = self.preprocess.decode(image, max_megapixels=self.max_megapixels)
+                metadata = _metadata(image, stored_size, content_hash)
         except UnidentifiedImageError:
             return Failed("decode", "not an image Pillow can read")
         except ImageLoadError as e:
@@ -113,6 +120,18 @@ class Decoder:
         return Decoded(pixels, metadata, seconds)
 
 
+@contextlib.contextmanager
+def _refusing_truncated_data() -> Iterator[None]:
+    """Pillow's process-wide `LOAD_TRUNCATED_IMAGES` off for the duration: an application that turned it on for its
+    own use must not make the indexer store a truncated file as a partly grey image."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
 def hash_key(content_hash: str) -> np.uint64:
     """The first 64 bits of a hex content hash: a compact key for the known-content lookup."""
     return np.uint64(int(content_hash[:16], 16))
@@ -124,9 +143,9 @@ def _contains(sorted_keys: np.ndarray, key: np.uint64) -> bool:
     return i < len(sorted_keys) and sorted_keys[i] == key
 
 
-def _metadata(image: Image.Image, content_hash: str) -> ImageMetadata:
-    """Size as displayed (EXIF orientation applied), format, and EXIF capture time and camera, from the header."""
-    width, height = image.size
+def _metadata(image: Image.Image, size: tuple[int, int], content_hash: str) -> ImageMetadata:
+    """Size as displayed (`size` as stored, EXIF orientation applied), format, and EXIF capture time and camera."""
+    width, height = size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about malformed EXIF it then skips
         try:

@@ -16,10 +16,11 @@ from datetime import datetime
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
 from test_index_support import FaultyDecoder, pattern, tiny_model, vectors_by_path
 
 from clipsearch.cli import cli
+from indexer.decode import Decoder, DecodeTask
 from indexer.pipeline import IndexOptions, index_folders
 from retrieval.store import Store
 
@@ -213,3 +214,58 @@ def test_very_thin_images_decode_within_a_small_memory_limit(tmp_path):
     done = subprocess.run(script, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["Decoded (3, 224, 224)", "Decoded (3, 224, 224)"]
+
+
+def bit_flipped(image: Image.Image, fmt: str, **save_args) -> bytes:
+    """The image saved as `fmt` with 16 bits flipped past its first 64 bytes: the first such damage (by seed) that
+    leaves the header readable but that Pillow refuses when it fully loads the file."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    data = buffer.getvalue()
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        damaged = bytearray(data)
+        for offset, bit in zip(rng.integers(64, len(data), 16), rng.integers(0, 8, 16), strict=True):
+            damaged[offset] ^= 1 << int(bit)
+        try:
+            Image.open(io.BytesIO(damaged)).load()
+        except UnidentifiedImageError:
+            continue  # the header is gone: that is another case
+        except (OSError, SyntaxError, ValueError):
+            return bytes(damaged)
+    raise AssertionError(f"no damaged {fmt} found that Pillow refuses")
+
+
+def test_files_pillow_cannot_fully_decode_fail_and_store_nothing(tmp_path):
+    model, preprocess = tiny_model()
+    root = tmp_path / "photos"
+    root.mkdir()
+    pattern(1).save(root / "good.png")
+    names = ["flipped.png", "flipped.jpg", "flipped.webp", "flipped.gif", "flipped.tif"]
+    for name, fmt, save_args in zip(names, ["PNG", "JPEG", "WEBP", "GIF", "TIFF"], [{}, {"quality": 90}, {}, {},
+                                    {"compression": "tiff_lzw"}], strict=True):  # fmt: skip
+        (root / name).write_bytes(bit_flipped(pattern(2, (256, 192)), fmt, **save_args))
+        with pytest.raises((OSError, SyntaxError, ValueError)):  # Pillow itself reports the damage
+            Image.open(root / name).load()
+    store = Store.open(tmp_path / "db", model.info, create=True)
+
+    summary = index_folders([root], model, preprocess, store, IndexOptions(workers=0, progress=False))
+
+    assert sorted(vectors_by_path(store)) == [str(root / "good.png")]
+    failures = {os.path.basename(f.path): f for f in summary.failures}
+    assert sorted(failures) == sorted(names)
+    assert all(f.stage == "decode" and f.reason for f in failures.values()), failures
+
+
+def test_truncated_files_fail_even_when_the_application_lets_pillow_load_them(tmp_path, monkeypatch):
+    _, preprocess = tiny_model()
+    for name, fmt in [("cut.png", "PNG"), ("cut.jpg", "JPEG")]:
+        buffer = io.BytesIO()
+        pattern(3, (200, 150)).save(buffer, fmt)
+        (tmp_path / name).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as an application might, for its own viewing
+
+    results = [Decoder(preprocess)(DecodeTask(str(tmp_path / name))) for name in ("cut.png", "cut.jpg")]
+
+    assert [(type(r).__name__, r.stage) for r in results] == [("Failed", "decode")] * 2, results
+    assert ImageFile.LOAD_TRUNCATED_IMAGES  # left as the application set it
