@@ -21,7 +21,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from retrieval.errors import ImageLoadError
-from retrieval.model.preprocess import Preprocess
+from retrieval.model.preprocess import Preprocess, decode_error_reason
 from retrieval.types import ImageMetadata
 
 try:  # HEIC/HEIF support when the plugin is installed; the walker lists .heic files only then
@@ -109,8 +109,8 @@ class Decoder:
             return Failed("decode", "not an image Pillow can read")
         except ImageLoadError as e:
             return Failed("decode", str(e).removeprefix("<image>: "))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return Failed("decode", f"cannot decode ({e})")
+        except Exception as e:  # Pillow's plugins raise many types on damaged files (RuntimeError from AVIF ...)
+            return Failed("decode", decode_error_reason(e))
         decode_done = time.perf_counter()
         try:
             pixels = self.preprocess.transform(rgb).numpy()

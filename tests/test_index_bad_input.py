@@ -16,8 +16,8 @@ from datetime import datetime
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image, ImageFile, UnidentifiedImageError
-from test_index_support import FaultyDecoder, pattern, tiny_model, vectors_by_path
+from PIL import Image, ImageFile
+from test_index_support import FaultyDecoder, damaged, pattern, tiny_model, vectors_by_path
 
 from clipsearch.cli import cli
 from indexer.decode import Decoder, DecodeTask
@@ -216,26 +216,6 @@ def test_very_thin_images_decode_within_a_small_memory_limit(tmp_path):
     assert done.stdout.splitlines() == ["Decoded (3, 224, 224)", "Decoded (3, 224, 224)"]
 
 
-def bit_flipped(image: Image.Image, fmt: str, **save_args) -> bytes:
-    """The image saved as `fmt` with 16 bits flipped past its first 64 bytes: the first such damage (by seed) that
-    leaves the header readable but that Pillow refuses when it fully loads the file."""
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save_args)
-    data = buffer.getvalue()
-    for seed in range(100):
-        rng = np.random.default_rng(seed)
-        damaged = bytearray(data)
-        for offset, bit in zip(rng.integers(64, len(data), 16), rng.integers(0, 8, 16), strict=True):
-            damaged[offset] ^= 1 << int(bit)
-        try:
-            Image.open(io.BytesIO(damaged)).load()
-        except UnidentifiedImageError:
-            continue  # the header is gone: that is another case
-        except (OSError, SyntaxError, ValueError):
-            return bytes(damaged)
-    raise AssertionError(f"no damaged {fmt} found that Pillow refuses")
-
-
 def test_files_pillow_cannot_fully_decode_fail_and_store_nothing(tmp_path):
     model, preprocess = tiny_model()
     root = tmp_path / "photos"
@@ -244,7 +224,7 @@ def test_files_pillow_cannot_fully_decode_fail_and_store_nothing(tmp_path):
     names = ["flipped.png", "flipped.jpg", "flipped.webp", "flipped.gif", "flipped.tif"]
     for name, fmt, save_args in zip(names, ["PNG", "JPEG", "WEBP", "GIF", "TIFF"], [{}, {"quality": 90}, {}, {},
                                     {"compression": "tiff_lzw"}], strict=True):  # fmt: skip
-        (root / name).write_bytes(bit_flipped(pattern(2, (256, 192)), fmt, **save_args))
+        (root / name).write_bytes(damaged(pattern(2, (256, 192)), fmt, **save_args))
         with pytest.raises((OSError, SyntaxError, ValueError)):  # Pillow itself reports the damage
             Image.open(root / name).load()
     store = Store.open(tmp_path / "db", model.info, create=True)
@@ -269,3 +249,17 @@ def test_truncated_files_fail_even_when_the_application_lets_pillow_load_them(tm
 
     assert [(type(r).__name__, r.stage) for r in results] == [("Failed", "decode")] * 2, results
     assert ImageFile.LOAD_TRUNCATED_IMAGES  # left as the application set it
+
+
+def test_a_plugin_raising_an_unusual_error_fails_the_file_not_the_run(tmp_path):
+    # Pillow's AVIF plugin raises RuntimeError on some damage; decoding in this process (--workers 0) must survive it.
+    def runtime_error(e: Exception) -> bool:
+        return isinstance(e, RuntimeError)
+
+    (tmp_path / "damaged.avif").write_bytes(damaged(pattern(4, (64, 48)), "AVIF", refused=runtime_error))
+    _, preprocess = tiny_model()
+
+    result = Decoder(preprocess)(DecodeTask(str(tmp_path / "damaged.avif")))
+
+    assert type(result).__name__ == "Failed" and result.stage == "decode", result
+    assert result.reason.startswith("corrupt or truncated image data (RuntimeError: "), result.reason

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_index_support import tiny_checkpoint, write_images
+from PIL import Image
+from test_index_support import damaged, pattern, tiny_checkpoint, write_images
 
 from clipsearch.cli import cli
 from indexer.lock import IndexLock
@@ -139,3 +140,31 @@ def test_the_progress_bar_ends_with_every_file_counted(tmp_path, checkpoint):
     assert result.exit_code == 0, result.output
     last = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert "5/5" in last and "new=5" in last, last  # the last, partial batch counted too
+
+
+def test_failure_reasons_say_what_is_wrong_and_keep_pillows_message(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 1)
+
+    def decoder_error_2(e: Exception) -> bool:
+        return str(e) == "decoder error -2"
+
+    (photos / "flipped.tif").write_bytes(
+        damaged(pattern(1, (256, 192)), "TIFF", decoder_error_2, compression="tiff_lzw")
+    )
+    jpeg = (photos / "img0000.jpg").read_bytes()
+    (photos / "no-scan.jpg").write_bytes(jpeg[: jpeg.index(b"\xff\xda")] + b"\xff\xd9")  # headers, no image data
+    pattern(2, (200, 150)).save(photos / "cut.png")
+    (photos / "cut.png").write_bytes((photos / "cut.png").read_bytes()[:-300])
+    with pytest.raises(OSError, match="cannot load this image"):
+        Image.open(photos / "no-scan.jpg").load()
+
+    result = index(checkpoint, tmp_path / "db", str(photos), "--json")
+
+    assert result.exit_code == 0, result.output
+    reasons = {f["path"]: (f["stage"], f["reason"]) for f in json.loads(result.stdout)["failures"]}
+    assert reasons == {
+        str(photos / "flipped.tif"): ("decode", "corrupt or truncated image data (decoder error -2)"),
+        str(photos / "no-scan.jpg"): ("decode", "no image data in the file (cannot load this image)"),
+        str(photos / "cut.png"): ("decode", "truncated file: the image data ends early (image file is truncated)"),
+    }

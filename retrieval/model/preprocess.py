@@ -9,6 +9,7 @@ animation, transparency composited onto white, 16-bit and CMYK images brought to
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def open_image(path: str | Path) -> Image.Image:
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"{path}: not an image Pillow can read") from e
     except OSError as e:
-        raise ImageLoadError(f"{path}: cannot open ({e})") from e
+        raise ImageLoadError(f"{path}: {decode_error_reason(e, 'cannot open')}") from e
 
 
 def to_rgb(image: Image.Image, min_size: int | None = None, max_megapixels: float | None = 100.0) -> Image.Image:
@@ -81,8 +82,56 @@ def to_rgb(image: Image.Image, min_size: int | None = None, max_megapixels: floa
             image.load()
             image = ImageOps.exif_transpose(image)
             return _as_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{name}: cannot decode ({e})") from e
+    except Exception as e:  # Pillow's plugins raise many types on damaged files: RuntimeError, EOFError, struct.error
+        raise ImageLoadError(f"{name}: {decode_error_reason(e)}") from e
+
+
+# What Pillow's messages (and codec status codes, ImageFile.ERRORS) mean for someone looking at the file.
+_TRUNCATED = "truncated file: the image data ends early"
+_CORRUPT = "corrupt or truncated image data"
+_PILLOW_MESSAGES = (
+    ("image file is truncated", _TRUNCATED),
+    ("truncated file read", _TRUNCATED),
+    ("not enough image data", _TRUNCATED),
+    ("buffer overrun", "corrupt image data: more pixels than the image has room for"),
+    ("broken data stream", _CORRUPT),
+    ("unrecognized data stream", _CORRUPT),
+    ("failed to read next frame", _CORRUPT),
+    ("could not create decoder object", _CORRUPT),
+    ("failed to decode", _CORRUPT),
+    ("broken png", _CORRUPT),
+    ("crc check failed", _CORRUPT),
+    ("codec configuration", "a variant of the format this Pillow cannot decode"),
+    ("out of memory", "not enough memory to decode it"),
+    ("cannot load this image", "no image data in the file"),
+    ("not available", "this Pillow has no decoder for this kind of image"),
+)
+_CODEC_STATUS = {
+    -1: "corrupt image data: more pixels than the image has room for",
+    -2: _CORRUPT,
+    -3: _CORRUPT,
+    -8: "a variant of the format this Pillow cannot decode",
+    -9: "not enough memory to decode it",
+}
+
+
+def decode_error_reason(error: BaseException, fallback: str = "cannot decode") -> str:
+    """Pillow's error in words a user can act on, with its own message kept in parentheses.
+
+    "decoder error -2" becomes "corrupt or truncated image data (decoder error -2)"; a message not recognised
+    becomes "cannot decode (<message>)".
+    """
+    raw = str(error) or type(error).__name__
+    if not isinstance(error, (OSError, SyntaxError, ValueError)) and str(error):  # name the unusual types
+        raw = f"{type(error).__name__}: {error}"
+    if isinstance(error, MemoryError):
+        return f"not enough memory to decode it ({raw})"
+    text = str(error).lower()
+    code = re.search(r"decoder error (-?\d+)", text)
+    if code and int(code.group(1)) in _CODEC_STATUS:
+        return f"{_CODEC_STATUS[int(code.group(1))]} ({raw})"
+    words = next((words for fragment, words in _PILLOW_MESSAGES if fragment in text), fallback)
+    return f"{words} ({raw})"
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
