@@ -290,6 +290,8 @@ class _Run:
 
     def _handle(self, item: WorkItem, result: DecodeResult) -> None:
         """Route one decode result: a failure, known content (no encoding), or pixels for the batch."""
+        for note in getattr(result, "notes", ()):  # what the image libraries said about the file
+            logger.debug("%s: %s", item.path, note)
         if isinstance(result, Failed):
             logger.warning("skipping %s: %s (%s)", item.path, result.reason, result.stage)
             self.failures.append(Failure(item.path, result.stage, result.reason))

@@ -168,3 +168,45 @@ def test_failure_reasons_say_what_is_wrong_and_keep_pillows_message(tmp_path, ch
         str(photos / "no-scan.jpg"): ("decode", "no image data in the file (cannot load this image)"),
         str(photos / "cut.png"): ("decode", "truncated file: the image data ends early (image file is truncated)"),
     }
+
+
+def _decoder_error_2(e: Exception) -> bool:
+    return str(e) == "decoder error -2"
+
+
+def test_what_image_libraries_say_goes_to_the_debug_log_not_stderr(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    pattern(3).save(photos / "odd-tag.tif", tiffinfo={33432: "a copyright notice longer than four bytes"})
+    tiff = bytearray((photos / "odd-tag.tif").read_bytes())
+    ifd = int.from_bytes(tiff[4:8], "little")
+    entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(tiff[ifd : ifd + 2], "little"))]
+    [copyright] = [e for e in entries if int.from_bytes(tiff[e : e + 2], "little") == 33432]
+    tiff[copyright + 8 : copyright + 12] = (len(tiff) - 4).to_bytes(4, "little")  # its text runs past the end
+    (photos / "odd-tag.tif").write_bytes(tiff)  # Pillow warns (and skips the tag), then decodes it all right
+    damaged_tiff = damaged(pattern(4, (256, 192)), "TIFF", _decoder_error_2, compression="tiff_deflate")
+    (photos / "damaged.tif").write_bytes(damaged_tiff)
+    load = (
+        "import sys\nfrom PIL import Image\nfor p in sys.argv[1:]:\n  try: Image.open(p).load()\n  except OSError: pass"
+    )
+    said = subprocess.run([sys.executable, "-c", load, photos / "odd-tag.tif", photos / "damaged.tif"],
+                          capture_output=True, text=True, check=True).stderr  # fmt: skip
+    assert "UserWarning: Truncated File Read" in said and "ZIPDecode: Decoding error" in said  # libtiff: fd 2
+    cli = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+
+    quiet = subprocess.run([*cli, "index", photos, "--model", checkpoint, "--db", tmp_path / "db", "--workers", "1",
+                            "--json"], capture_output=True, text=True)  # fmt: skip
+    verbose = subprocess.run([*cli, "-vv", "index", photos, "--model", checkpoint, "--db", tmp_path / "db2",
+                              "--workers", "0", "--json"], capture_output=True, text=True)  # fmt: skip
+
+    assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
+    assert json.loads(quiet.stdout)["indexed"] == json.loads(verbose.stdout)["indexed"] == 3
+    assert quiet.stderr.splitlines() == [
+        f"WARNING indexer.pipeline: skipping {photos / 'damaged.tif'}: corrupt or truncated image data "
+        "(decoder error -2) (decode)"
+    ]
+    debug = [line for line in verbose.stderr.splitlines() if line.startswith("DEBUG indexer.pipeline: ")]
+    libraries = [line for line in verbose.stderr.splitlines() if "ZIPDecode" in line or "Truncated File" in line]
+    assert set(libraries) <= set(debug), libraries  # never on a line of their own
+    assert f"DEBUG indexer.pipeline: {photos / 'odd-tag.tif'}: UserWarning: Truncated File Read" in debug, debug
+    assert any(f"{photos / 'damaged.tif'}: ZIPDecode: Decoding error" in line for line in debug), debug
