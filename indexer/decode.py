@@ -27,16 +27,12 @@ from typing import IO, NamedTuple
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
+from indexer.formats import register_plugins
 from retrieval.errors import ImageLoadError
 from retrieval.model.preprocess import Preprocess, decode_error_reason
 from retrieval.types import ImageMetadata
 
-try:  # HEIC/HEIF support when the plugin is installed; the walker lists .heic files only then
-    from pillow_heif import register_heif_opener
-
-    register_heif_opener()
-except ImportError:
-    pass
+register_plugins()  # HEIC, AVIF, JPEG XL when their plugins are installed: the walker lists such files only then
 
 _ORIENTATION_SWAPS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 # Library messages kept per file: a damaged TIFF can make libtiff complain about every strip and Pillow warn about

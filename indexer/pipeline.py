@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -63,6 +64,7 @@ class IndexSummary:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
+    unsupported: dict[str, int] = field(default_factory=dict)  # image files skipped, by extension: nothing decodes them
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, failures as {"path", "stage", "reason"} objects."""
@@ -167,7 +169,9 @@ class _Run:
     def run(self) -> IndexSummary:
         """Scan, process every work item, remove what vanished, record the run."""
         start = time.perf_counter()
-        found = list(walk(self.roots, self.options.exclude))
+        unsupported: Counter[str] = Counter()
+        found = list(walk(self.roots, self.options.exclude, unsupported))
+        self.summary.unsupported = dict(sorted(unsupported.items()))
         self.plan: Plan = plan_sync(found, self.store.catalog(), self.roots)
         self.stages["scan"] = time.perf_counter() - start
         self.hash_to_ids = self.plan.hash_to_ids

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +212,38 @@ def test_what_image_libraries_say_goes_to_the_debug_log_not_stderr(tmp_path, che
     assert set(libraries) <= set(debug), libraries  # never on a line of their own
     assert f"DEBUG indexer.pipeline: {photos / 'odd-tag.tif'}: UserWarning: Truncated File Read" in debug, debug
     assert any(f"{photos / 'damaged.tif'}: ZIPDecode: Decoding error" in line for line in debug), debug
+
+
+def psd_bytes(image: Image.Image) -> bytes:
+    """A minimal Photoshop file (Pillow reads PSD but does not write it): 8-bit RGB, raw planes, no layers."""
+    width, height = image.size
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3) + struct.pack(">III", 0, 0, 0)
+    return header + struct.pack(">H", 0) + b"".join(image.getchannel(band).tobytes() for band in "RGB")
+
+
+def test_every_format_pillow_decodes_is_indexed_and_unreadable_ones_are_counted(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    formats = {"a.mpo": "MPO", "b.jp2": "JPEG2000", "c.tga": "TGA", "d.ppm": "PPM", "e.ico": "ICO",
+               "f.apng": "PNG", "g.jfif": "JPEG"}  # fmt: skip
+    for i, (name, fmt) in enumerate(formats.items()):
+        more = {"save_all": True, "append_images": [pattern(100 + i)]} if fmt in ("MPO", "PNG") else {}
+        pattern(i).save(photos / name, fmt, **more)
+    (photos / "h.psd").write_bytes(psd_bytes(pattern(50)))
+    formats["h.psd"] = "PSD"
+    for name in ("logo.svg", "icon.svg", "photo.jxl"):
+        (photos / name).write_text("<not decoded>")
+
+    result = index(checkpoint, tmp_path / "db", str(photos), "--json")
+    text = index(checkpoint, tmp_path / "db", str(photos))
+
+    assert result.exit_code == 0 and text.exit_code == 0, result.output + text.output
+    summary = json.loads(result.stdout)
+    assert (summary["indexed"], summary["failed"]) == (len(formats), 0), summary["failures"]
+    assert summary["unsupported"] == {".jxl": 1, ".svg": 2}
+    model, _ = load_model(checkpoint, towers="image")
+    store = Store.open(tmp_path / "db", model.info)
+    assert {Path(r["path"]).name: r["format"] for r in store.rows(store.ids())} == formats
+    assert text.stdout.splitlines()[1] == (
+        "3 files skipped as unsupported formats (2 .svg, 1 .jxl; install pillow-jxl-plugin for JPEG XL)"
+    )

@@ -70,6 +70,7 @@ def index(
     workers = default_workers() if workers is None else workers
     if workers:
         start_worker_server()  # the decoder workers' server imports torch while this process loads the model
+    from indexer.formats import describe_unsupported
     from indexer.options import IndexOptions
     from indexer.pipeline import index_folders
     from retrieval.model.loading import load_model
@@ -99,6 +100,8 @@ def index(
             f"{s.encoded} encoded), {s.unchanged} unchanged, {s.moved} moved, {s.removed} removed, "
             f"{s.failed} failed in {s.seconds:.1f} s."
         )
+        if s.unsupported:
+            click.echo(describe_unsupported(s.unsupported))
         click.echo(f"Store: {store.path} ({store.count()} images, model {model.info.name})")
         _echo_failures([f._asdict() for f in s.failures])
     if strict and summary.failed:

@@ -8,6 +8,7 @@ animation, transparency composited onto white, 16-bit and CMYK images brought to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
@@ -78,7 +79,8 @@ def to_rgb(image: Image.Image, min_size: int | None = None, max_megapixels: floa
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about odd EXIF/palette data it then handles
-            image.seek(0)
+            with contextlib.suppress(EOFError):  # a PSD's frames are its layers, from 1; as opened it is the composite
+                image.seek(0)
             image.load()
             image = ImageOps.exif_transpose(image)
             return _as_rgb(image)
