@@ -135,12 +135,12 @@ def writable_formats() -> list[tuple[str, str, dict]]:
     plus compressed TIFF and lossless WebP."""
     from PIL import Image
 
-    from indexer.formats import SUPPORTED_EXTENSIONS
+    from indexer.formats import supported_extensions
 
     Image.init()
     by_format: dict[str, list[str]] = {}
     for ext, format_id in Image.registered_extensions().items():
-        if ext in SUPPORTED_EXTENSIONS and format_id in Image.SAVE:
+        if ext in supported_extensions() and format_id in Image.SAVE:
             by_format.setdefault(format_id, []).append(ext)
     chosen = []
     for format_id, exts in sorted(by_format.items()):
@@ -233,10 +233,10 @@ def make_corpus(root: Path, flips: int, max_megapixels: float, thin: int, large:
     put("links/folder.jpg/inside.png", "good", make=lambda p: pattern(11).save(p))
 
     # Image formats nothing installed decodes.
-    from indexer.formats import SUPPORTED_EXTENSIONS
+    from indexer.formats import supported_extensions
 
     for name in ("vector.svg", "photo.jxl", "camera.cr2", "phone.heic"):
-        if os.path.splitext(name)[1] not in SUPPORTED_EXTENSIONS:
+        if os.path.splitext(name)[1] not in supported_extensions():
             put(f"unsupported/{name}", "unsupported", b"<not decoded here>")
     return corpus
 

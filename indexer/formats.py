@@ -8,6 +8,7 @@ plugin) are counted, so a run can say what it skipped and what would read them.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 
@@ -47,14 +48,17 @@ def _decodes(format_id: str) -> bool:
     return not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
 
 
-def readable_extensions() -> frozenset[str]:
-    """Extensions (lower case, with the dot) of the image formats the installed Pillow and plugins decode."""
+@functools.cache
+def supported_extensions() -> frozenset[str]:
+    """Extensions (lower case, with the dot) of the image formats the installed Pillow and plugins decode.
+
+    Worked out on first use, not on import: it imports every Pillow plugin, and the decoder workers' server, which
+    imports `indexer.decode` (and so this module) before forking them, starts its workers markedly slower for it.
+    """
     register_plugins()
     Image.init()
     return frozenset(ext.lower() for ext, format_id in Image.registered_extensions().items() if _decodes(format_id))
 
-
-SUPPORTED_EXTENSIONS = readable_extensions()
 
 # Image formats met in photo folders that nothing installed may read, with what would read them.
 _HEIC = "install pillow-heif for HEIC"
@@ -78,7 +82,7 @@ KNOWN_IMAGE_EXTENSIONS: Mapping[str, str | None] = {
 def unsupported_extension(name: str) -> str | None:
     """The extension of an image file nothing installed decodes (".svg", ".heic" without its plugin), else None."""
     ext = os.path.splitext(name)[1].lower()
-    return ext if ext in KNOWN_IMAGE_EXTENSIONS and ext not in SUPPORTED_EXTENSIONS else None
+    return ext if ext in KNOWN_IMAGE_EXTENSIONS and ext not in supported_extensions() else None
 
 
 def describe_unsupported(counts: Mapping[str, int]) -> str:

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
-from indexer.formats import SUPPORTED_EXTENSIONS, unsupported_extension
+from indexer.formats import supported_extensions, unsupported_extension
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Found(NamedTuple):
 
 def is_image_name(name: str) -> bool:
     """True for a file name with a supported image extension (any case) that is not an AppleDouble file."""
-    return not name.startswith("._") and os.path.splitext(name)[1].lower() in SUPPORTED_EXTENSIONS
+    return not name.startswith("._") and os.path.splitext(name)[1].lower() in supported_extensions()
 
 
 def _excluded(name: str, relative: str, patterns: Sequence[str]) -> bool:

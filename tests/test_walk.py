@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from indexer.walk import SUPPORTED_EXTENSIONS, walk
+from indexer.formats import supported_extensions
+from indexer.walk import walk
 
 
 def touch(path, data: bytes = b"x") -> str:
@@ -30,8 +31,8 @@ def test_extensions_are_case_insensitive_and_others_ignored(tmp_path):
 def test_heic_and_avif_follow_the_installed_plugins():
     from PIL import features
 
-    assert (".avif" in SUPPORTED_EXTENSIONS) == (features.check("avif") or _importable("pillow_avif"))
-    assert (".heic" in SUPPORTED_EXTENSIONS) == _importable("pillow_heif")
+    assert (".avif" in supported_extensions()) == (features.check("avif") or _importable("pillow_avif"))
+    assert (".heic" in supported_extensions()) == _importable("pillow_heif")
 
 
 def _importable(module: str) -> bool:
@@ -126,5 +127,5 @@ def test_image_files_nothing_decodes_are_counted_by_extension(tmp_path):
     found = found_paths([tmp_path], unsupported=counts)
 
     assert found == [str(tmp_path / "photos" / "keep.jpg")]
-    expected = {".svg": 2, ".jxl": 1, ".cr2": 1} | ({} if ".heic" in SUPPORTED_EXTENSIONS else {".heic": 1})
+    expected = {".svg": 2, ".jxl": 1, ".cr2": 1} | ({} if ".heic" in supported_extensions() else {".heic": 1})
     assert counts == expected
