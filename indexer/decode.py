@@ -3,33 +3,42 @@
 `Decoder` is a picklable callable (it runs in worker processes) that never raises for a bad file: every
 problem comes back as a `Failed` result naming the stage. When the file's hash matches content the store
 already has (`Decoder.known`), it stops before decoding: the vector can be reused.
+
+What the image libraries say while decoding a file (Python warnings from Pillow, and the lines libtiff and
+other C libraries write straight to the process's stderr) comes back with the result as `notes`, which the
+indexer logs at debug level, instead of reaching the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
+import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
+from indexer.formats import register_plugins
 from retrieval.errors import ImageLoadError
-from retrieval.model.preprocess import Preprocess
+from retrieval.model.preprocess import Preprocess, decode_error_reason
 from retrieval.types import ImageMetadata
 
-try:  # HEIC/HEIF support when the plugin is installed; the walker lists .heic files only then
-    from pillow_heif import register_heif_opener
-
-    register_heif_opener()
-except ImportError:
-    pass
+register_plugins()  # HEIC, AVIF, JPEG XL when their plugins are installed: the walker lists such files only then
 
 _ORIENTATION_SWAPS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+# Library messages kept per file: a damaged TIFF can make libtiff complain about every strip and Pillow warn about
+# every tag. With --workers 0 and -vv, Pillow's own debug log lines (~40 for a TIFF) are among them.
+_MAX_NOTES = 200
+_MAX_NOTE_BYTES = 64 * 1024  # of what was written to stderr, read back per file
 
 
 class DecodeTask(NamedTuple):
@@ -45,6 +54,7 @@ class Decoded(NamedTuple):
     pixels: np.ndarray  # [3, S, S] float32, normalised as the model expects
     metadata: ImageMetadata
     seconds: tuple[float, float, float]  # time spent reading (+hashing), decoding, transforming
+    notes: tuple[str, ...] = ()  # what the image libraries said while decoding it
 
 
 class Known(NamedTuple):
@@ -59,6 +69,7 @@ class Failed(NamedTuple):
 
     stage: str  # read, decode, preprocess, worker
     reason: str
+    notes: tuple[str, ...] = ()  # what the image libraries said while decoding it
 
 
 DecodeResult = Decoded | Known | Failed
@@ -94,23 +105,96 @@ class Decoder:
         read_done = time.perf_counter()
         if task.check_known and _contains(self.known, hash_key(content_hash)):
             return Known(content_hash, (read_done - start, 0.0, 0.0))
+        notes: list[str] = []
+        with _refusing_truncated_data(), _library_output(notes):
+            result = self._decode(data, content_hash, read_done - start)
+        return result._replace(notes=tuple(notes)) if notes else result
+
+    def _decode(self, data: bytes, content_hash: str, read_seconds: float) -> Decoded | Failed:
+        """Decode, read the metadata and transform; every problem becomes a `Failed`."""
+        start = time.perf_counter()
         try:
             image = Image.open(io.BytesIO(data))
-            metadata = _metadata(image, content_hash)
+            stored_size = image.size  # before a JPEG draft shrinks it
+            # Decode before reading the metadata: reading a PNG's EXIF loads the pixels, and a load failing there
+            # (its error swallowed, as EXIF damage only costs the metadata) would leave a half-decoded image that
+            # the next load returns without complaint.
             rgb = self.preprocess.decode(image, max_megapixels=self.max_megapixels)
+            metadata = _metadata(image, stored_size, content_hash)
         except UnidentifiedImageError:
             return Failed("decode", "not an image Pillow can read")
         except ImageLoadError as e:
             return Failed("decode", str(e).removeprefix("<image>: "))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return Failed("decode", f"cannot decode ({e})")
+        except Exception as e:  # Pillow's plugins raise many types on damaged files (RuntimeError from AVIF ...)
+            return Failed("decode", decode_error_reason(e))
         decode_done = time.perf_counter()
         try:
             pixels = self.preprocess.transform(rgb).numpy()
         except (OSError, ValueError) as e:
             return Failed("preprocess", f"cannot transform ({e})")
-        seconds = (read_done - start, decode_done - read_done, time.perf_counter() - decode_done)
-        return Decoded(pixels, metadata, seconds)
+        return Decoded(pixels, metadata, (read_seconds, decode_done - start, time.perf_counter() - decode_done))
+
+
+@contextlib.contextmanager
+def _refusing_truncated_data() -> Iterator[None]:
+    """Pillow's process-wide `LOAD_TRUNCATED_IMAGES` off for the duration: an application that turned it on for its
+    own use must not make the indexer store a truncated file as a partly grey image."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+_capture: tuple[int, IO[bytes]] | None = None  # (pid, file): this process's sink for what libraries print
+
+
+@contextlib.contextmanager
+def _library_output(notes: list[str]) -> Iterator[None]:
+    """Collect into `notes` what the image libraries say for the duration: Pillow's Python warnings, and what C
+    libraries (libtiff above all) write to file descriptor 2, which would otherwise flood the terminal with hundreds
+    of lines a run, even under --json.
+
+    File descriptor 2 is the whole process's: while it points at the sink, whatever else is written to stderr lands
+    in the notes too. Decoder workers do nothing else; with --workers 0 the main thread is decoding, and what it
+    logs meanwhile (Pillow's debug lines under -vv) is logged again with the file's path.
+    """
+    global _capture
+    if _capture is None or _capture[0] != os.getpid():  # a file of our own per process, also after a fork
+        _capture = (os.getpid(), tempfile.TemporaryFile())
+    sink = _capture[1]
+    try:
+        saved: int | None = os.dup(2)
+    except OSError:  # no stderr to divert
+        saved = None
+    if saved is not None:
+        _flush_stderr()  # what Python printed before belongs on the terminal
+        os.dup2(sink.fileno(), 2)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        if saved is not None:
+            _flush_stderr()  # ... and what it printed since, in the notes
+            os.dup2(saved, 2)
+            os.close(saved)
+        notes.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+        sink.seek(0)
+        printed = sink.read(_MAX_NOTE_BYTES).decode("utf-8", "replace")
+        sink.seek(0)
+        sink.truncate()
+        notes.extend(line.strip() for line in printed.splitlines() if line.strip())
+        if len(notes) > _MAX_NOTES:  # the first and the last say most: what went wrong first, and the final error
+            half = _MAX_NOTES // 2
+            notes[half:-half] = [f"... {len(notes) - 2 * half} more messages ..."]
+
+
+def _flush_stderr() -> None:
+    """Flush Python's buffered stderr, if there is one (pythonw has none)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stderr.flush()
 
 
 def hash_key(content_hash: str) -> np.uint64:
@@ -124,9 +208,9 @@ def _contains(sorted_keys: np.ndarray, key: np.uint64) -> bool:
     return i < len(sorted_keys) and sorted_keys[i] == key
 
 
-def _metadata(image: Image.Image, content_hash: str) -> ImageMetadata:
-    """Size as displayed (EXIF orientation applied), format, and EXIF capture time and camera, from the header."""
-    width, height = image.size
+def _metadata(image: Image.Image, size: tuple[int, int], content_hash: str) -> ImageMetadata:
+    """Size as displayed (`size` as stored, EXIF orientation applied), format, and EXIF capture time and camera."""
+    width, height = size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about malformed EXIF it then skips
         try:

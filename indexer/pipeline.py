@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -66,6 +67,7 @@ class IndexSummary:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
+    unsupported: dict[str, int] = field(default_factory=dict)  # image files skipped, by extension: nothing decodes them
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, failures as {"path", "stage", "reason"} objects."""
@@ -170,7 +172,9 @@ class _Run:
     def run(self) -> IndexSummary:
         """Scan, process every work item, remove what vanished, record the run."""
         start = time.perf_counter()
-        found = list(walk(self.roots, self.options.exclude))
+        unsupported: Counter[str] = Counter()
+        found = list(walk(self.roots, self.options.exclude, unsupported))
+        self.summary.unsupported = dict(sorted(unsupported.items()))
         self.plan: Plan = plan_sync(
             found, self.store.catalog(), self.roots, self.store.state.failures(), self.options.retry_failed
         )
@@ -299,6 +303,8 @@ class _Run:
 
     def _handle(self, item: WorkItem, result: DecodeResult) -> None:
         """Route one decode result: a failure, known content (no encoding), or pixels for the batch."""
+        for note in getattr(result, "notes", ()):  # what the image libraries said about the file
+            logger.debug("%s: %s", item.path, note)
         if isinstance(result, Failed):
             # info, not a warning: the summary lists every failure once, at the end
             logger.info("skipping %s: %s (%s)", item.path, result.reason, result.stage)

@@ -1,9 +1,10 @@
 """Finding the image files under the folders to index.
 
-Recursive, sorted (so runs are reproducible), case-insensitive on extensions, and safe on real photo
-libraries: hidden folders, Synology's `@eaDir`, `.git`, `node_modules` and macOS AppleDouble `._*` files are
-skipped; symlinked folders are followed once each, so a symlink loop cannot recurse forever; a broken
-symlink or an unlistable folder is reported, not raised.
+Images are the files whose extension is of a format Pillow decodes here (`indexer.formats`). Recursive, sorted
+(so runs are reproducible), case-insensitive on extensions, and safe on real photo libraries: hidden folders,
+Synology's `@eaDir`, `.git`, `node_modules` and macOS AppleDouble `._*` files are skipped; symlinked folders are
+followed once each, so a symlink loop cannot recurse forever; a broken symlink or an unlistable folder is
+reported, not raised.
 """
 
 from __future__ import annotations
@@ -12,39 +13,15 @@ import fnmatch
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
-from PIL import features
+from indexer.formats import supported_extensions, unsupported_extension
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 SKIPPED_DIRS = frozenset({"@eaDir", ".git", "node_modules"})
-
-
-def _optional_extensions() -> frozenset[str]:
-    """HEIC/AVIF, when Pillow (or a plugin it can load) reads them."""
-    found: set[str] = set()
-    try:
-        import pillow_heif  # noqa: F401  # registered by indexer.decode in the worker processes
-
-        found |= {".heic", ".heif"}
-    except ImportError:
-        pass
-    avif_plugin = False
-    try:
-        import pillow_avif  # noqa: F401
-
-        avif_plugin = True
-    except ImportError:
-        pass
-    if avif_plugin or features.check("avif"):
-        found.add(".avif")
-    return frozenset(found)
-
-
-SUPPORTED_EXTENSIONS = IMAGE_EXTENSIONS | _optional_extensions()
 
 
 class Found(NamedTuple):
@@ -58,7 +35,7 @@ class Found(NamedTuple):
 
 def is_image_name(name: str) -> bool:
     """True for a file name with a supported image extension (any case) that is not an AppleDouble file."""
-    return not name.startswith("._") and os.path.splitext(name)[1].lower() in SUPPORTED_EXTENSIONS
+    return not name.startswith("._") and os.path.splitext(name)[1].lower() in supported_extensions()
 
 
 def _excluded(name: str, relative: str, patterns: Sequence[str]) -> bool:
@@ -66,13 +43,17 @@ def _excluded(name: str, relative: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(relative, p) for p in patterns)
 
 
-def walk(roots: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = ()) -> Iterator[Found]:
+def walk(
+    roots: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = (), unsupported: Counter[str] | None = None
+) -> Iterator[Found]:
     """Yield every image file under `roots`, each once, in a stable order.
 
     Args:
         roots: folders (or single image files) to index; made absolute, not resolved.
         exclude: glob patterns (`fnmatch`, `*` also crosses `/`) matched against each file or folder name
             and against its path relative to its root; a matching folder is not entered.
+        unsupported: when given, counts the image files skipped because nothing installed decodes their format,
+            by extension (".svg", ".heic" without pillow-heif).
 
     Yields:
         `Found` records; problems (broken symlinks, unlistable folders) come with `error` set.
@@ -87,7 +68,7 @@ def walk(roots: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = ()) -
             yield Found(root, 0, 0, f"cannot read the folder or file ({e.strerror})")
             continue
         if stat.S_ISDIR(st.st_mode):
-            yield from _walk_dir(root, root, st, exclude, seen_dirs, seen_files)
+            yield from _walk_dir(root, root, st, exclude, seen_dirs, seen_files, unsupported)
         elif root not in seen_files:
             seen_files.add(root)
             yield Found(root, st.st_size, st.st_mtime_ns)
@@ -100,6 +81,7 @@ def _walk_dir(
     exclude: Sequence[str],
     seen_dirs: set[tuple[int, int]],
     seen_files: set[str],
+    unsupported: Counter[str] | None,
 ) -> Iterator[Found]:
     """Depth-first walk of one folder; `seen_dirs` holds (device, inode) of folders already entered."""
     key = (dir_stat.st_dev, dir_stat.st_ino)
@@ -127,7 +109,11 @@ def _walk_dir(
             if not name.startswith(".") and name not in SKIPPED_DIRS:
                 subdirs.append(entry)
             continue
-        if not is_image_name(name) or entry.path in seen_files:
+        if not is_image_name(name):
+            if unsupported is not None and not name.startswith("._") and (ext := unsupported_extension(name)):
+                unsupported[ext] += 1
+            continue
+        if entry.path in seen_files:
             continue
         try:
             st = entry.stat()  # follows symlinks
@@ -145,4 +131,4 @@ def _walk_dir(
         except OSError as e:
             yield Found(entry.path, 0, 0, f"cannot enter the folder ({e.strerror})")
             continue
-        yield from _walk_dir(root, entry.path, st, exclude, seen_dirs, seen_files)
+        yield from _walk_dir(root, entry.path, st, exclude, seen_dirs, seen_files, unsupported)

@@ -9,15 +9,18 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
+import sys
 from datetime import datetime
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-from test_index_support import FaultyDecoder, pattern, tiny_model, vectors_by_path
+from PIL import Image, ImageFile
+from test_index_support import FaultyDecoder, damaged, pattern, tiny_model, vectors_by_path
 
 from clipsearch.cli import cli
+from indexer.decode import Decoder, DecodeTask
 from indexer.pipeline import IndexOptions, index_folders
 from retrieval.store import Store
 
@@ -186,3 +189,86 @@ def test_status_shows_failures(indexed):
     assert f"Failed files ({len(indexed['bad'])}):" in text.output
     assert f"{indexed['root'] / 'empty.jpg'}: read: empty file (0 bytes)" in text.output
     assert "State: complete" in text.output and f"Images: {len(indexed['good'])}" in text.output
+
+
+# Decodes files under an address-space limit a little above what the process already maps (torch maps a lot).
+_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+from indexer.decode import Decoder, DecodeTask
+from retrieval.model.preprocess import Preprocess
+
+decoder = Decoder(Preprocess(224))
+with open("/proc/self/status") as f:
+    mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = mapped + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for path in sys.argv[2:]:
+    result = decoder(DecodeTask(path))
+    print(type(result).__name__, tuple(result.pixels.shape) if hasattr(result, "pixels") else result, flush=True)
+"""
+
+
+def test_very_thin_images_decode_within_a_small_memory_limit(tmp_path):
+    # 177-byte PNGs: resizing the short side to 224 px first would make a 22400000x224 image (15 GB)
+    Image.new("RGB", (100_000, 1), (200, 30, 30)).save(tmp_path / "wide.png")
+    Image.new("RGB", (1, 100_000), (30, 30, 200)).save(tmp_path / "tall.png")
+    script = [
+        sys.executable,
+        "-c",
+        _UNDER_A_MEMORY_LIMIT,
+        "300",
+        str(tmp_path / "wide.png"),
+        str(tmp_path / "tall.png"),
+    ]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["Decoded (3, 224, 224)", "Decoded (3, 224, 224)"]
+
+
+def test_files_pillow_cannot_fully_decode_fail_and_store_nothing(tmp_path):
+    model, preprocess = tiny_model()
+    root = tmp_path / "photos"
+    root.mkdir()
+    pattern(1).save(root / "good.png")
+    names = ["flipped.png", "flipped.jpg", "flipped.webp", "flipped.gif", "flipped.tif"]
+    for name, fmt, save_args in zip(names, ["PNG", "JPEG", "WEBP", "GIF", "TIFF"], [{}, {"quality": 90}, {}, {},
+                                    {"compression": "tiff_lzw"}], strict=True):  # fmt: skip
+        (root / name).write_bytes(damaged(pattern(2, (256, 192)), fmt, **save_args))
+        with pytest.raises((OSError, SyntaxError, ValueError)):  # Pillow itself reports the damage
+            Image.open(root / name).load()
+    store = Store.open(tmp_path / "db", model.info, create=True)
+
+    summary = index_folders([root], model, preprocess, store, IndexOptions(workers=0, progress=False))
+
+    assert sorted(vectors_by_path(store)) == [str(root / "good.png")]
+    failures = {os.path.basename(f.path): f for f in summary.failures}
+    assert sorted(failures) == sorted(names)
+    assert all(f.stage == "decode" and f.reason for f in failures.values()), failures
+
+
+def test_truncated_files_fail_even_when_the_application_lets_pillow_load_them(tmp_path, monkeypatch):
+    _, preprocess = tiny_model()
+    for name, fmt in [("cut.png", "PNG"), ("cut.jpg", "JPEG")]:
+        buffer = io.BytesIO()
+        pattern(3, (200, 150)).save(buffer, fmt)
+        (tmp_path / name).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as an application might, for its own viewing
+
+    results = [Decoder(preprocess)(DecodeTask(str(tmp_path / name))) for name in ("cut.png", "cut.jpg")]
+
+    assert [(type(r).__name__, r.stage) for r in results] == [("Failed", "decode")] * 2, results
+    assert ImageFile.LOAD_TRUNCATED_IMAGES  # left as the application set it
+
+
+def test_a_plugin_raising_an_unusual_error_fails_the_file_not_the_run(tmp_path):
+    # Pillow's AVIF plugin raises RuntimeError on some damage; decoding in this process (--workers 0) must survive it.
+    def runtime_error(e: Exception) -> bool:
+        return isinstance(e, RuntimeError)
+
+    (tmp_path / "damaged.avif").write_bytes(damaged(pattern(4, (64, 48)), "AVIF", refused=runtime_error))
+    _, preprocess = tiny_model()
+
+    result = Decoder(preprocess)(DecodeTask(str(tmp_path / "damaged.avif")))
+
+    assert type(result).__name__ == "Failed" and result.stage == "decode", result
+    assert result.reason.startswith("corrupt or truncated image data (RuntimeError: "), result.reason

@@ -6,14 +6,17 @@ import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_index_support import tiny_checkpoint, write_images
+from PIL import Image
+from test_index_support import damaged, pattern, tiny_checkpoint, write_images
 
 from clipsearch.cli import cli
 from indexer.lock import IndexLock
@@ -254,3 +257,108 @@ def test_the_progress_bar_gives_no_time_left_until_it_has_settled():
     assert "<?" not in shown and "it/s" in shown  # 100 files in ~10 s: about 1.5 minutes left
     assert re.search(r"<0[01]:[0-9][0-9],", shown), shown
     bar.close()
+
+
+def test_failure_reasons_say_what_is_wrong_and_keep_pillows_message(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 1)
+
+    def decoder_error_2(e: Exception) -> bool:
+        return str(e) == "decoder error -2"
+
+    (photos / "flipped.tif").write_bytes(
+        damaged(pattern(1, (256, 192)), "TIFF", decoder_error_2, compression="tiff_lzw")
+    )
+    jpeg = (photos / "img0000.jpg").read_bytes()
+    (photos / "no-scan.jpg").write_bytes(jpeg[: jpeg.index(b"\xff\xda")] + b"\xff\xd9")  # headers, no image data
+    pattern(2, (200, 150)).save(photos / "cut.png")
+    (photos / "cut.png").write_bytes((photos / "cut.png").read_bytes()[:-300])
+    with pytest.raises(OSError, match="cannot load this image"):
+        Image.open(photos / "no-scan.jpg").load()
+
+    result = index(checkpoint, tmp_path / "db", str(photos), "--json")
+
+    assert result.exit_code == 0, result.output
+    reasons = {f["path"]: (f["stage"], f["reason"]) for f in json.loads(result.stdout)["failures"]}
+    assert reasons == {
+        str(photos / "flipped.tif"): ("decode", "corrupt or truncated image data (decoder error -2)"),
+        str(photos / "no-scan.jpg"): ("decode", "no image data in the file (cannot load this image)"),
+        str(photos / "cut.png"): ("decode", "truncated file: the image data ends early (image file is truncated)"),
+    }
+
+
+def _decoder_error_2(e: Exception) -> bool:
+    return str(e) == "decoder error -2"
+
+
+def test_what_image_libraries_say_goes_to_the_debug_log_not_stderr(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    pattern(3).save(photos / "odd-tag.tif", tiffinfo={33432: "a copyright notice longer than four bytes"})
+    tiff = bytearray((photos / "odd-tag.tif").read_bytes())
+    ifd = int.from_bytes(tiff[4:8], "little")
+    entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(tiff[ifd : ifd + 2], "little"))]
+    [copyright] = [e for e in entries if int.from_bytes(tiff[e : e + 2], "little") == 33432]
+    tiff[copyright + 8 : copyright + 12] = (len(tiff) - 4).to_bytes(4, "little")  # its text runs past the end
+    (photos / "odd-tag.tif").write_bytes(tiff)  # Pillow warns (and skips the tag), then decodes it all right
+    damaged_tiff = damaged(pattern(4, (256, 192)), "TIFF", _decoder_error_2, compression="tiff_deflate")
+    (photos / "damaged.tif").write_bytes(damaged_tiff)
+    load = (
+        "import sys\nfrom PIL import Image\nfor p in sys.argv[1:]:\n  try: Image.open(p).load()\n  except OSError: pass"
+    )
+    said = subprocess.run([sys.executable, "-c", load, photos / "odd-tag.tif", photos / "damaged.tif"],
+                          capture_output=True, text=True, check=True).stderr  # fmt: skip
+    assert "UserWarning: Truncated File Read" in said and "ZIPDecode: Decoding error" in said  # libtiff: fd 2
+    cli = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+
+    quiet = subprocess.run([*cli, "index", photos, "--model", checkpoint, "--db", tmp_path / "db", "--workers", "1",
+                            "--json"], capture_output=True, text=True)  # fmt: skip
+    verbose = subprocess.run([*cli, "-vv", "index", photos, "--model", checkpoint, "--db", tmp_path / "db2",
+                              "--workers", "0", "--json"], capture_output=True, text=True)  # fmt: skip
+
+    assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
+    assert json.loads(quiet.stdout)["indexed"] == json.loads(verbose.stdout)["indexed"] == 3
+    assert quiet.stderr.splitlines() == [
+        f"WARNING indexer.pipeline: skipping {photos / 'damaged.tif'}: corrupt or truncated image data "
+        "(decoder error -2) (decode)"
+    ]
+    debug = [line for line in verbose.stderr.splitlines() if line.startswith("DEBUG indexer.pipeline: ")]
+    libraries = [line for line in verbose.stderr.splitlines() if "ZIPDecode" in line or "Truncated File" in line]
+    assert set(libraries) <= set(debug), libraries  # never on a line of their own
+    assert f"DEBUG indexer.pipeline: {photos / 'odd-tag.tif'}: UserWarning: Truncated File Read" in debug, debug
+    assert any(f"{photos / 'damaged.tif'}: ZIPDecode: Decoding error" in line for line in debug), debug
+
+
+def psd_bytes(image: Image.Image) -> bytes:
+    """A minimal Photoshop file (Pillow reads PSD but does not write it): 8-bit RGB, raw planes, no layers."""
+    width, height = image.size
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3) + struct.pack(">III", 0, 0, 0)
+    return header + struct.pack(">H", 0) + b"".join(image.getchannel(band).tobytes() for band in "RGB")
+
+
+def test_every_format_pillow_decodes_is_indexed_and_unreadable_ones_are_counted(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    formats = {"a.mpo": "MPO", "b.jp2": "JPEG2000", "c.tga": "TGA", "d.ppm": "PPM", "e.ico": "ICO",
+               "f.apng": "PNG", "g.jfif": "JPEG"}  # fmt: skip
+    for i, (name, fmt) in enumerate(formats.items()):
+        more = {"save_all": True, "append_images": [pattern(100 + i)]} if fmt in ("MPO", "PNG") else {}
+        pattern(i).save(photos / name, fmt, **more)
+    (photos / "h.psd").write_bytes(psd_bytes(pattern(50)))
+    formats["h.psd"] = "PSD"
+    for name in ("logo.svg", "icon.svg", "photo.jxl"):
+        (photos / name).write_text("<not decoded>")
+
+    result = index(checkpoint, tmp_path / "db", str(photos), "--json")
+    text = index(checkpoint, tmp_path / "db", str(photos))
+
+    assert result.exit_code == 0 and text.exit_code == 0, result.output + text.output
+    summary = json.loads(result.stdout)
+    assert (summary["indexed"], summary["failed"]) == (len(formats), 0), summary["failures"]
+    assert summary["unsupported"] == {".jxl": 1, ".svg": 2}
+    model, _ = load_model(checkpoint, towers="image")
+    store = Store.open(tmp_path / "db", model.info)
+    assert {Path(r["path"]).name: r["format"] for r in store.rows(store.ids())} == formats
+    assert text.stdout.splitlines()[1] == (
+        "3 files skipped as unsupported formats (2 .svg, 1 .jxl; install pillow-jxl-plugin for JPEG XL)"
+    )

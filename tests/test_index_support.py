@@ -6,6 +6,7 @@ processes unpickle them by reference.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from indexer.decode import Decoder, DecodeTask, Failed
 from retrieval.model.checkpoint import save_checkpoint
@@ -54,6 +55,27 @@ def write_images(folder: Path, n: int, start: int = 0, ext: str = ".jpg") -> lis
         pattern(i).save(path)
         paths.append(path)
     return paths
+
+
+def damaged(image: Image.Image, fmt: str, refused=None, **save_args) -> bytes:
+    """The image saved as `fmt` with 16 bits flipped past its first 64 bytes: the first such damage (by seed) that
+    Pillow refuses when it opens and fully loads the file, with an error `refused(error)` accepts (default: any but
+    "cannot identify", which means the header itself is gone)."""
+    refused = refused or (lambda e: not isinstance(e, UnidentifiedImageError))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    data = buffer.getvalue()
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        flipped = bytearray(data)
+        for offset, bit in zip(rng.integers(64, len(data), 16), rng.integers(0, 8, 16), strict=True):
+            flipped[offset] ^= 1 << int(bit)
+        try:
+            Image.open(io.BytesIO(flipped)).load()
+        except Exception as e:
+            if refused(e):
+                return bytes(flipped)
+    raise AssertionError(f"no damaged {fmt} found that Pillow refuses as asked")
 
 
 def vectors_by_path(store) -> dict[str, np.ndarray]:

@@ -226,3 +226,20 @@ def test_path_and_image_give_the_same_tensor_and_preprocess_pickles(tmp_path):
 
     assert torch.equal(preprocess(path), clone(Image.open(path)))
     assert (clone.mean, clone.std) == (CLIP_MEAN, CLIP_STD)
+
+
+@pytest.mark.parametrize("size", [(3000, 5), (5, 3000), (700, 3)])
+def test_extreme_aspect_ratios_give_the_resize_then_crop_pixels(size):
+    # Beyond 16:1 the transform resamples only the centre crop's region; the pixels must be CLIP's all the same.
+    width, height = size
+    image = smooth_photo(width, height)
+    new_size = (32, int(32 * height / width)) if width <= height else (int(32 * width / height), 32)
+    resized = np.asarray(image.resize(new_size, Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    top, left = int(round((new_size[1] - 32) / 2.0)), int(round((new_size[0] - 32) / 2.0))
+    reference = (resized[top : top + 32, left : left + 32] - CLIP_MEAN) / CLIP_STD  # [32, 32, 3]
+
+    got = Preprocess(32).transform(image).numpy()
+
+    assert got.shape == (3, 32, 32)
+    levels = np.abs(got - reference.transpose(2, 0, 1)).max() * 255 * min(CLIP_STD)
+    assert levels < 3.5  # Pillow may order its two passes differently for a region: a few levels

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
-from indexer.walk import SUPPORTED_EXTENSIONS, walk
+from indexer.formats import supported_extensions
+from indexer.walk import walk
 
 
 def touch(path, data: bytes = b"x") -> str:
@@ -29,8 +31,8 @@ def test_extensions_are_case_insensitive_and_others_ignored(tmp_path):
 def test_heic_and_avif_follow_the_installed_plugins():
     from PIL import features
 
-    assert (".avif" in SUPPORTED_EXTENSIONS) == (features.check("avif") or _importable("pillow_avif"))
-    assert (".heic" in SUPPORTED_EXTENSIONS) == _importable("pillow_heif")
+    assert (".avif" in supported_extensions()) == (features.check("avif") or _importable("pillow_avif"))
+    assert (".heic" in supported_extensions()) == _importable("pillow_heif")
 
 
 def _importable(module: str) -> bool:
@@ -105,3 +107,25 @@ def test_a_single_file_root_and_size_mtime(tmp_path):
     os.utime(path, ns=(1_600_000_000_000_000_001, 1_600_000_000_000_000_001))
     [entry] = list(walk([path]))
     assert (entry.path, entry.size, entry.mtime_ns, entry.error) == (path, 5, 1_600_000_000_000_000_001, None)
+
+
+def test_extensions_come_from_what_pillow_decodes(tmp_path):
+    readable = ("a.mpo", "b.jp2", "c.psd", "d.tga", "e.ppm", "f.ico", "g.apng", "h.JFIF", "i.qoi", "j.dds")
+    expected = [touch(tmp_path / name) for name in readable]
+    # write-only for Pillow (PDF), rendered by Ghostscript (EPS), a video's header only (MPEG), stubs (HDF5, WMF)
+    for name in ("doc.pdf", "figure.eps", "clip.mpg", "data.h5", "drawing.wmf"):
+        touch(tmp_path / name)
+    assert found_paths([tmp_path]) == expected
+
+
+def test_image_files_nothing_decodes_are_counted_by_extension(tmp_path):
+    for name in ("logo.svg", "icon.SVG", "photo.jxl", "raw.cr2", "phone.heic", "notes.txt", "movie.mp4", "._logo.svg"):
+        touch(tmp_path / "photos" / name)
+    touch(tmp_path / "photos" / "keep.jpg")
+    counts: Counter[str] = Counter()
+
+    found = found_paths([tmp_path], unsupported=counts)
+
+    assert found == [str(tmp_path / "photos" / "keep.jpg")]
+    expected = {".svg": 2, ".jxl": 1, ".cr2": 1} | ({} if ".heic" in supported_extensions() else {".heic": 1})
+    assert counts == expected

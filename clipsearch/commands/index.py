@@ -171,6 +171,10 @@ def _echo_summary(s: IndexSummary, folders: tuple[str, ...]) -> None:
         f"{s.encoded} encoded), {s.unchanged} unchanged, {s.moved} moved, {s.removed} removed, "
         f"{failed} in {s.seconds:.1f} s."
     )
+    if s.unsupported:
+        from indexer.formats import describe_unsupported
+
+        click.echo(describe_unsupported(s.unsupported))
     if s.found == 0:
         click.echo(
             f"No image files found in {', '.join(folders)}: clipsearch indexes JPEG, PNG, WebP, GIF, BMP and TIFF "

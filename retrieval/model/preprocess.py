@@ -8,7 +8,9 @@ animation, transparency composited onto white, 16-bit and CMYK images brought to
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,11 @@ Image.MAX_IMAGE_PIXELS = None
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
+# Resized images larger than this many times the S x S crop (an aspect ratio beyond 16:1) are resampled within the
+# crop only (`_resize_crop`), so the work and memory of `Preprocess.transform` stay bounded by its output whatever
+# the aspect ratio; below it, plain resize-then-crop is as cheap.
+_RESIZE_BUDGET = 16
+
 
 def open_image(path: str | Path) -> Image.Image:
     """Open an image lazily (header only).
@@ -45,7 +52,7 @@ def open_image(path: str | Path) -> Image.Image:
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"{path}: not an image Pillow can read") from e
     except OSError as e:
-        raise ImageLoadError(f"{path}: cannot open ({e})") from e
+        raise ImageLoadError(f"{path}: {decode_error_reason(e, 'cannot open')}") from e
 
 
 def to_rgb(image: Image.Image, min_size: int | None = None, max_megapixels: float | None = 100.0) -> Image.Image:
@@ -72,12 +79,61 @@ def to_rgb(image: Image.Image, min_size: int | None = None, max_megapixels: floa
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about odd EXIF/palette data it then handles
-            image.seek(0)
+            with contextlib.suppress(EOFError):  # a PSD's frames are its layers, from 1; as opened it is the composite
+                image.seek(0)
             image.load()
             image = ImageOps.exif_transpose(image)
             return _as_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{name}: cannot decode ({e})") from e
+    except Exception as e:  # Pillow's plugins raise many types on damaged files: RuntimeError, EOFError, struct.error
+        raise ImageLoadError(f"{name}: {decode_error_reason(e)}") from e
+
+
+# What Pillow's messages (and codec status codes, ImageFile.ERRORS) mean for someone looking at the file.
+_TRUNCATED = "truncated file: the image data ends early"
+_CORRUPT = "corrupt or truncated image data"
+_PILLOW_MESSAGES = (
+    ("image file is truncated", _TRUNCATED),
+    ("truncated file read", _TRUNCATED),
+    ("not enough image data", _TRUNCATED),
+    ("buffer overrun", "corrupt image data: more pixels than the image has room for"),
+    ("broken data stream", _CORRUPT),
+    ("unrecognized data stream", _CORRUPT),
+    ("failed to read next frame", _CORRUPT),
+    ("could not create decoder object", _CORRUPT),
+    ("failed to decode", _CORRUPT),
+    ("broken png", _CORRUPT),
+    ("crc check failed", _CORRUPT),
+    ("codec configuration", "a variant of the format this Pillow cannot decode"),
+    ("out of memory", "not enough memory to decode it"),
+    ("cannot load this image", "no image data in the file"),
+    ("not available", "this Pillow has no decoder for this kind of image"),
+)
+_CODEC_STATUS = {
+    -1: "corrupt image data: more pixels than the image has room for",
+    -2: _CORRUPT,
+    -3: _CORRUPT,
+    -8: "a variant of the format this Pillow cannot decode",
+    -9: "not enough memory to decode it",
+}
+
+
+def decode_error_reason(error: BaseException, fallback: str = "cannot decode") -> str:
+    """Pillow's error in words a user can act on, with its own message kept in parentheses.
+
+    "decoder error -2" becomes "corrupt or truncated image data (decoder error -2)"; a message not recognised
+    becomes "cannot decode (<message>)".
+    """
+    raw = str(error) or type(error).__name__
+    if not isinstance(error, (OSError, SyntaxError, ValueError)) and str(error):  # name the unusual types
+        raw = f"{type(error).__name__}: {error}"
+    if isinstance(error, MemoryError):
+        return f"not enough memory to decode it ({raw})"
+    text = str(error).lower()
+    code = re.search(r"decoder error (-?\d+)", text)
+    if code and int(code.group(1)) in _CODEC_STATUS:
+        return f"{_CODEC_STATUS[int(code.group(1))]} ({raw})"
+    words = next((words for fragment, words in _PILLOW_MESSAGES if fragment in text), fallback)
+    return f"{words} ({raw})"
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -95,6 +151,21 @@ def _as_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _resize_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int) -> Image.Image:
+    """`image.resize(new_size, BICUBIC).crop(...)` of the S x S square at `corner`, computing only that square.
+
+    Resizing everything first would turn a 100000x1 strip into a 22400000x224 image at 224 px (15 GB). Pillow's
+    `box` is the square's region in source pixels; the filter still reads the pixels around it, so the result is
+    the same resampling, except that Pillow may order its two passes (rows, columns) differently for the region
+    than for the whole image, which can move a few pixels of sharp detail by a few levels.
+    """
+    width, height = image.size
+    scale_x, scale_y = width / new_size[0], height / new_size[1]
+    left, top = corner[0] * scale_x, corner[1] * scale_y
+    right, bottom = min((corner[0] + size) * scale_x, width), min((corner[1] + size) * scale_y, height)
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, right, bottom))
 
 
 @dataclass(frozen=True)
@@ -136,12 +207,14 @@ class Preprocess:
             new_size = (size, int(size * height / width))
         else:
             new_size = (int(size * width / height), size)
-        if new_size != image.size:
-            image = image.resize(new_size, Image.Resampling.BICUBIC)
-        width, height = image.size
         # round() half-to-even, as torchvision's centre crop does
-        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-        image = image.crop((left, top, left + size, top + size))
+        top, left = int(round((new_size[1] - size) / 2.0)), int(round((new_size[0] - size) / 2.0))
+        if new_size[0] * new_size[1] > _RESIZE_BUDGET * size * size:
+            image = _resize_crop(image, new_size, (left, top), size)
+        else:
+            if new_size != image.size:
+                image = image.resize(new_size, Image.Resampling.BICUBIC)
+            image = image.crop((left, top, left + size, top + size))
         if image.mode != "RGB":
             image = image.convert("RGB")
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
