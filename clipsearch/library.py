@@ -40,6 +40,7 @@ from retrieval.types import Embeddings, RowIds
 if TYPE_CHECKING:
     from indexer.pipeline import IndexSummary
     from retrieval.ann import SavedIndex
+    from retrieval.duplicates import DuplicateGroup
     from retrieval.faiss_index import AnnIndex
     from retrieval.model.clip import CLIP
     from retrieval.model.identity import ModelInfo
@@ -211,6 +212,7 @@ class Library:
         self._saved: SavedIndex | None = None
         self._query_text_model: CLIP | None = None
         self._store_checked = False
+        self._duplicates: tuple[tuple[int, float], list[DuplicateGroup]] | None = None
 
     # ---- parts, loaded on first use ------------------------------------------------------------
 
@@ -393,6 +395,7 @@ class Library:
         metadata: bool = True,
         show_weak: bool = False,
         sort: str = "score",
+        collapse_duplicates: bool = False,
     ) -> list[SearchResult]:
         """The images nearest to a query.
 
@@ -416,6 +419,7 @@ class Library:
             show_weak: also return the results below the threshold, marked `weak=True`.
             sort: "score" (best first) or "date" (the k best matches by EXIF capture time, oldest first; those
                 without one last, by score).
+            collapse_duplicates: show each group of near-duplicates (`duplicates`) as its best member only.
 
         Returns:
             `SearchResult(path, score, rank, metadata, weak)` records, best first (or by date).
@@ -431,7 +435,7 @@ class Library:
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
         calibrated = not auto or self._calibration() is not None
         fetch_threshold = None if auto or show_weak else threshold
-        if not metadata and condition is None and sort == "score" and calibrated:
+        if not metadata and condition is None and sort == "score" and not collapse_duplicates and calibrated:
             saved = self._saved_index()
             if saved is not None:
                 vector = self.encode(terms, ensemble=ensemble, templates=templates)
@@ -439,7 +443,8 @@ class Library:
                 return self._relevant(results, threshold, vector, None, show_weak, sort)
         store = self._searchable_store()
         vector = self.encode(terms, ensemble=ensemble, templates=templates)
-        results = search(store, self.ann_index(), vector, k, where=condition, threshold=fetch_threshold)
+        hidden = self._hidden_duplicates() if collapse_duplicates else []
+        results = search(store, self.ann_index(), vector, k, where=condition, threshold=fetch_threshold, exclude=hidden)
         if not results and in_dir is not None:
             _check_folder(store, in_dir)
         return self._relevant(results, threshold, vector, store, show_weak, sort)
@@ -477,6 +482,10 @@ class Library:
             scores = vectors @ vector
         return auto_cutoff(best, temperature, calibration, scores)
 
+    def _hidden_duplicates(self) -> list[int]:
+        """Ids of every near-duplicate that is not its group's best member."""
+        return [member.id for group in self.duplicates() for member in group.members[1:]]
+
     def similar(
         self,
         path: str | os.PathLike[str],
@@ -489,11 +498,12 @@ class Library:
         threshold: float | None = None,
         show_weak: bool = False,
         sort: str = "score",
+        collapse_duplicates: bool = False,
     ) -> list[SearchResult]:
         """The images most like the image at `path`, inside the store or not (itself excluded when inside).
 
         An indexed, unchanged file uses its stored vector; any other file is read and embedded. `threshold`,
-        `show_weak` and `sort` work as in `search`, except that "auto" is for text only.
+        `show_weak`, `sort` and `collapse_duplicates` work as in `search`, except that "auto" is for text only.
 
         Raises:
             ImageLoadError: the file is missing or not a readable image.
@@ -515,6 +525,8 @@ class Library:
             vector = self._encode_images([path])[0]
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
         exclude = [row_id] if row_id is not None else []
+        if collapse_duplicates:
+            exclude += self._hidden_duplicates()
         fetch_threshold = None if show_weak else threshold
         results = search(
             store, self.ann_index(), vector, k, where=condition, threshold=fetch_threshold, exclude=exclude
@@ -555,3 +567,24 @@ class Library:
         ids, vectors = store.all_vectors()
         paths = [row["path"] for row in store.rows(ids, columns=["path"])] if len(ids) else []
         return Embedded(ids, paths, vectors)
+
+    def duplicates(self, threshold: float | None = None) -> list[DuplicateGroup]:
+        """Groups of near-identical images (exact copies, re-encodes, resizes, light crops, bursts), best first.
+
+        Args:
+            threshold: the cosine at or above which two images are duplicates; None means
+                `retrieval.duplicates.DEFAULT_THRESHOLD`.
+
+        Returns:
+            `DuplicateGroup`s; each one's `members` start with its best pick (largest, then oldest, then
+            shortest path).
+        """
+        from retrieval.duplicates import DEFAULT_THRESHOLD, find_duplicates
+
+        self._check_searchable()
+        store = self._searchable_store()
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        key = (store.version, threshold)
+        if self._duplicates is None or self._duplicates[0] != key:
+            self._duplicates = (key, find_duplicates(store, self.ann_index(), threshold))
+        return self._duplicates[1]

@@ -133,6 +133,9 @@ def _common_options(command: Any) -> Any:
             show_default=True,
             help="Order of the results: best first, or by EXIF capture time (oldest first, undated last).",
         ),
+        click.option(
+            "--collapse-duplicates", is_flag=True, help="Show each group of near-duplicates as its best member only."
+        ),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per result and line."),
         click.option("--plain", is_flag=True, help="score<TAB>path per result, no header."),
         click.option(
@@ -247,6 +250,7 @@ def query(
     threshold: float | str | None,
     show_weak: bool,
     sort: str,
+    collapse_duplicates: bool,
     as_json: bool,
     plain: bool,
     paths_only: bool,
@@ -272,7 +276,7 @@ def query(
       clipsearch query "2:golden retriever" + ./pool.jpg - "night"
       clipsearch query sunset --in ~/Pictures/2023 --after 2023-06-01 -t 20
       clipsearch query "a red car" --where "width >= 1920" --threshold 0.25 --json
-      clipsearch query "a red circle" --threshold auto --sort date
+      clipsearch query "a red circle" --threshold auto --sort date --collapse-duplicates
       clipsearch query cat --plain
       clipsearch query cat -f | xargs -d '\\n' feh
       clipsearch query cat -0 | xargs -0 feh
@@ -294,6 +298,7 @@ def query(
         metadata=output == "json",  # the other formats need no metadata, so a query may skip opening the store
         show_weak=show_weak,
         sort=sort,
+        collapse_duplicates=collapse_duplicates,
     )
     _print_results(results, output, show_weak, cut=threshold is not None)
 
@@ -311,6 +316,7 @@ def similar(
     threshold: float | str | None,
     show_weak: bool,
     sort: str,
+    collapse_duplicates: bool,
     as_json: bool,
     plain: bool,
     paths_only: bool,
@@ -341,5 +347,6 @@ def similar(
         threshold=threshold,
         show_weak=show_weak,
         sort=sort,
+        collapse_duplicates=collapse_duplicates,
     )
     _print_results(results, output, show_weak, cut=threshold is not None)
