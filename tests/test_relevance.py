@@ -4,6 +4,7 @@ indexed with the bundled shapes-mini model."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from datetime import datetime
 
@@ -24,7 +25,7 @@ from retrieval.relevance import (
     fit_calibration,
     sort_by_date,
 )
-from retrieval.shapes import POSITIONS, Attributes, render
+from retrieval.shapes import POSITIONS, Attributes, generate, render
 
 BACKGROUNDS = ("grey", "white", "black", "brown", "pink", "cyan")
 # The gallery: colour, shape and how many. Blue and circles are there, blue circles are not.
@@ -178,3 +179,23 @@ def test_fit_calibration_recovers_a_logistic():
 def test_shapes_mini_ships_a_calibration(gallery):
     info = Library(db=gallery["db"], model="shapes-mini").model_info
     assert info.weights_sha256 in CALIBRATIONS
+
+
+def test_auto_without_a_calibration_cuts_at_the_query_score_spread(tiny, tmp_path, caplog):
+    """A model with no shipped calibration (a random tiny CLIP) falls back to the query's scores over the store."""
+    photos = tmp_path / "photos"
+    generate(photos, 12, seed=5, size_range=(64, 96))
+    library = Library(db=tmp_path / "db", model=tiny, text_precision="float32")
+    library.index([photos], workers=0, progress=False)
+    with caplog.at_level(logging.INFO, logger="clipsearch.library"):
+        shown = library.search("a red circle", k=12, threshold="auto", show_weak=True)
+    assert "ships no relevance calibration" in caplog.text
+    embedded = library.embeddings()
+    scores = embedded.vectors @ library.encode("a red circle")
+    temperature = float(library._model("text")[0].logit_scale.detach().exp())
+    cutoff = auto_cutoff(float(scores.max()), temperature, None, scores)
+    assert len(shown) == 12
+    assert [r.weak for r in shown] == [r.score < cutoff for r in shown]
+    assert [r.path for r in library.search("a red circle", k=12, threshold="auto")] == [
+        r.path for r in shown if not r.weak
+    ]
