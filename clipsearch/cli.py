@@ -22,6 +22,7 @@ COMMANDS = {
     "train": "clipsearch.commands.train:train",
     "classify": "clipsearch.commands.classify:classify",
     "tag": "clipsearch.commands.classify:tag",
+    "duplicates": "clipsearch.commands.duplicates:duplicates",
 }
 
 

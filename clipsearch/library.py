@@ -26,6 +26,7 @@ from retrieval.errors import ImageLoadError, ModelMismatchError, QueryError, Sto
 from retrieval.query import (
     IMAGENET_TEMPLATES,
     SearchResult,
+    Term,
     as_terms,
     build_filter,
     encode_query,
@@ -33,11 +34,13 @@ from retrieval.query import (
     search,
     search_saved,
 )
+from retrieval.relevance import SORTS, Calibration, apply_cutoff, auto_cutoff, calibration_for, sort_by_date
 from retrieval.types import Embeddings, RowIds
 
 if TYPE_CHECKING:
     from indexer.pipeline import IndexSummary
     from retrieval.ann import SavedIndex
+    from retrieval.duplicates import DuplicateGroup
     from retrieval.faiss_index import AnnIndex
     from retrieval.model.clip import CLIP
     from retrieval.model.identity import ModelInfo
@@ -146,6 +149,21 @@ def _check_folder(store: Store, in_dir: str | os.PathLike[str]) -> None:
     raise QueryError(f"--in {os.fspath(in_dir)}: no such folder, and no indexed image is under it; check the path")
 
 
+def _is_auto(threshold: float | str | None, terms: Sequence[Term]) -> bool:
+    """Whether a threshold asks for the calibrated cutoff (refusing it for what it is not calibrated on).
+
+    Raises:
+        QueryError: a threshold that is neither a number, None nor "auto"; "auto" for a non-text query.
+    """
+    if not isinstance(threshold, str):
+        return False
+    if threshold != "auto":
+        raise QueryError(f"threshold {threshold!r}: give a number (a cosine, e.g. 0.25) or 'auto'")
+    if any(term.kind != "text" for term in terms):
+        raise QueryError("threshold 'auto' is calibrated for text queries only; give a number for image queries")
+    return True
+
+
 class Library:
     """One store of images embedded with one model.
 
@@ -194,6 +212,7 @@ class Library:
         self._saved: SavedIndex | None = None
         self._query_text_model: CLIP | None = None
         self._store_checked = False
+        self._duplicates: tuple[tuple[int, float], list[DuplicateGroup]] | None = None
 
     # ---- parts, loaded on first use ------------------------------------------------------------
 
@@ -370,10 +389,13 @@ class Library:
         in_dir: str | os.PathLike[str] | None = None,
         after: date | datetime | None = None,
         before: date | datetime | None = None,
-        threshold: float | None = None,
+        threshold: float | str | None = None,
         ensemble: bool = False,
         templates: Sequence[str] = IMAGENET_TEMPLATES,
         metadata: bool = True,
+        show_weak: bool = False,
+        sort: str = "score",
+        collapse_duplicates: bool = False,
     ) -> list[SearchResult]:
         """The images nearest to a query.
 
@@ -386,29 +408,83 @@ class Library:
             in_dir: only images under this folder.
             after: only images whose EXIF capture time is at or after this.
             before: only images captured before this.
-            threshold: drop results with a cosine similarity below it.
+            threshold: drop results with a cosine similarity below it; "auto" computes a cutoff for this query
+                from the model's calibration, its best hit and the model's temperature
+                (`retrieval.relevance`), so that a query with no good match returns nothing. Text queries only.
             ensemble: embed texts as the mean over CLIP's prompt templates.
             templates: the templates for `ensemble`.
             metadata: False when only path and score are needed (each result's metadata then holds just its
                 `id`): an unfiltered search then runs on the saved index and paths alone whenever the store
                 has not changed since they were saved, without opening the store (a faster start).
+            show_weak: also return the results below the threshold, marked `weak=True`.
+            sort: "score" (best first) or "date" (the k best matches by EXIF capture time, oldest first; those
+                without one last, by score).
+            collapse_duplicates: show each group of near-duplicates (`duplicates`) as its best member only.
 
         Returns:
-            `SearchResult(path, score, rank, metadata)` records, best first.
+            `SearchResult(path, score, rank, metadata, weak)` records, best first (or by date).
+
+        Raises:
+            QueryError: `threshold="auto"` for a query with an image or vector term, an unknown threshold or sort.
         """
         self._check_searchable()
+        terms = as_terms(query)
+        auto = _is_auto(threshold, terms)
+        if sort not in SORTS:
+            raise QueryError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
-        if not metadata and condition is None:
+        calibrated = not auto or self._calibration() is not None
+        fetch_threshold = None if auto or show_weak else threshold
+        if not metadata and condition is None and sort == "score" and not collapse_duplicates and calibrated:
             saved = self._saved_index()
             if saved is not None:
-                vector = self.encode(query, ensemble=ensemble, templates=templates)
-                return search_saved(saved, vector, k, threshold=threshold)
+                vector = self.encode(terms, ensemble=ensemble, templates=templates)
+                results = search_saved(saved, vector, k, threshold=fetch_threshold)
+                return self._relevant(results, threshold, vector, None, show_weak, sort)
         store = self._searchable_store()
-        vector = self.encode(query, ensemble=ensemble, templates=templates)
-        results = search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
+        vector = self.encode(terms, ensemble=ensemble, templates=templates)
+        hidden = self._hidden_duplicates() if collapse_duplicates else []
+        results = search(store, self.ann_index(), vector, k, where=condition, threshold=fetch_threshold, exclude=hidden)
         if not results and in_dir is not None:
             _check_folder(store, in_dir)
-        return results
+        return self._relevant(results, threshold, vector, store, show_weak, sort)
+
+    def _calibration(self) -> Calibration | None:
+        """The model's shipped relevance calibration, if it has one."""
+        return calibration_for(self.model_info.weights_sha256)
+
+    def _relevant(
+        self,
+        results: list[SearchResult],
+        threshold: float | str | None,
+        vector: np.ndarray,
+        store: Store | None,
+        show_weak: bool,
+        sort: str,
+    ) -> list[SearchResult]:
+        """The results cut at the threshold (weak ones kept and marked with `show_weak`), in the order asked."""
+        if results and threshold is not None:
+            if threshold == "auto":
+                cutoff = self._auto_cutoff(results[0].score, vector, store)
+            else:
+                cutoff = float(threshold)
+            results = apply_cutoff(results, cutoff, show_weak)
+        return sort_by_date(results) if sort == "date" else results
+
+    def _auto_cutoff(self, best: float, vector: np.ndarray, store: Store | None) -> float:
+        """The per-query cutoff of `threshold="auto"` (`retrieval.relevance.auto_cutoff`)."""
+        temperature = float(self._model("text")[0].logit_scale.detach().exp())  # float32, not the bfloat16 copy
+        calibration = self._calibration()
+        scores = None
+        if calibration is None:
+            logger.info("model %s ships no relevance calibration; cutting at its scores' spread", self.model_name)
+            _, vectors = (store or self._searchable_store()).all_vectors()
+            scores = vectors @ vector
+        return auto_cutoff(best, temperature, calibration, scores)
+
+    def _hidden_duplicates(self) -> list[int]:
+        """Ids of every near-duplicate that is not its group's best member."""
+        return [member.id for group in self.duplicates() for member in group.members[1:]]
 
     def similar(
         self,
@@ -420,16 +496,23 @@ class Library:
         after: date | datetime | None = None,
         before: date | datetime | None = None,
         threshold: float | None = None,
+        show_weak: bool = False,
+        sort: str = "score",
+        collapse_duplicates: bool = False,
     ) -> list[SearchResult]:
         """The images most like the image at `path`, inside the store or not (itself excluded when inside).
 
-        An indexed, unchanged file uses its stored vector; any other file is read and embedded.
+        An indexed, unchanged file uses its stored vector; any other file is read and embedded. `threshold`,
+        `show_weak`, `sort` and `collapse_duplicates` work as in `search`, except that "auto" is for text only.
 
         Raises:
             ImageLoadError: the file is missing or not a readable image.
-            QueryError: `path` is an http(s) URL.
+            QueryError: `path` is an http(s) URL; `threshold="auto"`; an unknown sort.
         """
         refuse_urls(os.fspath(path))
+        _is_auto(threshold, [Term(1.0, "image", path)])
+        if sort not in SORTS:
+            raise QueryError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
         path = Path(path).expanduser()
         if not path.is_file():
             raise ImageLoadError(f"{path}: no such file")
@@ -442,10 +525,15 @@ class Library:
             vector = self._encode_images([path])[0]
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
         exclude = [row_id] if row_id is not None else []
-        results = search(store, self.ann_index(), vector, k, where=condition, threshold=threshold, exclude=exclude)
+        if collapse_duplicates:
+            exclude += self._hidden_duplicates()
+        fetch_threshold = None if show_weak else threshold
+        results = search(
+            store, self.ann_index(), vector, k, where=condition, threshold=fetch_threshold, exclude=exclude
+        )
         if not results and in_dir is not None:
             _check_folder(store, in_dir)
-        return results
+        return self._relevant(results, threshold, vector, store, show_weak, sort)
 
     @staticmethod
     def _stored_vector(store: Store, row_id: int, path: Path) -> np.ndarray | None:
@@ -479,3 +567,24 @@ class Library:
         ids, vectors = store.all_vectors()
         paths = [row["path"] for row in store.rows(ids, columns=["path"])] if len(ids) else []
         return Embedded(ids, paths, vectors)
+
+    def duplicates(self, threshold: float | None = None) -> list[DuplicateGroup]:
+        """Groups of near-identical images (exact copies, re-encodes, resizes, light crops, bursts), best first.
+
+        Args:
+            threshold: the cosine at or above which two images are duplicates; None means
+                `retrieval.duplicates.DEFAULT_THRESHOLD`.
+
+        Returns:
+            `DuplicateGroup`s; each one's `members` start with its best pick (largest, then oldest, then
+            shortest path).
+        """
+        from retrieval.duplicates import DEFAULT_THRESHOLD, find_duplicates
+
+        self._check_searchable()
+        store = self._searchable_store()
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        key = (store.version, threshold)
+        if self._duplicates is None or self._duplicates[0] != key:
+            self._duplicates = (key, find_duplicates(store, self.ann_index(), threshold))
+        return self._duplicates[1]

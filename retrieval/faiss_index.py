@@ -307,6 +307,28 @@ class AnnIndex:
                 scores, ids = self._search(queries, k, allowed, widen=math.inf)
         return scores, ids
 
+    def range_search(self, queries: Embeddings, threshold: float) -> tuple[np.ndarray, RowIds]:
+        """Every live row whose inner product with a query is at least `threshold` (exact for a flat index; IVF
+        scans its calibrated nprobe cells, HNSW its graph).
+
+        Args:
+            queries: [Q, D] float32.
+            threshold: the smallest inner product returned.
+
+        Returns:
+            (limits [Q + 1] int64, ids [M] int64): query q's rows are ids[limits[q]:limits[q + 1]].
+        """
+        queries = _as_rows(queries, self.dim)
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones)) if len(self._tombstones) else None
+        params: faiss.SearchParameters | None = None
+        if self.kind in ("ivf", "ivfpq"):
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=min(self.params.nprobe or 1, self.params.nlist))
+        elif selector is not None:
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.params.ef_search, 16))
+        with _omp_threads(_search_threads(len(queries))):
+            limits, _, ids = self._index.range_search(queries, float(threshold), params=params)
+        return limits.astype(np.int64), ids.astype(np.int64)
+
     def _search(self, queries: np.ndarray, k: int, allowed: RowIds | None, widen: float) -> tuple[np.ndarray, RowIds]:
         """One FAISS search with the scan breadth (nprobe, efSearch) multiplied by `widen`; inf is exhaustive."""
         selector = None

@@ -143,6 +143,7 @@ class SearchResult(NamedTuple):
     score: float  # cosine similarity to the query, in [-1, 1]
     rank: int  # 1 for the best hit
     metadata: dict[str, Any]  # the store's other columns for this image (id, size, width, taken_at, ...)
+    weak: bool = False  # below the query's relevance cutoff, returned only when weak results are asked for
 
 
 TermKind = Literal["text", "image", "vector"]

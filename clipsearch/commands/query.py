@@ -74,6 +74,28 @@ def terms_from(arguments: Sequence[str]) -> list[str]:
     return [arg.removeprefix(_ESCAPE) for arg in arguments]
 
 
+class ThresholdType(click.ParamType):
+    """A cosine (negative ones too) or "auto"."""
+
+    name = "threshold"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(
+                f"{value!r} is neither a number nor 'auto'; e.g. --threshold 0.25 or --threshold auto", param, ctx
+            )
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; e.g. --threshold 0.25", param, ctx)
+        return number
+
+
+THRESHOLD = ThresholdType()
+
+
 def _common_options(command: Any) -> Any:
     """The options `query` and `similar` share: result count, filters, output format, model and store."""
     options = [
@@ -96,7 +118,24 @@ def _common_options(command: Any) -> Any:
         click.option(
             "--where", metavar="SQL", help="SQL filter on any column (LanceDB syntax), e.g. \"format = 'PNG'\"."
         ),
-        click.option("--threshold", type=float, metavar="S", help="Drop results with a cosine similarity below S."),
+        click.option(
+            "--threshold",
+            type=THRESHOLD,
+            metavar="S|auto",
+            help="Drop results with a cosine similarity below S; 'auto': a cutoff for this query from the model's "
+            "calibration (text queries), printing 'no good match' when nothing fits.",
+        ),
+        click.option("--show-weak", is_flag=True, help="Also show the results below the threshold, marked weak."),
+        click.option(
+            "--sort",
+            type=click.Choice(("score", "date")),
+            default="score",
+            show_default=True,
+            help="Order of the results: best first, or by EXIF capture time (oldest first, undated last).",
+        ),
+        click.option(
+            "--collapse-duplicates", is_flag=True, help="Show each group of near-duplicates as its best member only."
+        ),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per result and line."),
         click.option("--plain", is_flag=True, help="score<TAB>path per result, no header."),
         click.option(
@@ -144,8 +183,12 @@ def _shown(path: str) -> str:
     return _CONTROL.sub(lambda match: repr(match.group())[1:-1], path)
 
 
-def _print_results(results: Sequence[Any], output: str) -> None:
-    """Print as a table (rank, score, path), score<TAB>path lines, JSON lines, or bare paths."""
+def _print_results(results: Sequence[Any], output: str, show_weak: bool = False, cut: bool = False) -> None:
+    """Print as a table (rank, score, path), score<TAB>path lines, JSON lines, or bare paths.
+
+    With `show_weak` the table gains a `weak` column and JSON records a "weak" key; with `cut` (a threshold was
+    given) a search without a result above it says "no good match" on stderr.
+    """
     if output in ("paths", "null"):
         end = "\0" if output == "null" else "\n"
         for result in results:
@@ -153,16 +196,22 @@ def _print_results(results: Sequence[Any], output: str) -> None:
     elif output == "json":
         for result in results:
             record = {"rank": result.rank, "score": round(result.score, 6), "path": result.path}
+            if show_weak:
+                record["weak"] = result.weak
             record.update({key: _json_safe(value) for key, value in result.metadata.items()})
             click.echo(json.dumps(record, ensure_ascii=False))
     elif output == "plain":
         for result in results:
             click.echo(f"{result.score:.3f}\t{_shown(result.path)}")
     elif results:
-        click.echo(f"{'rank':>4}  {'score':>6}  path")
+        weak_column = f"  {'weak':<4}" if show_weak else ""
+        click.echo(f"{'rank':>4}  {'score':>6}{weak_column}  path")
         for result in results:
-            click.echo(f"{result.rank:>4}  {result.score:>6.3f}  {_shown(result.path)}")
-    else:
+            mark = f"  {'weak' if result.weak else '':<4}" if show_weak else ""
+            click.echo(f"{result.rank:>4}  {result.score:>6.3f}{mark}  {_shown(result.path)}")
+    if cut and not any(not result.weak for result in results):
+        click.echo("no good match", err=True)
+    elif not results and output == "table":
         click.echo("no results", err=True)
 
 
@@ -198,7 +247,10 @@ def query(
     after: datetime | None,
     before: datetime | None,
     where: str | None,
-    threshold: float | None,
+    threshold: float | str | None,
+    show_weak: bool,
+    sort: str,
+    collapse_duplicates: bool,
     as_json: bool,
     plain: bool,
     paths_only: bool,
@@ -224,6 +276,7 @@ def query(
       clipsearch query "2:golden retriever" + ./pool.jpg - "night"
       clipsearch query sunset --in ~/Pictures/2023 --after 2023-06-01 -t 20
       clipsearch query "a red car" --where "width >= 1920" --threshold 0.25 --json
+      clipsearch query "a red circle" --threshold auto --sort date --collapse-duplicates
       clipsearch query cat --plain
       clipsearch query cat -f | xargs -d '\\n' feh
       clipsearch query cat -0 | xargs -0 feh
@@ -243,8 +296,11 @@ def query(
         threshold=threshold,
         ensemble=ensemble,
         metadata=output == "json",  # the other formats need no metadata, so a query may skip opening the store
+        show_weak=show_weak,
+        sort=sort,
+        collapse_duplicates=collapse_duplicates,
     )
-    _print_results(results, output)
+    _print_results(results, output, show_weak, cut=threshold is not None)
 
 
 @click.command("similar")
@@ -257,7 +313,10 @@ def similar(
     after: datetime | None,
     before: datetime | None,
     where: str | None,
-    threshold: float | None,
+    threshold: float | str | None,
+    show_weak: bool,
+    sort: str,
+    collapse_duplicates: bool,
     as_json: bool,
     plain: bool,
     paths_only: bool,
@@ -278,5 +337,16 @@ def similar(
     """
     output = _output(as_json, plain, paths_only, null)
     library = _library(db, model, index_type)
-    results = library.similar(path, k=top, where=where, in_dir=in_dir, after=after, before=before, threshold=threshold)
-    _print_results(results, output)
+    results = library.similar(
+        path,
+        k=top,
+        where=where,
+        in_dir=in_dir,
+        after=after,
+        before=before,
+        threshold=threshold,
+        show_weak=show_weak,
+        sort=sort,
+        collapse_duplicates=collapse_duplicates,
+    )
+    _print_results(results, output, show_weak, cut=threshold is not None)
