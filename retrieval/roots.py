@@ -22,7 +22,7 @@ class Located(NamedTuple):
     path: str  # relative, "/"-separated, valid UTF-8 (undecodable bytes as \\xNN)
 
 
-def _display(text: str) -> str:
+def display(text: str) -> str:
     """Valid UTF-8 text for a path that may hold undecodable bytes (surrogate escapes)."""
     return os.fsencode(text).decode("utf-8", "backslashreplace")
 
@@ -43,7 +43,7 @@ class Roots:
         self.paths = [os.path.normpath(r) for r in roots]
         self.names: list[str] = []
         for path in self.paths:
-            base = _display(os.path.basename(path)) or _display(path)  # "/" has no base name
+            base = display(os.path.basename(path)) or display(path)  # "/" has no base name
             name, n = base, 1
             while name in self.names:
                 n += 1
@@ -58,10 +58,10 @@ class Roots:
         if inside:
             i = max(inside)[1]
             relative = os.path.relpath(path, self.paths[i])
-            return Located(self.names[i], _display(relative).replace(os.sep, "/"))
+            return Located(self.names[i], display(relative).replace(os.sep, "/"))
         if path in self.paths:
             folder = os.path.dirname(path)
-            return Located(_display(os.path.basename(folder)) or "/", _display(os.path.basename(path)))
+            return Located(display(os.path.basename(folder)) or "/", display(os.path.basename(path)))
         return None
 
     def folder(self, spec: str) -> str:
