@@ -84,7 +84,7 @@ def serve(
     from clipsearch.library import Library
     from clipsearch.web.app import create_app
 
-    library = Library(db=db, model=model)
+    library = Library(db=db, model=model, row_cache=True)
     images = library.store().count()  # a missing store or model fails here, before anything is served
     library.encode("a photo")  # load and warm the text tower now, not on the first search
     library.ann_index()
@@ -106,7 +106,9 @@ def serve(
 def _listen(host: str, port: int) -> socket.socket:
     """A socket listening on host:port, so a port in use fails with one line before any model loads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP, and
+    # with Nagle on, each answer's headers and body wait for the client's delayed ACK: +40 ms a request.
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host.strip("[]"), port))
