@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from retrieval.model.clip import CLIP
     from retrieval.model.identity import ModelInfo
     from retrieval.model.preprocess import Preprocess
+    from retrieval.row_cache import RowCache
     from retrieval.store import Store
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,9 @@ class Library:
         text_precision: "auto" encodes query texts with `query_text_model` (bfloat16 where the CPU has it:
             ~2x faster queries, after a one-time ~0.3-0.6 s to convert and warm up); "float32" keeps the
             model's own precision, the better choice for a process that runs only a query or two.
+        row_cache: keep every row's metadata in memory for `search_page` and `image_file` (`RowCache`): each
+            page of hits ~20 ms faster at 100k images, ~18 MB, read again after each change of the store; for
+            long-lived processes (`clipsearch serve`).
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class Library:
         device: str = "auto",
         index_type: str | None = None,
         text_precision: str = "auto",
+        row_cache: bool = False,
     ) -> None:
         if text_precision not in ("auto", "float32"):
             raise ValueError(f"text_precision must be 'auto' or 'float32', got {text_precision!r}")
@@ -173,6 +178,8 @@ class Library:
         self.db = Path(db).expanduser().absolute()
         self.device = device
         self.index_type = index_type
+        self.row_cache = row_cache
+        self._row_cache: RowCache | None = None
         self.text_precision = text_precision
         self._given_model = model if model is not None and not isinstance(model, str | os.PathLike) else None
         if self._given_model is not None and getattr(self._given_model, "info", None) is None:
@@ -488,7 +495,8 @@ class Library:
         store = self._searchable_store()
         vector = self.encode(terms, ensemble=ensemble, templates=templates)
         exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
-        return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude)
+        rows = self._rows()
+        return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude, rows)
 
     def similar_to_id(
         self,
@@ -508,6 +516,17 @@ class Library:
             StoredImage(row_id), k, offset, where, in_dir=in_dir, after=after, before=before, threshold=threshold
         )
 
+    def _rows(self) -> RowCache | None:
+        """The in-memory row metadata when `row_cache` is on (for the store as opened now)."""
+        if not self.row_cache:
+            return None
+        from retrieval.row_cache import RowCache  # here: pyarrow, which a one-shot query may never need
+
+        store = self.store()
+        if self._row_cache is None or self._row_cache.store is not store:
+            self._row_cache = RowCache(store)
+        return self._row_cache
+
     def roots(self) -> Roots:
         """The folders indexed into this model's table, with display names."""
         return Roots(self.store().state.roots())
@@ -520,10 +539,13 @@ class Library:
         Raises:
             NotFoundError: any check fails; the message says which.
         """
-        store = self.store()
+        cache = self._rows()
         try:
-            row = store.rows([row_id], columns=["path", "size", "mtime", "content_hash", "format"])[0]
-        except StoreError as e:
+            if cache is not None:
+                row = cache.rows([row_id])[row_id]
+            else:
+                row = self.store().rows([row_id], columns=["path", "size", "mtime", "content_hash", "format"])[0]
+        except (StoreError, KeyError) as e:
             raise NotFoundError(f"no image {row_id} in the store; it was removed or re-indexed: search again") from e
         path = row["path"]
         real = os.path.realpath(path)

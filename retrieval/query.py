@@ -26,6 +26,7 @@ from retrieval.types import Embeddings, RowIds
 if TYPE_CHECKING:
     from retrieval.ann import SavedIndex
     from retrieval.faiss_index import AnnIndex
+    from retrieval.row_cache import RowCache
     from retrieval.store import Store
 
 logger = logging.getLogger(__name__)
@@ -446,6 +447,7 @@ def search_page(
     where: str | None = None,
     threshold: float | None = None,
     exclude: Sequence[int] | RowIds = (),
+    row_cache: RowCache | None = None,
 ) -> SearchPage:
     """Results `offset + 1 .. offset + k` of the ranking `search` makes, for paging through it.
 
@@ -463,6 +465,7 @@ def search_page(
         where: a LanceDB SQL filter (`build_filter`).
         threshold: drop results whose cosine similarity is below it.
         exclude: ids never to return.
+        row_cache: where to read the hits' metadata (a long-lived reader's copy); None reads the store.
 
     Raises:
         QueryError: k or offset out of range, or an invalid filter.
@@ -490,7 +493,8 @@ def search_page(
     hits.sort(key=lambda hit: (-hit[1], hit[0]))
     page = hits[offset : offset + k]
     next_offset = offset + k if len(hits) > offset + k else None
-    rows = _rows(store, [i for i, _ in page]) if page else {}
+    page_ids = [i for i, _ in page]
+    rows = (row_cache.rows(page_ids) if row_cache is not None else _rows(store, page_ids)) if page else {}
     results = []
     for position, (i, score) in enumerate(page, start=offset + 1):
         row = rows.get(i)

@@ -15,6 +15,7 @@ from retrieval.errors import QueryError
 from retrieval.query import as_terms, search, search_page
 from retrieval.regions import Box, Region, StoredImage, crop
 from retrieval.roots import Roots
+from retrieval.row_cache import RowCache
 from retrieval.store import ImageRow, Store, utc_now
 from retrieval.types import ImageMetadata
 
@@ -133,3 +134,29 @@ def test_pages_honour_filters_exclusions_and_thresholds(planted):
     for k, offset in ((0, 0), (5, -1)):
         with pytest.raises(QueryError):
             search_page(store, index, vectors[0], k=k, offset=offset)
+
+
+def test_the_row_cache_answers_as_the_store_does_and_follows_its_commits(tmp_path):
+    model, _ = tiny_model()
+    store = Store.open(tmp_path / "db", model.info, create=True)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((6, model.info.embed_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    odd = os.fsdecode(b"/p/caf\xe9.png")
+
+    def rows_for(ids, start):
+        metadata = ImageMetadata("ab" * 32, 8, 6, "PNG", None, "Canon", None)
+        return [ImageRow(int(i), odd if i == 2 else f"/p/{i}.png", 10 + int(i), 123_456_789, metadata, utc_now(),
+                         vectors[start + j]) for j, i in enumerate(ids)]  # fmt: skip
+
+    store.apply(rows_for(store.allocate_ids(4), 0))
+    cache = RowCache(store)
+    assert cache.rows([3, 2, 99]) == {r["id"]: r for r in store.rows([3, 2])}
+    assert cache.rows([2])[2]["path"] == odd
+    index = open_index(store)
+    fresh = search_page(store, index, vectors[0], k=3)
+    assert search_page(store, index, vectors[0], k=3, row_cache=cache) == fresh
+
+    store.apply(rows_for(store.allocate_ids(2), 4), delete_ids=[1])  # as another process's indexer would
+    assert sorted(cache.rows(range(10))) == [2, 3, 4, 5, 6]
+    assert cache.rows([6]) == {6: store.rows([6])[0]}

@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     more.mkdir()
     for i in range(3):
         scene("star", "yellow", 20 + i).save(more / f"victim-{i}.png")
-    library = Library(db=root / "db", model="shapes-mini")
+    library = Library(db=root / "db", model="shapes-mini", row_cache=True)  # as `clipsearch serve` has it
     library.index([photos, more], workers=0, progress=False)
     ids = {str(p.relative_to(root)): library.store().id_for_path(p) for p in [*photos.rglob("*.*"), *more.iterdir()]}
     client = TestClient(create_app(library), base_url=BASE)

@@ -18,7 +18,9 @@ def test_searches_during_an_index_run_in_another_process(tmp_path):
     photos, db = tmp_path / "photos", tmp_path / "db"
     first = generate(photos / "old", 10, seed=1, size_range=(96, 128))
     Library(db=db, model="shapes-mini").index([photos], workers=0, progress=False)
-    client = TestClient(create_app(Library(db=db, model="shapes-mini")), base_url="http://127.0.0.1:8765")
+    client = TestClient(
+        create_app(Library(db=db, model="shapes-mini", row_cache=True)), base_url="http://127.0.0.1:8765"
+    )
 
     def everything() -> dict[str, str]:
         response = client.get("/api/search", params={"q": "a shape", "k": 500})
