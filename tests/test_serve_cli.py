@@ -114,3 +114,28 @@ def test_without_the_serve_extra_it_says_what_to_install(tmp_path):
     done = run("--port", str(free_port()), env=env)
     assert done.returncode == 1
     assert done.stderr.splitlines() == ["Error: the web app needs `pip install 'clipsearch[serve]'`"]
+
+
+def test_connections_to_the_listening_socket_do_not_wait_for_delayed_acks():
+    import asyncio
+
+    from clipsearch.commands.serve import _listen
+
+    listener = _listen("127.0.0.1", free_port())
+    port = listener.getsockname()[1]
+
+    async def main() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=listener)  # as uvicorn serves the socket it is given
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            nodelay = await asyncio.wait_for(accepted, timeout=60)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(main()) != 0  # Nagle off: an answer's headers and body leave at once
