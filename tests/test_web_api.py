@@ -132,6 +132,10 @@ def test_filters_by_folder_date_and_sql(world):
         {"q": "x", "k": "501"},
         {"q": "x", "k": "ten"},
         {"q": "x", "k": "-1"},
+        {"q": "x", "k": "\u00b2"},  # a digit to str.isdigit(), not to int()
+        {"q": "x", "offset": "\u0967"},
+        {"q": "x" * 1001},
+        {"q": "x", "after": "\u0662\u0660\u0662\u0663-01-01"},
         {"q": "x", "offset": "-1"},
         {"q": "x", "offset": "1e3"},
         {"q": "x", "after": "2023-13-01"},

@@ -117,10 +117,12 @@ DEFAULT_K = 50
 UPLOADS_KEPT = 32  # uploads remembered (LRU), each a vector and a copy of at most UPLOAD_SIDE px: ~100 MB at most
 UPLOAD_SIDE = 1024
 MAX_JSON_BYTES = 1 << 20
+MAX_TEXT = 1000  # characters of a query text: the model reads 77 tokens, and tokenizing more only costs time
 IMMUTABLE = "private, max-age=31536000, immutable"
 _ID = re.compile(r"[0-9]{1,18}")
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() would take "²", which int() refuses
 _UPLOAD = re.compile(r"u[A-Za-z0-9_-]{16}")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?)?")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2})?)?")
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
                 "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif", "AVIF": "image/avif"}  # fmt: skip
 T = TypeVar("T")
@@ -153,7 +155,7 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
 def _int(params: Any, name: str, default: int, low: int, high: int) -> int:
     """An integer parameter within [low, high]."""
     value = params.get(name, default)
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _DIGITS.fullmatch(value))):
         raise QueryError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     number = int(value)
     if not low <= number <= high:
@@ -182,6 +184,13 @@ def _text(params: Any, name: str) -> str | None:
     return value or None
 
 
+def _text_term(text: str) -> Term:
+    """A text query term: always text, never read as a path to an image or a URL to fetch."""
+    if len(text) > MAX_TEXT:
+        raise QueryError(f"the query text is {len(text)} characters long; keep it under {MAX_TEXT}")
+    return Term(1.0, "text", text)
+
+
 def _row_id(value: Any) -> int:
     """A stored image id: digits only (404 for anything else, as for an id not in the store)."""
     if not isinstance(value, str | int) or isinstance(value, bool) or not _ID.fullmatch(str(value)):
@@ -192,7 +201,8 @@ def _row_id(value: Any) -> int:
 def _camera(metadata: dict[str, Any]) -> str | None:
     """ "Canon EOS 5D" from make and model, without repeating the make the model already names."""
     make, model = metadata.get("camera_make"), metadata.get("camera_model")
-    if make and model and model.lower().startswith(make.split()[0].lower()):
+    brand = make.split()[0].lower() if make and make.split() else None
+    if brand and model and model.lower().startswith(brand):
         return model
     return " ".join(p for p in (make, model) if p) or None
 
@@ -266,7 +276,7 @@ class WebApp:
             raise QueryError("box needs exactly one image to cut it from: give it with `like` or with `upload`")
         terms: list[Any] = []
         if params.get("q", "").strip():
-            terms.append(Term(1.0, "text", params["q"]))  # always text: never a path or URL to read
+            terms.append(_text_term(params["q"]))
         if "like" in params:
             terms.append(StoredImage(_row_id(params["like"]), box))
         if "upload" in params:
@@ -308,7 +318,7 @@ class WebApp:
         if kinds == ["text"]:
             if box is not None or not isinstance(term["text"], str) or not term["text"].strip():
                 raise QueryError(f"a text term needs a non-empty text and takes no box: {term!r}")
-            return float(weight), Term(1.0, "text", term["text"])  # always text: never a path or URL to read
+            return float(weight), _text_term(term["text"])
         if kinds == ["id"]:
             return float(weight), StoredImage(_row_id(term["id"]), box)
         return float(weight), self._upload_term(term["upload"], box)
