@@ -527,6 +527,24 @@ class Library:
             self._row_cache = RowCache(store)
         return self._row_cache
 
+    def warm_up(self) -> int:
+        """Load now what a search needs, rather than on the first search: the text tower (and its query copy),
+        the store, the FAISS index and, with `row_cache`, the rows' metadata.
+
+        Returns:
+            The number of images in the store.
+
+        Raises:
+            StoreError: no store, or no images for this model in it.
+        """
+        store = self._searchable_store()
+        self.encode("a photo")
+        self.ann_index()
+        cache = self._rows()
+        if cache is not None:
+            cache.rows([])
+        return store.count()
+
     def roots(self) -> Roots:
         """The folders indexed into this model's table, with display names."""
         return Roots(self.store().state.roots())

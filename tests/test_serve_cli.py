@@ -106,7 +106,7 @@ def test_without_the_serve_extra_it_says_what_to_install(tmp_path):
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('starlette', 'uvicorn', 'multipart'):\n"
+        "        if name.split('.')[0] in ('starlette', 'uvicorn', 'python_multipart'):\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
         "sys.meta_path.insert(0, Block())\n"
     )
@@ -139,3 +139,10 @@ def test_connections_to_the_listening_socket_do_not_wait_for_delayed_acks():
         return nodelay
 
     assert asyncio.run(main()) != 0  # Nagle off: an answer's headers and body leave at once
+
+
+def test_a_store_of_another_model_fails_with_one_line_after_the_page_is_up(store, tiny):
+    done = run("--db", str(store), "--model", str(tiny), "--port", str(free_port()))
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("Error: the store at") and "no images indexed with model 'tiny'" in line

@@ -15,7 +15,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from clipsearch.library import Library
-from clipsearch.web.app import create_app
+from clipsearch.web.app import create_app, start_warm_up
 from retrieval.query import Term
 from retrieval.regions import Box, StoredImage
 from retrieval.shapes import Attributes, generate, render
@@ -459,3 +459,20 @@ def test_an_unexpected_error_is_a_json_500_without_details(world, monkeypatch):
     response = client.get("/api/search", params={"q": "x"})
     assert response.status_code == 500 and response.json() == {"error": "internal error; see the server's log"}
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_warm_up_in_the_background_makes_searches_wait_or_say_why_they_cannot_run(world, tmp_path):
+    library = Library(db=world["library"].db, model="shapes-mini", row_cache=True)
+    app = create_app(library)
+    calls = []
+    start_warm_up(app, lambda images, error: calls.append((images, error))).join(timeout=300)
+    assert calls == [(52, None)] and "text" in library._models and library._row_cache is not None
+    assert TestClient(app, base_url=BASE).get("/api/search", params={"q": "x", "k": 1}).status_code == 200
+
+    broken = create_app(Library(db=tmp_path / "none", model="shapes-mini"))
+    start_warm_up(broken, lambda images, error: calls.append((images, error))).join(timeout=300)
+    assert calls[1][0] is None and "no image store" in str(calls[1][1])
+    client = TestClient(broken, base_url=BASE)
+    assert client.get("/").status_code in (200, 404)  # the page does not need the store
+    response = client.get("/api/search", params={"q": "x"})
+    assert response.status_code == 503 and "no image store" in response.json()["error"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import webbrowser
 from pathlib import Path
 from typing import IO, Any
@@ -64,7 +63,7 @@ def serve(
         clipsearch serve --host 0.0.0.0
     """
     try:
-        import multipart  # noqa: F401  (python-multipart: the uploads' form parser)
+        import python_multipart  # noqa: F401  (the uploads' form parser)
         import starlette  # noqa: F401
         import uvicorn
     except ImportError as e:
@@ -82,25 +81,37 @@ def serve(
             raise OneLineUsageError(f"--token: {e}") from e
     listener = _listen(host, port)
     from clipsearch.library import Library
-    from clipsearch.web.app import create_app
+    from clipsearch.web.app import create_app, start_warm_up
 
     library = Library(db=db, model=model, row_cache=True)
-    images = library.store().count()  # a missing store or model fails here, before anything is served
-    library.encode("a photo")  # load and warm the text tower now, not on the first search
-    library.ann_index()
+    if not library.db.is_dir() or not any(library.db.glob("*.lance")):  # before serving, without loading anything
+        raise click.ClickException(f"no image store at {library.db}; run `clipsearch index FOLDER` first")
     app = create_app(library, host=host, port=port, token=token, max_upload_mb=max_upload_mb,
                      max_megapixels=max_megapixels)  # fmt: skip
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}/"
-    click.echo(f"Serving {images} images ({library.model_name}) from {library.db} at {url}  (Ctrl-C stops)", err=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
-    if open_browser:
-        threading.Thread(target=_open_when_started, args=(server, url + (f"?token={token}" if token else "")),
-                         daemon=True).start()  # fmt: skip
+    failed: list[Exception] = []
+
+    def ready(images: int | None, error: Exception | None) -> None:
+        if error is not None:
+            failed.append(error)
+            server.should_exit = True
+            return
+        click.echo(
+            f"Serving {images} images ({library.model_name}) from {library.db} at {url}  (Ctrl-C stops)", err=True
+        )
+        if open_browser:
+            webbrowser.open(url + (f"?token={token}" if token else ""))
+
+    # The page is served at once; the model, the store and the index load meanwhile, and searches wait for them.
+    start_warm_up(app, ready)
     try:
         server.run(sockets=[listener])
     except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes the Ctrl-C on: stopping is not an error
         pass
+    if failed:
+        raise click.ClickException(str(failed[0]))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -117,13 +128,3 @@ def _listen(host: str, port: int) -> socket.socket:
         raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port") from e
     listener.listen(128)
     return listener
-
-
-def _open_when_started(server: object, url: str) -> None:
-    """Open the page in a browser once the server accepts connections."""
-    import time
-
-    while not getattr(server, "started", False) and not getattr(server, "should_exit", False):
-        time.sleep(0.05)
-    if getattr(server, "started", False):
-        webbrowser.open(url)

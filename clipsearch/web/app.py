@@ -98,7 +98,7 @@ from starlette.staticfiles import StaticFiles
 
 from clipsearch.web.security import Guard
 from clipsearch.web.thumbs import Thumbnails, thumbnail, webp_bytes
-from retrieval.errors import ImageLoadError, NotFoundError, QueryError, StoreError
+from retrieval.errors import ClipsearchError, ImageLoadError, NotFoundError, QueryError, StoreError
 from retrieval.query import Term
 from retrieval.regions import Box, Region, StoredImage
 from retrieval.roots import display
@@ -254,15 +254,35 @@ class WebApp:
         self.uploads: OrderedDict[str, Upload] = OrderedDict()
         self.lock = threading.Lock()
         self.thumb_slots = asyncio.Semaphore(2)  # thumbnails decode on at most two threads at once
+        self.failure: ClipsearchError | None = None  # why the warm-up failed: every library call then says so
 
     async def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a library call on a worker thread, one at a time."""
 
         def locked() -> T:
             with self.lock:
+                if self.failure is not None:
+                    raise StoreError(str(self.failure))
                 return function(*args, **kwargs)
 
         return await run_in_threadpool(locked)
+
+    def warm_up(self, on_ready: Callable[[int | None, ClipsearchError | None], None]) -> threading.Thread:
+        """Load the library's parts on a thread of its own, holding the library lock: the page is served at once,
+        searches wait until the model, the store and the index are in; then `on_ready(images, error)`."""
+
+        def run() -> None:
+            images = None
+            with self.lock:  # still held while on_ready runs: a search answered means the server said it is ready
+                try:
+                    images = self.library.warm_up()
+                except ClipsearchError as e:
+                    self.failure = e
+                on_ready(images, self.failure)
+
+        thread = threading.Thread(target=run, name="clipsearch-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     # ---- searching -----------------------------------------------------------------------------
 
@@ -566,3 +586,14 @@ def create_app(
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.web = web
     return Guard(app, host, port, token)
+
+
+def start_warm_up(app: Any, on_ready: Callable[[int | None, ClipsearchError | None], None]) -> threading.Thread:
+    """Warm up the library of an app from `create_app` in the background (see `WebApp.warm_up`).
+
+    Args:
+        app: what `create_app` returned.
+        on_ready: called with (number of images, None) when searches can run, or (None, the error) when they
+            cannot (no store, another model's store, ...); every search then answers 503 with that error.
+    """
+    return app.app.state.web.warm_up(on_ready)
