@@ -476,3 +476,18 @@ def test_a_warm_up_in_the_background_makes_searches_wait_or_say_why_they_cannot_
     assert client.get("/").status_code in (200, 404)  # the page does not need the store
     response = client.get("/api/search", params={"q": "x"})
     assert response.status_code == 503 and "no image store" in response.json()["error"]
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_escaped_and_still_served(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")
+    scene("ring", "green", 1).save(photos / name)
+    library = Library(db=tmp_path / "db", model="shapes-mini", row_cache=True)
+    library.index([photos], workers=0, progress=False)
+    client = TestClient(create_app(library), base_url=BASE)
+    (hit,) = client.get("/api/search", params={"q": "a ring"}).json()["results"]
+    assert (hit["root"], hit["path"]) == ("photos", "caf\\xe9.png")
+    served = client.get(hit["file"])
+    assert served.status_code == 200 and served.content == (photos / name).read_bytes()
+    assert client.get(hit["thumb"]).status_code == 200

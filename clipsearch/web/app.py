@@ -451,7 +451,7 @@ class WebApp:
             stored.path,
             media_type=media_type,
             headers=headers,
-            filename=stored.path.name,
+            filename=display(stored.path.name),  # a name that is not UTF-8 would not fit the header
             content_disposition_type="inline",
         )
 
