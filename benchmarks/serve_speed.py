@@ -8,7 +8,8 @@
   text different: each one goes through the text tower) and `GET /api/search?like=ID&k=50` ("more like this", a
   random stored id). p50/p95 of the client's wall time and of the app's own time (its `Server-Timing` header),
   and the server process's CPU time per request (what a request costs on an idle core: on shared cores the wall
-  times include waiting for a turn). Target: text p50 <= 25 ms.
+  times include waiting for a turn); for reference, encoding a query text alone in the benchmark's process, right
+  after. Target: text p50 <= 25 ms.
 - Thumbnails: `GET /thumb/{id}` of camera-sized JPEGs (4000x3000, EXIF) with a cold cache, one request at a
   time and two at once (the server makes at most two at once); then the same again, cached.
 
@@ -204,6 +205,23 @@ def latencies(client: Client, paths: list[str], warmup: int, pid: int) -> dict:
     }
 
 
+def encode_reference(checkpoint: Path, texts: list[str], warmup: int) -> dict:
+    """p50 of encoding one query text in this process, as the server does it (`query_text_model`, one thread):
+    the part of a text search no server can save; the rest is the server's own overhead."""
+    from clipsearch.library import encode_query_texts, query_text_model
+    from retrieval.model.loading import load_model
+
+    model, _ = load_model(checkpoint, device="cpu", towers="text")
+    model = query_text_model(model)
+    times = []
+    for i, text in enumerate(texts):
+        started = time.perf_counter()
+        encode_query_texts(model, [text])
+        if i >= warmup:
+            times.append((time.perf_counter() - started) * 1000)
+    return {"encode_p50_ms": round(float(np.percentile(times, 50)), 2)}
+
+
 def thumbnails(port: int, ids: list[int]) -> dict:
     """Thumbnails/s with a cold cache, one at a time and two at once, and the cached latency."""
     half = len(ids) // 2
@@ -264,6 +282,7 @@ def main() -> None:
             texts = [TEXTS[i % len(TEXTS)] + f" {i}" for i in range(n)]
             text_paths = [f"/api/search?{urlencode({'q': t, 'k': K})}" for t in texts]
             summary["text"] = latencies(client, text_paths, WARMUP, process.pid)
+            summary["text"].update(encode_reference(checkpoint, [t + " again" for t in texts], WARMUP))
             rng = random.Random(SEED)
             likes = [f"/api/search?like={rng.randint(1, args.size)}&k={K}" for _ in range(n)]
             summary["like"] = latencies(client, likes, WARMUP, process.pid)
@@ -282,6 +301,7 @@ def main() -> None:
             f"{name:>8} {r['p50_ms']:>7.2f} {r['p95_ms']:>7.2f} {r['app_p50_ms']:>8.2f} {r['app_p95_ms']:>8.2f} "
             f"{r['server_cpu_ms']:>7.2f}"
         )
+    print(f"encoding a query text alone, in this process meanwhile: {summary['text']['encode_p50_ms']:.2f} ms p50")
     print(
         f"thumbnails of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEGs, cold cache: {th['cold_per_s_serial']:.1f}/s one at a "
         f"time, {th['cold_per_s_two_clients']:.1f}/s two at once; cached: {th['cached_p50_ms']:.1f} ms"
