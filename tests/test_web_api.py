@@ -304,6 +304,8 @@ def test_a_weighted_combination_posted_as_json_matches_the_library(world):
     [
         "not json",
         "[1, 2]",
+        "[" * 200_000,
+        b"\xff\xfe{}",
         json.dumps({"terms": []}),
         json.dumps({"terms": "a dog"}),
         json.dumps({"terms": [{"text": "a"}], "colour": "red"}),

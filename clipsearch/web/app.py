@@ -287,6 +287,7 @@ class WebApp:
     # ---- searching -----------------------------------------------------------------------------
 
     async def search_get(self, request: Request) -> Response:
+        """`GET /api/search`: a search from URL parameters."""
         params = request.query_params
         unknown = set(params) - {"q", "like", "upload", "box", "k", "offset", "in", "after", "before", "where"}
         if unknown:
@@ -306,11 +307,12 @@ class WebApp:
         return await self._search(terms, params)
 
     async def search_post(self, request: Request) -> Response:
+        """`POST /api/search`: a weighted combination of terms, as JSON."""
         try:
             body = await _limited(request, MAX_JSON_BYTES).json()
         except TooLarge:
             return _error(413, f"the JSON body is over {MAX_JSON_BYTES >> 20} MB")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the JSON parser goes
             raise QueryError('the body must be JSON, e.g. {"terms": [{"text": "a dog"}], "k": 50}') from None
         if not isinstance(body, dict):
             raise QueryError('the body must be a JSON object, e.g. {"terms": [{"text": "a dog"}]}')
@@ -349,6 +351,7 @@ class WebApp:
         return upload.vector if box is None else Region(upload.image, box)
 
     async def _search(self, terms: list[Any], params: Any) -> Response:
+        """Run a search of `terms` with the paging and filter parameters of `params`, and shape its page."""
         k = _int(params, "k", DEFAULT_K, 1, MAX_K)
         offset = _int(params, "offset", 0, 0, MAX_OFFSET)
         after, before = _date(params, "after"), _date(params, "before")
@@ -382,6 +385,7 @@ class WebApp:
         return upload
 
     async def upload(self, request: Request) -> Response:
+        """`POST /api/uploads`: keep an uploaded query image's vector and a small copy."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise QueryError("post the image as multipart/form-data in the field `image`")
         try:
@@ -421,6 +425,7 @@ class WebApp:
         return upright, width, height, webp_bytes(small)
 
     async def upload_thumb(self, request: Request) -> Response:
+        """`GET /upload-thumb/{upload}`: an upload's thumbnail."""
         upload_id = request.path_params["upload"]
         if not _UPLOAD.fullmatch(upload_id):
             raise NotFoundError("unknown upload id")
@@ -433,6 +438,7 @@ class WebApp:
     # ---- files ---------------------------------------------------------------------------------
 
     async def thumb(self, request: Request) -> Response:
+        """`GET /thumb/{id}`: a stored image's thumbnail, made and cached on first request."""
         stored = await self.call(self.library.image_file, _row_id(request.path_params["id"]))
         headers = {"etag": f'"{stored.content_hash}"', "cache-control": IMMUTABLE}
         if _etag_matches(request, headers["etag"]):
@@ -442,6 +448,7 @@ class WebApp:
         return FileResponse(path, media_type="image/webp", headers=headers)
 
     async def file(self, request: Request) -> Response:
+        """`GET /file/{id}`: a stored image's original file."""
         stored = await self.call(self.library.image_file, _row_id(request.path_params["id"]))
         headers = {"etag": f'"{stored.content_hash}"', "cache-control": IMMUTABLE}
         if _etag_matches(request, headers["etag"]):
@@ -458,6 +465,7 @@ class WebApp:
     # ---- status and page -----------------------------------------------------------------------
 
     async def status(self, request: Request) -> Response:
+        """`GET /api/status`: the store's status without absolute paths."""
         from indexer.status import store_status
 
         def run() -> dict[str, Any]:
@@ -468,6 +476,7 @@ class WebApp:
         return _json(await self.call(run))
 
     async def page(self, request: Request) -> Response:
+        """`GET /`: the page."""
         index = STATIC / "index.html"
         if not index.is_file():
             return _error(404, "the page is not installed; the JSON API is under /api/ (see clipsearch/web/app.py)")
@@ -517,12 +526,14 @@ def _limited(request: Request, limit: int) -> Request:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown URL, wrong method, malformed form) as one-line JSON."""
     assert isinstance(exc, HTTPException)
     message = {404: "no such page or endpoint", 405: "method not allowed here"}.get(exc.status_code, str(exc.detail))
     return _error(exc.status_code, message)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    """Anything unexpected: logged with its traceback, answered without details."""
     logger.exception("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
     return _error(500, "internal error; see the server's log")
 
