@@ -143,6 +143,9 @@ def test_filters_by_folder_date_and_sql(world):
         {"q": "x", "after": "2023-02-30"},
         {"q": "x", "where": "no_such_column = 1"},
         {"q": "x", "where": "format = = "},
+        {"q": "x", "where": "cast(path as int) > 0"},  # its error would quote an absolute path
+        {"q": "x", "where": "\"PATH\" LIKE '/home/%'"},
+        {"q": "x", "where": "path_bytes IS NOT NULL"},
         {"q": "x", "in": "../etc"},
         {"q": "x", "in": "photos/../../etc"},
         {"q": "x", "in": "/etc"},

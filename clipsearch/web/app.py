@@ -20,7 +20,7 @@ API reference (shapes are stable; fields may be added, never renamed or removed)
     in=FOLDER       only images under a folder: a root's `name` from `/api/status`, optionally followed by
                     `/sub/folder` inside it (no `..`)
     after=DATE, before=DATE   only images taken (EXIF) at/after, or before, YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS]
-    where=SQL       a LanceDB SQL filter over the store's columns, e.g. `format = 'PNG' AND width > 1000`
+    where=SQL       a LanceDB SQL filter over the store's columns but the paths, e.g. `format = 'PNG' AND width > 1000`
   At least one of q, like and upload; given together, their unit vectors are summed (each weight 1).
 
 `POST /api/search` — a weighted combination, as JSON (Content-Type: application/json, at most 1 MB):
@@ -122,6 +122,7 @@ IMMUTABLE = "private, max-age=31536000, immutable"
 _ID = re.compile(r"[0-9]{1,18}")
 _DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() would take "²", which int() refuses
 _UPLOAD = re.compile(r"u[A-Za-z0-9_-]{16}")
+_PATH_COLUMN = re.compile(r"\bpath(_bytes)?\b", re.IGNORECASE)
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2})?)?")
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
                 "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif", "AVIF": "image/avif"}  # fmt: skip
@@ -182,6 +183,15 @@ def _text(params: Any, name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise QueryError(f"{name} must be text, got {value!r}")
     return value or None
+
+
+def _where(params: Any) -> str | None:
+    """The SQL filter parameter, refused when it names the path columns: their values (and the errors a filter
+    over them can raise) are absolute paths, which the API never hands out."""
+    where = _text(params, "where")
+    if where is not None and _PATH_COLUMN.search(where):
+        raise QueryError("where cannot use the path columns; filter folders with `in` (a root name and a folder)")
+    return where
 
 
 def _text_term(text: str) -> Term:
@@ -355,7 +365,7 @@ class WebApp:
         k = _int(params, "k", DEFAULT_K, 1, MAX_K)
         offset = _int(params, "offset", 0, 0, MAX_OFFSET)
         after, before = _date(params, "after"), _date(params, "before")
-        where, folder = _text(params, "where"), _text(params, "in")
+        where, folder = _where(params), _text(params, "in")
 
         def run() -> tuple[Any, Roots]:
             roots = self.library.roots()
