@@ -480,7 +480,8 @@ def test_a_warm_up_in_the_background_makes_searches_wait_or_say_why_they_cannot_
     client = TestClient(broken, base_url=BASE)
     assert client.get("/").status_code in (200, 404)  # the page does not need the store
     response = client.get("/api/search", params={"q": "x"})
-    assert response.status_code == 503 and "no image store" in response.json()["error"]
+    assert response.status_code == 503 and response.json()["error"].startswith("no image store at none;")
+    assert str(tmp_path) not in response.text  # the store's absolute path is not handed out
 
 
 def test_a_file_name_that_is_not_utf8_is_shown_escaped_and_still_served(tmp_path):

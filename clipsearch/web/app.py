@@ -548,11 +548,13 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return _error(500, "internal error; see the server's log")
 
 
-def _handler(status: int) -> Callable[[Request, Exception], Any]:
-    """An exception handler answering with `status` and the error's own one-line message."""
+def _handler(status: int, db: Path) -> Callable[[Request, Exception], Any]:
+    """An exception handler answering with `status` and the error's own one-line message, in which the store's
+    absolute path is shortened to its folder name."""
 
     async def handle(request: Request, exc: Exception) -> Response:
-        return _error(status, str(exc).splitlines()[0] if str(exc) else "bad request")
+        message = str(exc).splitlines()[0] if str(exc) else "bad request"
+        return _error(status, message.replace(str(db), db.name))
 
     return handle
 
@@ -597,11 +599,11 @@ def create_app(
         routes.append(Mount("/static", StaticFiles(directory=STATIC), name="static"))
     handlers: dict[Any, Callable[..., Any]] = {
         HTTPException: _http_error,
-        QueryError: _handler(400),
-        NotFoundError: _handler(404),
-        TooLarge: _handler(413),
-        ImageLoadError: _handler(415),
-        StoreError: _handler(503),
+        QueryError: _handler(400, library.db),
+        NotFoundError: _handler(404, library.db),
+        TooLarge: _handler(413, library.db),
+        ImageLoadError: _handler(415, library.db),
+        StoreError: _handler(503, library.db),
         Exception: _unexpected,
     }
     app = Starlette(routes=routes, exception_handlers=handlers)

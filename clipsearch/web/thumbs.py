@@ -101,7 +101,7 @@ class Thumbnails:
             with Image.open(source) as image:
                 data = webp_bytes(thumbnail(image, self.size, self.max_megapixels))
         except (UnidentifiedImageError, OSError) as e:
-            raise ImageLoadError(f"cannot read the original ({e})") from e
+            raise ImageLoadError(f"cannot read the original ({type(e).__name__})") from e  # e names the file
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
