@@ -497,3 +497,14 @@ def test_a_file_name_that_is_not_utf8_is_shown_escaped_and_still_served(tmp_path
     served = client.get(hit["file"])
     assert served.status_code == 200 and served.content == (photos / name).read_bytes()
     assert client.get(hit["thumb"]).status_code == 200
+
+
+def test_status_names_a_model_given_as_a_checkpoint_path_by_its_name(tmp_path, tiny):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    scene("ring", "green", 1).save(photos / "ring.png")
+    library = Library(db=tmp_path / "db", model=tiny)
+    library.index([photos], workers=0, progress=False)
+    response = TestClient(create_app(library), base_url=BASE).get("/api/status")
+    assert response.status_code == 200 and response.json()["model"] == "tiny"
+    assert str(tmp_path) not in response.text and str(tiny) not in response.text

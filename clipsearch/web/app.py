@@ -481,7 +481,7 @@ class WebApp:
         def run() -> dict[str, Any]:
             roots = self.library.roots()
             report = store_status(self.library.db)
-            return _public_status(report, roots, self.library.model_name, self.library.store().count())
+            return _public_status(report, roots, self.library.model_info.name, self.library.store().count())
 
         return _json(await self.call(run))
 
