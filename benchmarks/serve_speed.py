@@ -285,6 +285,7 @@ def main() -> None:
             summary["text"].update(encode_reference(checkpoint, [t + " again" for t in texts], WARMUP))
             rng = random.Random(SEED)
             likes = [f"/api/search?like={rng.randint(1, args.size)}&k={K}" for _ in range(n)]
+            client = Client(port)  # a new connection: the idle one was closed while the encoder was timed
             summary["like"] = latencies(client, likes, WARMUP, process.pid)
             status = json.loads(client.get("/api/status")[1])
             photo_ids = json.loads(client.get("/api/search?q=photo&k=500&in=photos")[1])["results"]
