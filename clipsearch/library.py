@@ -7,7 +7,8 @@
         print(hit.rank, f"{hit.score:.3f}", hit.path)
     lib.search([(2, "golden retriever"), (1, "pool.jpg"), (-1, "night")])
     lib.similar("~/Pictures/beach.jpg")
-    page = lib.search_page(StoredImage(123, Box(0, 0, 0.5, 1)), k=50, offset=50)   # left half of image 123, page 2
+    from retrieval.regions import Box, StoredImage
+    page = lib.search_page(StoredImage(123, Box(0, 0, 0.5, 1)), k=50, offset=50)   # like image 123's left half, page 2
 
 Models load lazily and only the tower a query needs: a text query builds the text tower alone.
 """
