@@ -249,13 +249,17 @@ class Library:
         return store
 
     def ann_index(self) -> AnnIndex:
-        """The FAISS index, synced with the store whenever the store has changed since the last call."""
-        from retrieval.ann import open_index
+        """The FAISS index, synced with the store whenever the store has changed since the last call (in memory,
+        once loaded: see `retrieval.ann.sync_index`)."""
+        from retrieval.ann import open_index, sync_index
 
         store = self.store()
         version = store.version
-        if self._index is None or self._index_version != version:
+        if self._index is None:
             self._index = open_index(store, kind=self.index_type)
+            self._index_version = version
+        elif self._index_version != version:
+            self._index = sync_index(self._index, store, kind=self.index_type)
             self._index_version = version
         return self._index
 

@@ -201,3 +201,20 @@ def test_image_file_serves_only_unchanged_files_inside_the_indexed_folders(libra
     pattern(77).save(photos / "4.png")
     with pytest.raises(NotFoundError, match="changed since it was indexed"):
         library.image_file(ids["4.png"])
+
+
+def test_an_open_library_follows_commits_in_memory_without_rewriting_the_saved_index(library):
+    from retrieval.ann import index_path
+
+    library, photos = library
+    assert len(library.search("x", k=10)) == 6  # the index is loaded now
+    pattern(50).save(photos / "new.png")
+    Library(db=library.db, model=library.model_name).index(photos, workers=0, progress=False)  # saves its index
+    store = library.store()
+    saved = index_path(store).read_bytes()
+    gone = store.id_for_path(photos / "1.png")
+    store.delete([gone])  # a commit after the saved index, as another process's indexer would make it
+    index = library.ann_index()
+    assert store.id_for_path(photos / "new.png") in index.ids() and gone not in index.ids() and len(index) == 6
+    assert index_path(store).read_bytes() == saved  # a reader keeps its index in step in memory
+    assert str(photos / "1.png") not in {r.path for r in library.search("x", k=10)}
