@@ -19,6 +19,7 @@ COMMANDS = {
     "status": "clipsearch.commands.index:status",
     "query": "clipsearch.commands.query:query",
     "similar": "clipsearch.commands.query:similar",
+    "serve": "clipsearch.commands.serve:serve",
     "train": "clipsearch.commands.train:train",
     "classify": "clipsearch.commands.classify:classify",
     "tag": "clipsearch.commands.classify:tag",

@@ -7,6 +7,8 @@
         print(hit.rank, f"{hit.score:.3f}", hit.path)
     lib.search([(2, "golden retriever"), (1, "pool.jpg"), (-1, "night")])
     lib.similar("~/Pictures/beach.jpg")
+    from retrieval.regions import Box, StoredImage
+    page = lib.search_page(StoredImage(123, Box(0, 0, 0.5, 1)), k=50, offset=50)   # like image 123's left half, page 2
 
 Models load lazily and only the tower a query needs: a text query builds the text tower alone.
 """
@@ -14,6 +16,7 @@ Models load lazily and only the tower a query needs: a text query builds the tex
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
@@ -22,9 +25,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from retrieval.errors import ImageLoadError, ModelMismatchError, QueryError, StoreError
+from retrieval.errors import ImageLoadError, ModelMismatchError, NotFoundError, QueryError, StoreError
 from retrieval.query import (
     IMAGENET_TEMPLATES,
+    SearchPage,
     SearchResult,
     Term,
     as_terms,
@@ -32,12 +36,17 @@ from retrieval.query import (
     encode_query,
     refuse_urls,
     search,
+    search_page,
     search_saved,
 )
+from retrieval.regions import Region, StoredImage, crop
 from retrieval.relevance import SORTS, Calibration, apply_cutoff, auto_cutoff, calibration_for, sort_by_date
+from retrieval.roots import Roots
 from retrieval.types import Embeddings, RowIds
 
 if TYPE_CHECKING:
+    import torch
+
     from indexer.pipeline import IndexSummary
     from retrieval.ann import SavedIndex
     from retrieval.duplicates import DuplicateGroup
@@ -45,6 +54,7 @@ if TYPE_CHECKING:
     from retrieval.model.clip import CLIP
     from retrieval.model.identity import ModelInfo
     from retrieval.model.preprocess import Preprocess
+    from retrieval.row_cache import RowCache
     from retrieval.store import Store
 
 logger = logging.getLogger(__name__)
@@ -58,6 +68,16 @@ class Embedded(NamedTuple):
     ids: RowIds  # [N] stable row ids
     paths: list[str]  # [N] file paths
     vectors: Embeddings  # [N, D] float32, rows L2-normalised
+
+
+class StoredFile(NamedTuple):
+    """A stored image's file, checked for serving (see `Library.image_file`)."""
+
+    id: int
+    path: Path  # symlinks resolved; inside an indexed root
+    content_hash: str  # SHA-256 of the content, hex: what the id stands for
+    format: str | None  # Pillow's format name: JPEG, PNG, ...
+    size: int  # bytes
 
 
 # Up to this many texts are encoded on one thread: a short query's matrices are too small for intra-op
@@ -178,6 +198,9 @@ class Library:
         text_precision: "auto" encodes query texts with `query_text_model` (bfloat16 where the CPU has it:
             ~2x faster queries, after a one-time ~0.3-0.6 s to convert and warm up); "float32" keeps the
             model's own precision, the better choice for a process that runs only a query or two.
+        row_cache: keep every row's metadata in memory for `search_page` and `image_file` (`RowCache`): each
+            page of hits ~20 ms faster at 100k images, ~18 MB, read again after each change of the store; for
+            long-lived processes (`clipsearch serve`).
     """
 
     def __init__(
@@ -187,6 +210,7 @@ class Library:
         device: str = "auto",
         index_type: str | None = None,
         text_precision: str = "auto",
+        row_cache: bool = False,
     ) -> None:
         if text_precision not in ("auto", "float32"):
             raise ValueError(f"text_precision must be 'auto' or 'float32', got {text_precision!r}")
@@ -197,6 +221,8 @@ class Library:
         self.db = Path(db).expanduser().absolute()
         self.device = device
         self.index_type = index_type
+        self.row_cache = row_cache
+        self._row_cache: RowCache | None = None
         self.text_precision = text_precision
         self._given_model = model if model is not None and not isinstance(model, str | os.PathLike) else None
         if self._given_model is not None and getattr(self._given_model, "info", None) is None:
@@ -303,13 +329,17 @@ class Library:
         self._store_checked = True
 
     def ann_index(self) -> AnnIndex:
-        """The FAISS index, synced with the store whenever the store has changed since the last call."""
-        from retrieval.ann import open_index
+        """The FAISS index, synced with the store whenever the store has changed since the last call (in memory,
+        once loaded: see `retrieval.ann.sync_index`)."""
+        from retrieval.ann import open_index, sync_index
 
         store = self.store()
         version = store.version
-        if self._index is None or self._index_version != version:
+        if self._index is None:
             self._index = open_index(store, kind=self.index_type)
+            self._index_version = version
+        elif self._index_version != version:
+            self._index = sync_index(self._index, store, kind=self.index_type)
             self._index_version = version
         return self._index
 
@@ -367,18 +397,46 @@ class Library:
         return encode_query(terms, texts, self._encode_images, ensemble=ensemble, templates=templates)
 
     def _encode_images(self, images: list[Any]) -> Embeddings:
-        """Embed query images (paths or PIL images)."""
+        """Embed query images: paths, PIL images, `StoredImage`s and `Region`s (a whole stored image takes its
+        stored vector, so it needs no image tower)."""
         import torch
 
         from retrieval.model.encode import encode_images
 
-        model, preprocess = self._model("image")
-        pixels = []
-        for image in images:
-            if isinstance(image, Path) and not image.is_file():
-                raise ImageLoadError(f"query image {image}: no such file")
-            pixels.append(preprocess(image))
-        return encode_images(model, torch.stack(pixels))
+        vectors: list[np.ndarray | None] = [None] * len(images)
+        for i, image in enumerate(images):
+            if isinstance(image, StoredImage) and image.box is None:
+                vectors[i] = self._vector_of(image.id)
+        todo = [i for i, v in enumerate(vectors) if v is None]
+        if todo:
+            model, preprocess = self._model("image")
+            pixels = torch.stack([self._pixels(images[i], preprocess) for i in todo])  # [B, 3, S, S]
+            for i, vector in zip(todo, encode_images(model, pixels), strict=True):
+                vectors[i] = vector
+        return np.stack(vectors)
+
+    def _pixels(self, image: Any, preprocess: Preprocess) -> torch.Tensor:
+        """The model's input for one query image, a region cropped out first."""
+        from retrieval.model.preprocess import open_image, to_rgb
+
+        if isinstance(image, Path) and not image.is_file():
+            raise ImageLoadError(f"query image {image}: no such file")
+        if isinstance(image, StoredImage):  # with a box: the region of its file
+            image = Region(self.image_file(image.id).path, image.box)
+        if not isinstance(image, Region):
+            return preprocess(image)
+        source = open_image(image.image) if isinstance(image.image, str | os.PathLike) else image.image
+        box = image.box
+        # decode a JPEG reduced only as far as keeps the crop's shorter side at the model's resolution
+        min_size = math.ceil(preprocess.image_size / max(min(box.x1 - box.x0, box.y1 - box.y0), 1e-3))
+        return preprocess.transform(crop(to_rgb(source, min_size=min_size), box))
+
+    def _vector_of(self, row_id: int) -> np.ndarray:
+        """The stored vector of an image id."""
+        try:
+            return self.store().vectors_for([row_id])[0]
+        except StoreError as e:
+            raise NotFoundError(f"no image {row_id} in the store; it was removed or re-indexed: search again") from e
 
     def search(
         self,
@@ -588,3 +646,140 @@ class Library:
         if self._duplicates is None or self._duplicates[0] != key:
             self._duplicates = (key, find_duplicates(store, self.ann_index(), threshold))
         return self._duplicates[1]
+
+    # ---- paging, stored images and their files (the web app's needs) ------------------------------
+
+    def search_page(
+        self,
+        query: Any,
+        k: int = 10,
+        offset: int = 0,
+        where: str | None = None,
+        *,
+        in_dir: str | os.PathLike[str] | None = None,
+        after: date | datetime | None = None,
+        before: date | datetime | None = None,
+        threshold: float | None = None,
+        ensemble: bool = False,
+        templates: Sequence[str] = IMAGENET_TEMPLATES,
+    ) -> SearchPage:
+        """Results `offset + 1 .. offset + k` of a search; pages fit together without duplicates or gaps.
+
+        Takes every query `search` takes, and also stored images (`StoredImage(id)`, optionally with a `Box`)
+        and regions of images (`Region(image, box)`), alone or weighted in a list. Stored images of the query
+        are left out of its results, as `similar` leaves out its query image.
+
+        Returns:
+            `SearchPage(results, offset, next_offset, total)`.
+
+        Raises:
+            NotFoundError: a stored image of the query is not in the store (or its file is not servable).
+            QueryError: a bad k, offset, box or filter, or terms that cancel out.
+        """
+        terms = as_terms(query)
+        condition = build_filter(where, in_dir=in_dir, after=after, before=before)
+        store = self._searchable_store()
+        vector = self.encode(terms, ensemble=ensemble, templates=templates)
+        exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
+        rows = self._rows()
+        return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude, rows)
+
+    def similar_to_id(
+        self,
+        row_id: int,
+        k: int = 10,
+        offset: int = 0,
+        where: str | None = None,
+        *,
+        in_dir: str | os.PathLike[str] | None = None,
+        after: date | datetime | None = None,
+        before: date | datetime | None = None,
+        threshold: float | None = None,
+    ) -> SearchPage:
+        """A "more like this" page: the images nearest to stored image `row_id` (itself left out), by its
+        stored vector, so no image tower loads."""
+        return self.search_page(
+            StoredImage(row_id), k, offset, where, in_dir=in_dir, after=after, before=before, threshold=threshold
+        )
+
+    def _rows(self) -> RowCache | None:
+        """The in-memory row metadata when `row_cache` is on (for the store as opened now)."""
+        if not self.row_cache:
+            return None
+        from retrieval.row_cache import RowCache  # here: pyarrow, which a one-shot query may never need
+
+        store = self.store()
+        if self._row_cache is None or self._row_cache.store is not store:
+            self._row_cache = RowCache(store)
+        return self._row_cache
+
+    def warm_up(self) -> int:
+        """Load now what a search needs, rather than on the first search: the text tower (and its query copy),
+        the store, the FAISS index and, with `row_cache`, the rows' metadata.
+
+        Returns:
+            The number of images in the store.
+
+        Raises:
+            StoreError: no store, or no images for this model in it.
+        """
+        store = self._searchable_store()
+        self.encode("a photo")
+        self.ann_index()
+        cache = self._rows()
+        if cache is not None:
+            cache.rows([])
+        return store.count()
+
+    def roots(self) -> Roots:
+        """The folders indexed into this model's table, with display names."""
+        return Roots(self.store().state.roots())
+
+    def image_file(self, row_id: int) -> StoredFile:
+        """A stored image's file, checked before it is read for someone else: the id is in the store, the file
+        (symlinks resolved) is inside a folder the store indexed (also resolved), and it still holds the
+        indexed content (same size and mtime, or else the same SHA-256).
+
+        Raises:
+            NotFoundError: any check fails; the message says which.
+        """
+        cache = self._rows()
+        try:
+            if cache is not None:
+                row = cache.rows([row_id])[row_id]
+            else:
+                row = self.store().rows([row_id], columns=["path", "size", "mtime", "content_hash", "format"])[0]
+        except (StoreError, KeyError) as e:
+            raise NotFoundError(f"no image {row_id} in the store; it was removed or re-indexed: search again") from e
+        path = row["path"]
+        real = os.path.realpath(path)
+        if not self.roots().holds_real(path):
+            raise NotFoundError(
+                f"image {row_id} is no longer inside an indexed folder (moved, or replaced by a link to elsewhere); "
+                "run `clipsearch index` on its folder"
+            )
+        try:
+            stat = os.stat(real)
+        except OSError as e:
+            raise NotFoundError(f"image {row_id}'s file is gone; run `clipsearch index` on its folder") from e
+        stored_us = (row["mtime"] - _EPOCH) // timedelta(microseconds=1)
+        unchanged = (row["size"], stored_us) == (stat.st_size, stat.st_mtime_ns // 1000)
+        if not unchanged and _sha256(real) != row["content_hash"]:  # a touched file with the same bytes is fine
+            raise NotFoundError(
+                f"image {row_id}'s file changed since it was indexed; run `clipsearch index` on its folder"
+            )
+        return StoredFile(row_id, Path(real), row["content_hash"], row["format"], stat.st_size)
+
+
+def _sha256(path: str) -> str | None:
+    """The SHA-256 of a file's bytes, hex; None when it cannot be read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()

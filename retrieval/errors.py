@@ -56,3 +56,10 @@ class DatasetError(ClipsearchError, ValueError):
 
 class IndexingError(ClipsearchError):
     """An index run that cannot go on (not a bad file: those are recorded and skipped)."""
+
+
+class NotFoundError(ClipsearchError, LookupError):
+    """A stored image, its file or an upload that is not (or no longer) there."""
+
+    def __str__(self) -> str:  # LookupError's KeyError cousins would repr() the message
+        return str(self.args[0]) if self.args else ""

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from retrieval.errors import ImageLoadError, QueryError, StoreError
+from retrieval.regions import Region, StoredImage
 from retrieval.types import Embeddings, RowIds
 
 if TYPE_CHECKING:
     from retrieval.ann import SavedIndex
     from retrieval.faiss_index import AnnIndex
+    from retrieval.row_cache import RowCache
     from retrieval.store import Store
 
 logger = logging.getLogger(__name__)
@@ -264,8 +266,9 @@ def as_terms(query: Any) -> list[Term]:
     """Terms from what the Python API accepts as a query.
 
     Args:
-        query: a text (or an image path given as str), a `Path`, a PIL image, a [D] vector, a `Term`, or a
-            list mixing those and `(weight, any of those)` tuples.
+        query: a text (or an image path given as str), a `Path`, a PIL image, a [D] vector, a `Term`, a stored
+            image or a region of an image (`retrieval.regions`), or a list mixing those and `(weight, any of
+            those)` tuples.
 
     Raises:
         QueryError: an unsupported query type, an empty list, or an http(s) URL (never fetched).
@@ -282,6 +285,8 @@ def as_terms(query: Any) -> list[Term]:
         weight, query = float(query[0]), query[1]
     if isinstance(query, Term):
         return [Term(weight * query.weight, query.kind, query.value)]
+    if isinstance(query, StoredImage | Region):  # image terms the caller's `encode_images` resolves
+        return [Term(weight, "image", query)]
     if isinstance(query, str):
         if not query.strip():
             raise QueryError("empty query text")
@@ -445,6 +450,80 @@ def search(
             continue
         results.append(SearchResult(path=row.pop("path"), score=score, rank=len(results) + 1, metadata=row))
     return results
+
+
+class SearchPage(NamedTuple):
+    """One page of a ranking."""
+
+    results: list[SearchResult]  # ranks offset + 1, offset + 2, ...
+    offset: int  # results of the ranking skipped before this page
+    next_offset: int | None  # the next page's offset; None on the last page
+    total: int  # images the search ranked: those the filter lets through (or all), less the excluded ones
+
+
+def search_page(
+    store: Store,
+    index: AnnIndex,
+    vector: np.ndarray,
+    k: int = 10,
+    offset: int = 0,
+    where: str | None = None,
+    threshold: float | None = None,
+    exclude: Sequence[int] | RowIds = (),
+    row_cache: RowCache | None = None,
+) -> SearchPage:
+    """Results `offset + 1 .. offset + k` of the ranking `search` makes, for paging through it.
+
+    Pages fit together without duplicates or gaps: each page is cut from one ranking of the first
+    `offset + k + 1` results (exact for the flat and IVF indexes, whose scan does not depend on how many results
+    are asked for), ordered by score and then by id, and a group of equal scores at the cut is always fetched
+    whole, so ties land on the same side of it on every page. The extra result tells whether a next page exists.
+
+    Args:
+        store: the open store.
+        index: its FAISS index, up to date.
+        vector: [D] unit query vector.
+        k: results per page (> 0).
+        offset: results to skip (>= 0).
+        where: a LanceDB SQL filter (`build_filter`).
+        threshold: drop results whose cosine similarity is below it.
+        exclude: ids never to return.
+        row_cache: where to read the hits' metadata (a long-lived reader's copy); None reads the store.
+
+    Raises:
+        QueryError: k or offset out of range, or an invalid filter.
+    """
+    if k <= 0 or offset < 0:
+        raise QueryError(f"k must be at least 1 and offset at least 0, got k={k}, offset={offset}")
+    exclude = np.unique(np.asarray(exclude, dtype=np.int64))
+    allowed = store.filter_ids(where) if where else None
+    if allowed is not None:
+        allowed = np.setdiff1d(allowed, exclude, assume_unique=True)
+        total = len(allowed)
+    else:
+        total = max(len(index) - len(exclude), 0)
+    want = offset + k + 1
+    fetch = want + (len(exclude) if allowed is None else 0)
+    while True:
+        scores, ids = index.search(vector.reshape(1, -1), fetch, allowed=allowed)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        hits = [(i, s) for i, s in found if i not in exclude and (threshold is None or s >= threshold)]
+        if len(found) < fetch or (threshold is not None and found[-1][1] < threshold):
+            break  # nothing more to find
+        if len(hits) >= want and found[-1][1] < hits[want - 1][1]:
+            break  # every result tied with the last one wanted is in
+        fetch *= 2
+    hits.sort(key=lambda hit: (-hit[1], hit[0]))
+    page = hits[offset : offset + k]
+    next_offset = offset + k if len(hits) > offset + k else None
+    page_ids = [i for i, _ in page]
+    rows = (row_cache.rows(page_ids) if row_cache is not None else _rows(store, page_ids)) if page else {}
+    results = []
+    for position, (i, score) in enumerate(page, start=offset + 1):
+        row = rows.get(i)
+        if row is not None:  # None: deleted by a concurrent indexer after the index was synced
+            results.append(SearchResult(path=row.pop("path"), score=score, rank=position, metadata=row))
+    return SearchPage(results, offset, next_offset, total)
 
 
 def search_saved(

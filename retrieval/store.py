@@ -453,7 +453,7 @@ class Store:
         sorted_found = found[order]
         pos = np.searchsorted(sorted_found, wanted)
         pos = np.clip(pos, 0, max(len(found) - 1, 0))
-        missing = wanted[(len(found) == 0) | (sorted_found[pos] != wanted)] if len(wanted) else wanted
+        missing = wanted if len(found) == 0 else wanted[sorted_found[pos] != wanted]  # no ids found: all missing
         if len(missing):
             raise StoreError(f"ids not in the store: {missing[:10].tolist()}; the store changed, query again")
         return order[pos]

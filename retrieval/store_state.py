@@ -1,4 +1,5 @@
-"""A table's bookkeeping beside its data: the id sequence, recent indexing runs and the files that failed.
+"""A table's bookkeeping beside its data: the id sequence, the folders ever indexed into it, recent indexing runs
+and the files that failed.
 
 Kept in one small JSON file per table, replaced atomically (write, fsync, rename), so a reader never sees
 half of it and a crash leaves the previous version. Only the indexer, holding the write lock, writes it.
@@ -95,14 +96,36 @@ class StoreState:
         """Recent runs, oldest first."""
         return list(self.load().get("runs", []))
 
+    def roots(self) -> list[str]:
+        """Every folder (or file) a run has indexed into this table, in the order first indexed.
+
+        A state written before roots were kept has none: the roots of its recorded runs stand in for them.
+        """
+        return _roots(self.load())
+
     def failures(self) -> list[Failure]:
         """Files that failed in the latest runs, sorted by path (older states recorded no size and mtime)."""
         return [Failure(*f) for f in self.load().get("failures", [])]
 
     def record(self, run: dict[str, Any], failures: list[Failure]) -> None:
-        """Store `run` (replacing the entry with the same `run_id`) and the current list of failures."""
+        """Store `run` (replacing the entry with the same `run_id`), add its roots to the table's roots, and store
+        the current list of failures."""
         data = self.load()
         runs = [r for r in data.get("runs", []) if r.get("run_id") != run["run_id"]]
+        # Roots outlive the run history (KEEP_RUNS): the web app serves files only from under them.
+        data["roots"] = _merged(_roots(data), run.get("roots", []))
         data["runs"] = [*runs, run]
         data["failures"] = [list(f) for f in sorted(failures, key=lambda f: (f.path, f.stage, f.reason))]
         self.save(data)
+
+
+def _roots(data: dict[str, Any]) -> list[str]:
+    """The state's roots, or for a state from before they were kept, the roots of its recorded runs."""
+    if "roots" in data:
+        return list(data["roots"])
+    return _merged([], [root for run in data.get("runs", []) for root in run.get("roots", [])])
+
+
+def _merged(roots: list[str], more: list[str]) -> list[str]:
+    """`roots` followed by those of `more` not in it yet."""
+    return list(dict.fromkeys([*roots, *more]))

@@ -16,6 +16,7 @@ from test_index_support import pattern, tiny_model, vectors_by_path, write_image
 from indexer.pipeline import IndexOptions, index_folders
 from retrieval.model.encode import encode_images
 from retrieval.store import Store
+from retrieval.store_state import KEEP_RUNS, StoreState
 
 OPTIONS = IndexOptions(workers=0, batch_size=4, commit_every=8, progress=False)
 
@@ -193,3 +194,24 @@ def test_workers_give_the_same_vectors_as_in_process(tmp_path, lib, model):
     assert sorted(a) == sorted(b)
     for path in a:
         np.testing.assert_allclose(a[path], b[path], atol=1e-6)
+
+
+def test_the_state_keeps_every_root_ever_indexed(tmp_path, model):
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_images(first, 2)
+    write_images(second, 2, start=100)
+    store = Store.open(tmp_path / "db", model[0].info, create=True)
+    run(model, store, first)
+    for _ in range(KEEP_RUNS + 1):  # more runs than the history keeps: `first` leaves the run list
+        run(model, store, second)
+    assert all(str(first) not in r["roots"] for r in store.state.runs())
+    assert store.state.roots() == [str(first), str(second)]
+
+
+def test_a_state_from_before_roots_were_kept_falls_back_to_its_runs(tmp_path):
+    state = StoreState(tmp_path / "t.state.json")
+    runs = [{"run_id": "a", "roots": ["/p/one"]}, {"run_id": "b", "roots": ["/p/two", "/p/one"]}]
+    state.save({"next_id": 5, "runs": runs, "failures": []})
+    assert state.roots() == ["/p/one", "/p/two"]
+    state.record({"run_id": "c", "roots": ["/p/three"]}, [])
+    assert state.roots() == ["/p/one", "/p/two", "/p/three"]

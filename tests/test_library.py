@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +12,11 @@ from PIL import Image
 import clipsearch
 from clipsearch.library import Embedded, Library
 from retrieval.ann import index_state
-from retrieval.errors import ImageLoadError, QueryError
+from retrieval.errors import ImageLoadError, NotFoundError, QueryError
 from retrieval.model.checkpoint import save_checkpoint
 from retrieval.model.clip import CLIP
 from retrieval.model.config import CLIPConfig, TextConfig, VisionConfig
+from retrieval.regions import Box, Region, StoredImage, crop
 
 TINY = CLIPConfig(
     embed_dim=32,
@@ -154,3 +157,74 @@ def test_query_texts_encode_within_bfloat16_rounding_of_float32(library):
     assert float(library.encode(texts[1]) @ exact[1]) > 0.999
     with pytest.raises(ValueError, match="text_precision"):
         Library(db=library.db, text_precision="bf16")
+
+
+def test_pages_by_stored_id_leave_the_image_out_and_need_no_image_tower(library):
+    library, photos = library
+    fresh = Library(db=library.db, model=library.model_name)
+    row_id = fresh.store().id_for_path(photos / "0.png")
+    page = fresh.similar_to_id(row_id, k=3)
+    assert "image" not in fresh._models  # the stored vector was used
+    assert [h.path for h in page.results] == [h.path for h in library.similar(photos / "0.png", k=3)]
+    assert (page.offset, page.next_offset, page.total) == (0, 3, 5)
+    rest = fresh.similar_to_id(row_id, k=3, offset=3)
+    assert [r.rank for r in rest.results] == [4, 5] and rest.next_offset is None
+    assert {h.path for h in page.results + rest.results} == {str(p) for p in photos.iterdir()} - {str(photos / "0.png")}
+    combined = fresh.search_page([(1.0, StoredImage(row_id)), (0.5, "noise")], k=6)
+    assert len(combined.results) == 5 and row_id not in {r.metadata["id"] for r in combined.results}
+    with pytest.raises(NotFoundError, match="no image 999"):
+        fresh.similar_to_id(999)
+
+
+def test_a_box_embeds_the_crop_of_a_stored_or_given_image(library):
+    library, photos = library
+    row_id = library.store().id_for_path(photos / "2.png")
+    box = Box(0.5, 0.0, 1.0, 0.5)
+    with Image.open(photos / "2.png") as image:
+        upright = image.convert("RGB")
+    expected = library.encode(crop(upright, box))
+    np.testing.assert_allclose(library.encode(StoredImage(row_id, box)), expected, atol=1e-5)
+    np.testing.assert_allclose(library.encode(Region(upright, box)), expected, atol=1e-5)
+    np.testing.assert_allclose(library.encode(Region(photos / "2.png", box)), expected, atol=1e-5)
+    assert float(library.encode(StoredImage(row_id)) @ library.encode(photos / "2.png")) > 0.9999
+
+
+def test_image_file_serves_only_unchanged_files_inside_the_indexed_folders(library, tmp_path):
+    library, photos = library
+    store = library.store()
+    ids = {name: store.id_for_path(photos / name) for name in ("0.png", "1.png", "2.png", "3.png", "4.png")}
+    found = library.image_file(ids["0.png"])
+    assert found.path == photos / "0.png" and found.format == "PNG" and len(found.content_hash) == 64
+    os.utime(photos / "1.png", ns=(1, 1))  # touched, same bytes: still the indexed content
+    assert library.image_file(ids["1.png"]).path == photos / "1.png"
+    with pytest.raises(NotFoundError, match="no image 12345"):
+        library.image_file(12345)
+    (photos / "2.png").unlink()
+    with pytest.raises(NotFoundError, match="gone"):
+        library.image_file(ids["2.png"])
+    secret = tmp_path / "secret.png"
+    pattern(3).save(secret)
+    (photos / "3.png").unlink()
+    (photos / "3.png").symlink_to(secret)  # a link to a file outside the indexed folder swapped in
+    with pytest.raises(NotFoundError, match="no longer inside an indexed folder"):
+        library.image_file(ids["3.png"])
+    pattern(77).save(photos / "4.png")
+    with pytest.raises(NotFoundError, match="changed since it was indexed"):
+        library.image_file(ids["4.png"])
+
+
+def test_an_open_library_follows_commits_in_memory_without_rewriting_the_saved_index(library):
+    from retrieval.ann import index_path
+
+    library, photos = library
+    assert len(library.search("x", k=10)) == 6  # the index is loaded now
+    pattern(50).save(photos / "new.png")
+    Library(db=library.db, model=library.model_name).index(photos, workers=0, progress=False)  # saves its index
+    store = library.store()
+    saved = index_path(store).read_bytes()
+    gone = store.id_for_path(photos / "1.png")
+    store.delete([gone])  # a commit after the saved index, as another process's indexer would make it
+    index = library.ann_index()
+    assert store.id_for_path(photos / "new.png") in index.ids() and gone not in index.ids() and len(index) == 6
+    assert index_path(store).read_bytes() == saved  # a reader keeps its index in step in memory
+    assert str(photos / "1.png") not in {r.path for r in library.search("x", k=10)}

@@ -124,6 +124,8 @@ def test_read_api_round_trip(store):
     assert store.id_for_path("/p/c d.jpg") == 9 and store.id_for_path("/p/none.jpg") is None
     with pytest.raises(StoreError, match=r"ids not in the store: \[4\]"):
         store.vectors_for([5, 4])
+    with pytest.raises(StoreError, match=r"ids not in the store: \[4\]"):  # none of them found at all
+        store.rows([4])
     with pytest.raises(QueryError, match="invalid filter 'no_such_column = 1'"):
         store.filter_ids("no_such_column = 1")
     with pytest.raises(QueryError, match="invalid filter"):
