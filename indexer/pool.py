@@ -302,8 +302,7 @@ class DecoderPool:
             if self._startup_deaths >= _MAX_STARTUP_DEATHS:
                 raise IndexingError(
                     f"decoder worker processes die at start-up ({reason}); run with --workers 0 to decode in "
-                    "the main process and see the error (a script using the library needs an "
-                    "`if __name__ == '__main__':` guard)"
+                    "the main process and see the error"
                 )
             retry.extendleft(reversed([task for _, task in worker.inflight]))
         elif worker.inflight:
