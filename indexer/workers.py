@@ -109,6 +109,24 @@ def start_worker_server() -> None:
     thread.join()
 
 
+def exit_with_parent() -> None:
+    """End this worker as soon as the process that started it is gone, however it ended (even by SIGKILL).
+
+    A worker left behind would otherwise wait at the pool's gate forever, and with it the forkserver and
+    multiprocessing's resource tracker, which live as long as any worker does; all of them hold the dead
+    indexer's stdout and stderr open, so whoever reads its output would wait forever too.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's end of a pipe to this process closes, i.e. at its exit
+        os._exit(1)
+
+    threading.Thread(target=watch, name="clipsearch-parent-watch", daemon=True).start()
+
+
 def lower_priority() -> None:
     """Bring this process to the workers' niceness (no further if it is there already)."""
     os.nice(max(0, WORKER_NICENESS - os.nice(0)))
