@@ -152,6 +152,7 @@ class _Run:
         self.batch: list[_BatchEntry] = []
         self.batch_by_hash: dict[str, _BatchEntry] = {}
         self.claimed: set[int] = set()
+        self.saved = 0  # rows this run has committed (what an interrupted run leaves done)
         self.redo: list[WorkItem] = []
         self.failures: list[Failure] = []
         self.pool: DecoderPool | None = None  # the decoder workers while they run
@@ -402,6 +403,7 @@ class _Run:
             vector = p.vector if p.vector is not None else source["vector"]
             rows.append(_row(p.id, p.item, metadata, vector, now))
         self.store.apply(rows, sorted(self.pending_deletes))
+        self.saved += len(rows)
         deleted = dict(self.pending_deletes)
         self.pending.clear()
         self.pending_deletes.clear()
@@ -434,6 +436,7 @@ class _Run:
             "updated_at": utc_now().isoformat(),
             **summary,
             "failed": len(self.failures),
+            "saved": self.saved,
         }
         self.store.state.record(run, kept + self.failures)
 

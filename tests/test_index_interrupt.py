@@ -1,6 +1,6 @@
 """Interruption: `clipsearch index` killed with SIGKILL at several points, then re-run, must end with exactly
-one row per image and the vectors of an uninterrupted run; no process of a killed run (decoder workers, their
-forkserver, multiprocessing's resource tracker) outlives it.
+one row per image and the vectors of an uninterrupted run. Ctrl-C and SIGTERM save what was encoded and say so;
+no process of a killed run (decoder workers, their forkserver, multiprocessing's resource tracker) outlives it.
 
 The model is a random CLIP a little heavier than `tiny-vit` (about 10 ms per image on one thread), so a run
 over 300 images lasts long enough to be killed after its first commit and in the middle of a chunk.
@@ -57,6 +57,7 @@ def setup(tmp_path_factory):
 
 
 PATIENCE = 60.0  # seconds allowed for what takes well under one on an idle machine
+INTERRUPTED = "Interrupted: {} images saved; run the same command again to carry on."
 
 
 def start_index(setup, db: Path, workers: int = 1, stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
@@ -205,9 +206,11 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup):
     time.sleep(0.1)
     assert third.poll() is None, "the run finished before it could be interrupted"
     third.send_signal(signal.SIGINT)
-    assert third.wait(timeout=60) == 1  # click's "Aborted!"
+    _, stderr = third.communicate(timeout=60)
+    assert third.returncode == 128 + signal.SIGINT
     after_third = check_consistent(db, model)
     assert after_second < after_third < N_IMAGES
+    assert stderr.decode().splitlines() == [INTERRUPTED.format(after_third - after_second)]  # not "Aborted!"
     assert Store.open(db, model.info).state.runs()[-1]["state"] == "interrupted"
 
     # 4. a run to the end
@@ -227,3 +230,13 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup):
 
 def test_a_killed_run_leaves_no_process_behind(setup):
     signal_mid_run(setup, setup["tmp"] / "db-sigkill", signal.SIGKILL)
+
+
+def test_sigterm_saves_the_work_done_like_ctrl_c(setup):
+    db, model = setup["tmp"] / "db-sigterm", setup["model"]
+    process, rows_before, _, stderr = signal_mid_run(setup, db, signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM
+    saved = check_consistent(db, model)
+    assert rows_before <= saved < N_IMAGES  # committed rows kept, and what was encoded since
+    assert stderr.splitlines() == [INTERRUPTED.format(saved)]
+    assert Store.open(db, model.info).state.runs()[-1]["state"] == "interrupted"
