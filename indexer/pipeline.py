@@ -35,6 +35,7 @@ from indexer.sync import Plan, WorkItem, is_under, plan_sync
 from indexer.walk import walk
 from indexer.workers import start_worker_server
 from retrieval.ann import open_index
+from retrieval.errors import StoreError, StoreWriteError
 from retrieval.model.encode import encode_images
 from retrieval.model.preprocess import Preprocess
 from retrieval.store import ImageRow, Store, utc_now
@@ -206,14 +207,20 @@ class _Run:
                 self._commit()
                 self._show_counts(refresh=True)  # the last batch's files count too
             state = "complete"
+        except BaseException as error:
+            self._salvage(error)
+            raise
         finally:
-            if state != "complete":
-                self._salvage()
             self.summary.seconds = time.perf_counter() - start
             self.summary.failed = len(self.failures)
             self.summary.failures = list(self.failures)
             self.summary.stage_seconds = {k: round(v, 3) for k, v in self.stages.items()}
-            self._record(state)
+            try:
+                self._record(state)
+            except StoreError as e:
+                if state == "complete":
+                    raise
+                logger.debug("could not record the run as %s: %s", state, e)  # the error under way says more
         write_start = time.perf_counter()
         if self.summary.commits > 1:
             self.store.optimize()
@@ -225,12 +232,17 @@ class _Run:
         self.summary.seconds = time.perf_counter() - start
         return self.summary
 
-    def _salvage(self) -> None:
+    def _salvage(self, error: BaseException) -> None:
         """On Ctrl-C or an error, commit the rows already encoded so the work is not lost."""
         try:
             self._commit()
-        except Exception:  # the original exception matters more; the rerun redoes this chunk
-            logger.exception("could not commit the last chunk; the next run will redo it")
+        except Exception as e:  # `error` matters more; the rerun redoes this chunk
+            if isinstance(e, StoreWriteError) and isinstance(error, StoreWriteError):
+                logger.debug("could not commit the last chunk either: %s", e)  # the same disk, which `error` names
+            elif isinstance(e, StoreError):
+                logger.warning("could not commit the last chunk (%s); the next run will redo it", e)
+            else:
+                logger.exception("could not commit the last chunk; the next run will redo it")
 
     def _process(self, items: list[WorkItem], check_known: bool) -> None:
         """Decode `items` (in workers or here) and feed the results to the batcher."""
