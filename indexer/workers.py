@@ -55,7 +55,8 @@ if sys.platform != "win32":
     from multiprocessing import popen_forkserver
 
     class _WorkerPopen(popen_forkserver.Popen):
-        """`popen_forkserver.Popen` (CPython 3.10-3.14) with `_worker_preparation` for the preparation data."""
+        """`popen_forkserver.Popen`, its `_launch` copied (as of CPython 3.11 to 3.14) but for one line: the
+        preparation data come from `_worker_preparation`."""
 
         def _launch(self, process_obj: Any) -> None:
             prep_data = _worker_preparation(process_obj._name)
