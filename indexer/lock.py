@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import StoreLockedError
+from retrieval.errors import StoreLockedError, StoreWriteError
 
 _RETRY_SECONDS = 0.2
 
@@ -34,8 +34,12 @@ class IndexLock:
 
         Raises:
             StoreLockedError: another process still holds it after `wait` seconds.
+            StoreWriteError: the lock file cannot be opened for writing (a read-only store).
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreWriteError.from_error(self.path.parent, e) from e
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -51,8 +55,12 @@ class IndexLock:
                         "and run this again (or pass --lock-wait SECONDS to wait longer)"
                     ) from None
                 time.sleep(_RETRY_SECONDS)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise StoreWriteError.from_error(self.path.parent, e) from e
         self._fd = fd
 
     def release(self) -> None:

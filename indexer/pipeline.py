@@ -36,6 +36,7 @@ from indexer.sync import Plan, WorkItem, is_under, plan_sync
 from indexer.walk import walk
 from indexer.workers import start_worker_server
 from retrieval.ann import open_index
+from retrieval.errors import StoreError, StoreWriteError
 from retrieval.model.encode import encode_images
 from retrieval.model.preprocess import Preprocess
 from retrieval.store import ImageRow, Store, utc_now
@@ -157,6 +158,7 @@ class _Run:
         self.batch: list[_BatchEntry] = []
         self.batch_by_hash: dict[str, _BatchEntry] = {}
         self.claimed: set[int] = set()
+        self.saved = 0  # rows this run has committed (what an interrupted run leaves done)
         self.redo: list[WorkItem] = []
         self.failures: list[Failure] = []
         self.pool: DecoderPool | None = None  # the decoder workers while they run
@@ -218,14 +220,20 @@ class _Run:
                 self._commit()
                 self._show_counts(refresh=True)  # the last batch's files count too
             state = "complete"
+        except BaseException as error:
+            self._salvage(error)
+            raise
         finally:
-            if state != "complete":
-                self._salvage()
             self.summary.seconds = time.perf_counter() - start
             self.summary.failed = len(self.failures)
             self.summary.failures = list(self.failures)
             self.summary.stage_seconds = {k: round(v, 3) for k, v in self.stages.items()}
-            self._record(state)
+            try:
+                self._record(state)
+            except StoreError as e:
+                if state == "complete":
+                    raise
+                logger.debug("could not record the run as %s: %s", state, e)  # the error under way says more
         write_start = time.perf_counter()
         if self.summary.commits > 1:
             self.store.optimize()
@@ -237,12 +245,17 @@ class _Run:
         self.summary.seconds = time.perf_counter() - start
         return self.summary
 
-    def _salvage(self) -> None:
+    def _salvage(self, error: BaseException) -> None:
         """On Ctrl-C or an error, commit the rows already encoded so the work is not lost."""
         try:
             self._commit()
-        except Exception:  # the original exception matters more; the rerun redoes this chunk
-            logger.exception("could not commit the last chunk; the next run will redo it")
+        except Exception as e:  # `error` matters more; the rerun redoes this chunk
+            if isinstance(e, StoreWriteError) and isinstance(error, StoreWriteError):
+                logger.debug("could not commit the last chunk either: %s", e)  # the same disk, which `error` names
+            elif isinstance(e, StoreError):
+                logger.warning("could not commit the last chunk (%s); the next run will redo it", e)
+            else:
+                logger.exception("could not commit the last chunk; the next run will redo it")
 
     def _process(self, items: list[WorkItem], check_known: bool) -> None:
         """Decode `items` (in workers or here) and feed the results to the batcher."""
@@ -418,6 +431,7 @@ class _Run:
             vector = p.vector if p.vector is not None else source["vector"]
             rows.append(_row(p.id, p.item, metadata, vector, now))
         self.store.apply(rows, sorted(self.pending_deletes))
+        self.saved += len(rows)
         deleted = dict(self.pending_deletes)
         self.pending.clear()
         self.pending_deletes.clear()
@@ -451,6 +465,7 @@ class _Run:
             "updated_at": utc_now().isoformat(),
             **summary,
             "failed": len(self.failures),
+            "saved": self.saved,
         }
         self.store.state.record(run, kept + current)
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from indexer.decode import DecodeResult, DecodeTask, Failed
-from indexer.workers import lower_priority, worker_context
+from indexer.workers import exit_with_parent, lower_priority, worker_context
 from retrieval.errors import IndexingError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,11 @@ def _worker_main(
     gate: ctypes.c_bool,
 ) -> None:
     """A worker's loop: receive (seq, task), wait for the gate to be open, send (seq, result); until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # Ctrl-C, or a `kill` sent to the whole process group (`timeout`, systemd), is the main process's to handle:
+    # it stops the workers once it has saved its work. Nor can they outlive it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent()
     lower_priority()
     import torch
 
@@ -302,8 +306,7 @@ class DecoderPool:
             if self._startup_deaths >= _MAX_STARTUP_DEATHS:
                 raise IndexingError(
                     f"decoder worker processes die at start-up ({reason}); run with --workers 0 to decode in "
-                    "the main process and see the error (a script using the library needs an "
-                    "`if __name__ == '__main__':` guard)"
+                    "the main process and see the error"
                 )
             retry.extendleft(reversed([task for _, task in worker.inflight]))
         elif worker.inflight:

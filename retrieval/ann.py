@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -176,9 +176,14 @@ def save_index(
         "saved_at": time.time(),
     }
     tmp = directory / f".{meta['index_file']}.tmp"
-    index.write(tmp)
-    os.replace(tmp, directory / meta["index_file"])
-    _commit(json_path, meta, snapshot)
+    with _removed_on_failure(tmp):
+        index.write(tmp)
+        os.replace(tmp, directory / meta["index_file"])
+    try:
+        _commit(json_path, meta, snapshot)
+    except BaseException:
+        (directory / meta["index_file"]).unlink(missing_ok=True)  # named by no JSON: nobody else would delete it
+        raise
 
 
 def _commit(json_path: Path, meta: dict[str, Any], snapshot: tuple[str, PathMap, ModelInfo] | None) -> None:
@@ -190,17 +195,34 @@ def _commit(json_path: Path, meta: dict[str, Any], snapshot: tuple[str, PathMap,
         fingerprint, paths, model = snapshot
         paths_name = meta["index_file"].removesuffix(".faiss") + f".{uuid.uuid4().hex[:6]}.paths.npz"
         tmp = directory / f".{paths_name}.tmp"
-        paths.save(tmp)
-        os.replace(tmp, directory / paths_name)
+        with _removed_on_failure(tmp):
+            paths.save(tmp)
+            os.replace(tmp, directory / paths_name)
         meta.update(fingerprint=fingerprint, paths_file=paths_name, model=model.to_dict())
     tmp_meta = directory / f".{json_path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, json_path)
+    try:
+        with _removed_on_failure(tmp_meta):
+            tmp_meta.write_text(json.dumps(meta))
+            os.replace(tmp_meta, json_path)
+    except BaseException:
+        if snapshot is not None:
+            (directory / meta["paths_file"]).unlink(missing_ok=True)
+        raise
     for key in ("index_file", "paths_file"):
         old = previous.get(key)
         if old and old != meta.get(key):
             with contextlib.suppress(OSError):  # a reader on Windows may hold it open; it is unused anyway
                 (directory / old).unlink()
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path) -> Iterator[None]:
+    """Delete the temporary file `tmp` if the block writing and renaming it fails."""
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_index(json_path: Path, mmap: bool = False) -> tuple[AnnIndex, dict[str, Any]]:
@@ -331,7 +353,7 @@ def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnInd
         index = None
     if index is not None and meta.get("store_version") == version:
         if save and fingerprint is not None and meta.get("fingerprint") != fingerprint:
-            _try_save(lambda: _commit(json_path, meta, _snapshot(store, fingerprint)))
+            _try_save(lambda: _commit(json_path, meta, _snapshot(store, fingerprint)), json_path.parent)
         return index
 
     started = time.perf_counter()
@@ -350,7 +372,7 @@ def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnInd
     )
     if save:
         snapshot = _snapshot(store, fingerprint) if fingerprint is not None else None
-        _try_save(lambda: save_index(index, json_path, version, auto, snapshot))
+        _try_save(lambda: save_index(index, json_path, version, auto, snapshot), json_path.parent)
     return index
 
 
@@ -376,12 +398,17 @@ def _snapshot(store: Any, fingerprint: str) -> tuple[str, PathMap, ModelInfo]:
     return fingerprint, PathMap.from_paths(catalog.ids, catalog.paths), store.model_info
 
 
-def _try_save(write: Callable[[], None]) -> None:
-    """Run a write of the index files; a read-only store directory only costs rebuilding later."""
+def _try_save(write: Callable[[], None], directory: Path) -> None:
+    """Run a write of the index files; a read-only or full store directory only costs rebuilding later."""
     try:
         write()
     except OSError as e:
-        logger.warning("could not save the FAISS index beside the store (%s); it is rebuilt next time", e)
+        logger.warning(
+            "could not save the search index in %s (%s); each query rebuilds it until the directory is writable "
+            "and has free space",
+            directory,
+            e.strerror or e,
+        )
 
 
 def _update(index: AnnIndex, store: Any, store_ids: RowIds, auto: bool) -> AnnIndex | None:

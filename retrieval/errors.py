@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 
 class ClipsearchError(Exception):
     """Base class of every error clipsearch raises on purpose."""
@@ -44,6 +48,35 @@ class QueryError(ClipsearchError, ValueError):
 
 class TrainingError(ClipsearchError):
     """Training cannot start or resume as asked (bad data, an output folder holding another run)."""
+
+
+class StoreWriteError(StoreError):
+    """The store's directory cannot be written: its disk is full, it is mounted read-only, or it is not ours."""
+
+    @classmethod
+    def from_error(cls, where: str | os.PathLike[str], error: BaseException) -> StoreWriteError | None:
+        """The error to raise for a failed write under `where`, saying what to do: one for any OSError, and for
+        LanceDB's RuntimeError naming an "os error N"; None for other errors."""
+        if isinstance(error, OSError):
+            code = error.errno
+        else:
+            found = re.search(r"\(os error (\d+)\)", str(error))
+            if found is None:
+                return None
+            code = int(found.group(1))
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some space on its disk"
+        elif code == errno.EROFS:
+            fix = "mount it read-write (or use another --db)"
+        elif code in (errno.EACCES, errno.EPERM):
+            fix = "make it writable for this user (or use another --db)"
+        else:
+            fix = "check its disk"
+        reason = os.strerror(code) if code is not None else str(error)
+        return cls(
+            f"cannot write to the store at {os.fspath(where)} ({reason}); {fix}, then run the same command again "
+            "to carry on"
+        )
 
 
 class StoreLockedError(StoreError):

@@ -359,8 +359,15 @@ class AnnIndex:
         return _exact_top_k(queries, vectors, candidates, k)
 
     def write(self, path: Path) -> None:
-        """Write the FAISS index (not its GPU mirror) to `path`."""
-        faiss.write_index(self._index, str(path))
+        """Write the FAISS index (not its GPU mirror) to `path`.
+
+        Raises:
+            OSError: the file cannot be written (a read-only directory, a full disk).
+        """
+        # Through a Python file, not FAISS's own: FAISS turns a failed write into a RuntimeError without the
+        # errno, and ignores an error from closing its file (where a full disk may only show up).
+        with path.open("wb") as f:
+            faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))
 
     @classmethod
     def read(cls, path: Path, params: IndexParams, tombstones: RowIds | None = None, mmap: bool = False) -> AnnIndex:

@@ -22,11 +22,12 @@ Row contract (what readers may rely on):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from retrieval.errors import ModelMismatchError, QueryError, StoreError
+from retrieval.errors import ModelMismatchError, QueryError, StoreError, StoreWriteError
 from retrieval.model.identity import ModelInfo
 from retrieval.store_state import StoreState
 from retrieval.types import Embeddings, ImageMetadata, RowIds
@@ -411,6 +412,9 @@ class Store:
 
         An interruption leaves the table either before or after the whole change: a changed file's new row
         and the deletion of its old one land together, so a crash never loses or duplicates it.
+
+        Raises:
+            StoreWriteError: the disk is full or read-only.
         """
         delete_ids = [int(i) for i in delete_ids]
         if not rows and not delete_ids:
@@ -418,22 +422,25 @@ class Store:
         data = self._arrow(rows)
         merge = self._table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
         clauses = _id_list(delete_ids)
-        if len(clauses) > 1:  # keep each statement bounded: all but the first batch go as plain deletes first
-            for clause in clauses[1:]:
-                self._table.delete(clause)
-        if clauses:
-            merge = merge.when_not_matched_by_source_delete(clauses[0])
-        merge.execute(data)
+        with _writing(self.path):
+            if len(clauses) > 1:  # keep each statement bounded: all but the first batch go as plain deletes first
+                for clause in clauses[1:]:
+                    self._table.delete(clause)
+            if clauses:
+                merge = merge.when_not_matched_by_source_delete(clauses[0])
+            merge.execute(data)
 
     def delete(self, ids: Iterable[int]) -> None:
         """Delete rows by id (each `id IN` batch is one commit)."""
-        for clause in _id_list(ids):
-            self._table.delete(clause)
+        with _writing(self.path):
+            for clause in _id_list(ids):
+                self._table.delete(clause)
 
     def optimize(self) -> None:
         """Compact the small fragments chunked commits leave, and delete files of versions superseded over an
         hour ago (not sooner: a query running in another process may still be reading them)."""
-        self._table.optimize(cleanup_older_than=timedelta(hours=1))
+        with _writing(self.path):
+            self._table.optimize(cleanup_older_than=timedelta(hours=1))
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -487,6 +494,18 @@ class Store:
             ],
             schema=schema,
         )
+
+
+@contextlib.contextmanager
+def _writing(db_dir: Path) -> Iterator[None]:
+    """Raise a file system failure of a write to the store as a `StoreWriteError` saying what to do."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # LanceDB raises RuntimeError("... (os error 28) ...")
+        error = StoreWriteError.from_error(db_dir, e)
+        if error is None:
+            raise
+        raise error from e
 
 
 def _table_names(db: lancedb.DBConnection) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from retrieval.errors import StoreError
+from retrieval.errors import StoreError, StoreWriteError
 from retrieval.types import RowIds
 
 STATE_VERSION = 1
@@ -66,23 +66,30 @@ class StoreState:
         return data
 
     def save(self, data: dict[str, Any]) -> None:
-        """Replace the file atomically and durably."""
+        """Replace the file atomically and durably.
+
+        Raises:
+            StoreWriteError: the disk is full or read-only (the previous file is left as it was).
+        """
         data = {**data, "version": STATE_VERSION, "runs": data.get("runs", [])[-KEEP_RUNS:]}
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(data, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise StoreWriteError.from_error(self.path.parent, e) from e
 
     def allocate_ids(self, n: int, floor: int) -> RowIds:
         """Reserve `n` ids >= `floor` and above every id reserved before; persisted before they are used."""

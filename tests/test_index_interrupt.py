@@ -1,5 +1,6 @@
 """Interruption: `clipsearch index` killed with SIGKILL at several points, then re-run, must end with exactly
-one row per image and the vectors of an uninterrupted run.
+one row per image and the vectors of an uninterrupted run. Ctrl-C and SIGTERM save what was encoded and say so;
+no process of a killed run (decoder workers, their forkserver, multiprocessing's resource tracker) outlives it.
 
 The model is a random CLIP a little heavier than `tiny-vit` (about 10 ms per image on one thread), so a run
 over 300 images lasts long enough to be killed after its first commit and in the middle of a chunk.
@@ -11,8 +12,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -53,14 +56,18 @@ def setup(tmp_path_factory):
             "reference": vectors_by_path(reference)}  # fmt: skip
 
 
-def start_index(setup, db: Path) -> subprocess.Popen:
+PATIENCE = 60.0  # seconds allowed for what takes well under one on an idle machine
+INTERRUPTED = "Interrupted: {} images saved; run the same command again to carry on."
+
+
+def start_index(setup, db: Path, workers: int = 1, stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
     command = [
         sys.executable, "-c", "from clipsearch.cli import main; main()", "index", str(setup["photos"]),
-        "--db", str(db), "--model", str(setup["checkpoint"]), "--workers", "1", "--batch-size", "5",
+        "--db", str(db), "--model", str(setup["checkpoint"]), "--workers", str(workers), "--batch-size", "5",
         "--commit-every", str(CHUNK), "--quiet",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # steady speed on a shared machine
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.PIPE)
 
 
 def stored_count(db: Path, model) -> int:
@@ -70,20 +77,102 @@ def stored_count(db: Path, model) -> int:
         return 0
 
 
-def kill_when(process: subprocess.Popen, db: Path, model, at_least: int, extra_delay: float = 0.0) -> int:
-    """SIGKILL the run once the store holds `at_least` rows (plus a delay); returns the rows seen then."""
+def wait_for_rows(process: subprocess.Popen, db: Path, model, at_least: int) -> int:
+    """Wait until the store holds `at_least` rows (or the run ends); returns the rows seen then."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         count = stored_count(db, model)
         if count >= at_least or process.poll() is not None:
             break
         time.sleep(0.01)
+    return count
+
+
+def kill_when(process: subprocess.Popen, db: Path, model, at_least: int, extra_delay: float = 0.0) -> int:
+    """SIGKILL the run once the store holds `at_least` rows (plus a delay); returns the rows seen then."""
+    count = wait_for_rows(process, db, model, at_least)
     time.sleep(extra_delay)
     assert process.poll() is None, f"the run finished before it could be killed: {process.stderr.read()!r}"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
     return count
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid`, with its start time (so that a pid taken over later is not mistaken for it)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        fields = _stat(int(entry)) if entry.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            fields = _stat(child)
+            if fields is not None:
+                found[child] = fields[19]
+                todo.append(child)
+    return found
+
+
+def still_running(processes: dict[int, str]) -> list[int]:
+    """Those of `processes` still running (a zombie, dead but not yet reaped, does not count)."""
+    running = []
+    for pid, started in processes.items():
+        fields = _stat(pid)
+        if fields is not None and fields[0] not in "ZX" and fields[19] == started:
+            running.append(pid)
+    return running
+
+
+def read_to_end(stream: IO[bytes], seconds: float) -> str | None:
+    """Everything written to a pipe, once every process holding it open has closed it; None if that takes longer
+    than `seconds`."""
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(stream.read()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    return out[0].decode() if out else None
+
+
+def signal_mid_run(setup, db: Path, signum: int) -> tuple[subprocess.Popen, int, str | None, str | None]:
+    """Start a run with two decoder workers, send `signum` once it has committed a chunk, and check that every
+    process it started ends and lets go of its stdout and stderr. Returns the process, the rows stored before the
+    signal, and its stdout and stderr."""
+    process = start_index(setup, db, workers=2, stdout=subprocess.PIPE)
+    family: dict[int, str] = {}
+    try:
+        rows = wait_for_rows(process, db, setup["model"], at_least=CHUNK)
+        assert process.poll() is None, f"the run finished before the signal: {process.stderr.read()!r}"
+        family = descendants(process.pid)
+        # the workers, their forkserver and multiprocessing's resource tracker: what a killed run used to leave
+        assert len(family) >= 4, family
+        process.send_signal(signum)
+        stdout = read_to_end(process.stdout, PATIENCE)
+        stderr = read_to_end(process.stderr, PATIENCE)
+        process.wait(PATIENCE)
+        deadline = time.monotonic() + PATIENCE
+        while still_running(family) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert still_running(family) == [], "processes of the run outlived it"
+        assert stdout is not None and stderr is not None, "the run's stdout or stderr stayed open after it ended"
+        return process, rows, stdout, stderr
+    finally:  # a failure must not leave the processes it is about behind
+        for pid in still_running(family):
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def check_consistent(db: Path, model) -> int:
@@ -117,9 +206,11 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup):
     time.sleep(0.1)
     assert third.poll() is None, "the run finished before it could be interrupted"
     third.send_signal(signal.SIGINT)
-    assert third.wait(timeout=60) == 1  # click's "Aborted!"
+    _, stderr = third.communicate(timeout=60)
+    assert third.returncode == 128 + signal.SIGINT
     after_third = check_consistent(db, model)
     assert after_second < after_third < N_IMAGES
+    assert stderr.decode().splitlines() == [INTERRUPTED.format(after_third - after_second)]  # not "Aborted!"
     assert Store.open(db, model.info).state.runs()[-1]["state"] == "interrupted"
 
     # 4. a run to the end
@@ -135,3 +226,17 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup):
     runs = store.state.runs()
     assert [r["state"] for r in runs] == ["running", "running", "interrupted", "complete"]
     assert runs[-1]["unchanged"] == after_third and runs[-1]["indexed"] == N_IMAGES - after_third
+
+
+def test_a_killed_run_leaves_no_process_behind(setup):
+    signal_mid_run(setup, setup["tmp"] / "db-sigkill", signal.SIGKILL)
+
+
+def test_sigterm_saves_the_work_done_like_ctrl_c(setup):
+    db, model = setup["tmp"] / "db-sigterm", setup["model"]
+    process, rows_before, _, stderr = signal_mid_run(setup, db, signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM
+    saved = check_consistent(db, model)
+    assert rows_before <= saved < N_IMAGES  # committed rows kept, and what was encoded since
+    assert stderr.splitlines() == [INTERRUPTED.format(saved)]
+    assert Store.open(db, model.info).state.runs()[-1]["state"] == "interrupted"

@@ -1,17 +1,26 @@
-"""Decoder worker processes run below the encoder's priority, and starting their server early leaves this
-process's priority alone."""
+"""Decoder worker processes run below the encoder's priority, starting their server early leaves this process's
+priority alone, and `DecoderPool.paused()` holds them.
+
+The pause tests hold the workers from before they start and let them go when the test says so: a worker's
+start-up, and every decode, may take any time on a busy machine, so no assertion here races the wall clock.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from test_index_support import NicenessDecoder, tiny_model, write_images
 
-from indexer.decode import Decoder, DecodeTask, Failed
+from indexer.decode import Decoder, DecodeResult, DecodeTask, Failed
 from indexer.pool import DecoderPool
 from indexer.workers import WORKER_NICENESS, start_worker_server
+
+PATIENCE = 120.0  # seconds a test waits for something that takes milliseconds on an idle machine
 
 
 def test_workers_run_at_a_lower_priority_than_the_encoder(tmp_path):
@@ -35,32 +44,92 @@ class ClockDecoder(Decoder):
         return Failed("worker", repr(started))
 
 
+@dataclass(frozen=True)
+class GoDecoder(Decoder):
+    """Marks a file as begun (`<file>.begun`), then finishes it only once a file `go` exists beside it."""
+
+    def __call__(self, task: DecodeTask):
+        Path(task.path + ".begun").touch()
+        go = Path(task.path).parent / "go"
+        while not go.exists():
+            time.sleep(0.005)
+        return Failed("worker", "done")
+
+
+class Consumer:
+    """Takes a pool's results in a background thread, so the test thread stays free to pause and resume."""
+
+    def __init__(self, pool: DecoderPool, paths: Iterable[Path]) -> None:
+        self.results: list[tuple[DecodeTask, DecodeResult]] = []
+        self.error: BaseException | None = None
+        results = pool.imap_unordered(DecodeTask(str(p)) for p in paths)
+        self._thread = threading.Thread(target=self._take, args=(results,), daemon=True)
+        self._thread.start()
+
+    def _take(self, results: Iterable[tuple[DecodeTask, DecodeResult]]) -> None:
+        try:
+            self.results.extend(results)
+        except BaseException as e:  # handed to the test thread by `finish`
+            self.error = e
+
+    def finish(self) -> list[str]:
+        """Wait for the last result; the reasons of all of them."""
+        self._thread.join(PATIENCE)
+        assert not self._thread.is_alive(), f"the pool did not finish within {PATIENCE:g} s"
+        if self.error is not None:
+            raise self.error
+        return [result.reason for _, result in self.results]
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll until `condition()` holds; fail after `PATIENCE` seconds."""
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {PATIENCE:g} s for {what}"
+        time.sleep(0.01)
+
+
+def workers_ready(pool: DecoderPool, n: int) -> Callable[[], bool]:
+    """Whether the pool has started `n` workers and each has said it is ready."""
+    return lambda: len(pool._workers) == n and all(w.ready for w in pool._workers)
+
+
 def test_paused_workers_start_no_file_until_resumed(tmp_path):
     _, preprocess = tiny_model()
     paths = write_images(tmp_path, 12)
-    with DecoderPool(ClockDecoder(preprocess), workers=2) as pool:
-        results = pool.imap_unordered(DecodeTask(str(p)) for p in paths)
-        starts = [float(next(results)[1].reason)]  # the workers are up and busy
+
+    def begun() -> int:
+        return len(list(tmp_path.glob("*.begun")))
+
+    with DecoderPool(GoDecoder(preprocess), workers=2) as pool:
         with pool.paused():
-            paused_at = time.time()
-            time.sleep(0.5)
-            resumed_at = time.time()
-        starts += [float(result.reason) for _, result in results]
-    assert len(starts) == len(paths)  # nothing lost
-    # A file already under way when the pause began is finished; no other starts until the pause ends.
-    assert not [t for t in starts if paused_at + 0.05 < t < resumed_at]
-    assert sum(t >= resumed_at for t in starts) >= len(paths) - 4  # the rest wait (two per worker were under way)
+            consumer = Consumer(pool, paths)
+            wait_until(workers_ready(pool, 2), "both workers to start")
+            time.sleep(0.2)  # time for a wrongly released worker to begin a file
+            assert begun() == 0
+        wait_until(lambda: begun() == 2, "each worker to begin a file")
+        with pool.paused():
+            (tmp_path / "go").touch()
+            # A file already under way when the pause began is finished ...
+            wait_until(lambda: len(consumer.results) == 2, "the two files under way to finish")
+            time.sleep(0.2)
+            assert begun() == 2  # ... and no other starts until the pause ends.
+        reasons = consumer.finish()
+    assert len(reasons) == len(paths) and begun() == len(paths)  # nothing lost
 
 
 def test_time_held_by_a_pause_does_not_count_towards_the_timeout(tmp_path):
     _, preprocess = tiny_model()
     paths = write_images(tmp_path, 8)
     with DecoderPool(ClockDecoder(preprocess), workers=2, timeout=0.5) as pool:
-        results = pool.imap_unordered(DecodeTask(str(p)) for p in paths)
-        reasons = [next(results)[1].reason]  # the workers are up, each holding more files
-        with pool.paused():
-            time.sleep(1.5)  # three timeouts long: a wait at the gate is not a hung decoder
-        reasons += [result.reason for _, result in results]
+        with pool.paused():  # from before the workers start: their start-up is not timed either
+            consumer = Consumer(pool, paths)
+            wait_until(workers_ready(pool, 2), "both workers to start")  # each holding two files
+            time.sleep(1.5)  # three timeouts at the gate: a wait there is not a hung decoder
+            assert pool.restarts == 0 and consumer.results == []
+            # What remains is decoding, at whatever pace this machine allows; only the wait was under test.
+            pool.timeout = PATIENCE
+        reasons = consumer.finish()
         assert pool.restarts == 0
     assert len(reasons) == len(paths) and not [r for r in reasons if "longer than" in r]
 
@@ -69,14 +138,13 @@ def test_a_worker_killed_while_held_is_replaced_and_nothing_hangs(tmp_path):
     _, preprocess = tiny_model()
     paths = write_images(tmp_path, 8)
     with DecoderPool(ClockDecoder(preprocess), workers=2) as pool:
-        results = pool.imap_unordered(DecodeTask(str(p)) for p in paths)
-        reasons = [next(results)[1].reason]
         with pool.paused():
-            time.sleep(0.1)  # the file under way is done: the worker waits at the gate
+            consumer = Consumer(pool, paths)
+            wait_until(workers_ready(pool, 2), "both workers to start")  # each waits at the gate with two files
             victim = pool._workers[0].process  # as the out-of-memory killer would pick it
             victim.kill()
             victim.join()
-        reasons += [result.reason for _, result in results]  # resuming returns, and every file comes back
+        reasons = consumer.finish()  # resuming returns, and every file comes back
         assert pool.restarts == 1
     assert len(reasons) == len(paths)
     assert [r for r in reasons if "crashed" in r] == ["decoder worker crashed (SIGKILL)"]  # the file it held

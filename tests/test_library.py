@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +21,9 @@ from retrieval.model.checkpoint import save_checkpoint
 from retrieval.model.clip import CLIP
 from retrieval.model.config import CLIPConfig, TextConfig, VisionConfig
 from retrieval.regions import Box, Region, StoredImage, crop
+from retrieval.store_state import StoreState
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 TINY = CLIPConfig(
     embed_dim=32,
@@ -228,3 +235,25 @@ def test_an_open_library_follows_commits_in_memory_without_rewriting_the_saved_i
     assert store.id_for_path(photos / "new.png") in index.ids() and gone not in index.ids() and len(index) == 6
     assert index_path(store).read_bytes() == saved  # a reader keeps its index in step in memory
     assert str(photos / "1.png") not in {r.path for r in library.search("x", k=10)}
+
+
+def test_the_readme_example_runs_as_a_script_without_a_main_guard(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    example = next(block for block in blocks if "clipsearch.Library(" in block)
+    assert 'model="ViT-B/32"' in example and "__main__" not in example
+    script = tmp_path / "example.py"
+    script.write_text(example.replace('model="ViT-B/32"', 'model="shapes-mini"'))  # bundled: no download
+    (tmp_path / "photos").mkdir()
+    for i in range(8):
+        pattern(i).save(tmp_path / "photos" / f"{i}.png")
+
+    # the library's default: decoding in worker processes, which must not run the script again
+    run = subprocess.run([sys.executable, script.name], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "3", "4", "5"]
+    assert all(line.split()[2].startswith(str(tmp_path / "photos")) for line in lines)
+    (state,) = (tmp_path / "store").glob("*.state.json")
+    runs = StoreState(state).runs()
+    assert [(r["state"], r["indexed"]) for r in runs] == [("complete", 8)]  # indexed once, by the script itself

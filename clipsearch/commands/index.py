@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import signal
+import threading
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -13,9 +18,51 @@ from indexer.workers import start_worker_server
 
 if TYPE_CHECKING:
     from indexer.pipeline import IndexSummary
+    from retrieval.store import Store
 
 _DB_HELP = "Store directory [env CLIPSEARCH_HOME; default ~/.local/share/clipsearch]."
 _SHOWN_FAILURES = 20
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a plain `kill`), raised where Ctrl-C raises KeyboardInterrupt, so the run stops the same way."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _interrupted(error: KeyboardInterrupt, saved: int) -> NoReturn:
+    """End the command with one line on what the interrupted run saved, and the shell's status for the signal."""
+    images = "image" if saved == 1 else "images"
+    click.echo(f"Interrupted: {saved} {images} saved; run the same command again to carry on.", err=True)
+    raise SystemExit(128 + (signal.SIGTERM if isinstance(error, _Terminated) else signal.SIGINT))
+
+
+def _saved_by_this_process(store: Store) -> int:
+    """Rows committed by this process's latest run into `store`, as the run recorded them."""
+    runs = [run for run in store.state.runs() if run.get("pid") == os.getpid()]
+    return int(runs[-1].get("saved", 0)) if runs else 0
+
+
+def _stops_like_ctrl_c(command: Callable[..., None]) -> Callable[..., None]:
+    """Run `command` with SIGTERM handled as Ctrl-C: the run commits what it has encoded, then the command ends
+    with one line saying so instead of click's bare "Aborted!"."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            command(*args, **kwargs)
+            return
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt as e:  # before the run began: nothing saved
+            _interrupted(e, 0)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return run
 
 
 @click.command("index")
@@ -44,6 +91,7 @@ _SHOWN_FAILURES = 20
               help="Exit with status 1 when any file failed (in this run, or before and unchanged since).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_stops_like_ctrl_c
 def index(
     folders: tuple[str, ...],
     db_dir: str | None,
@@ -66,7 +114,8 @@ def index(
     New and changed files are embedded; unchanged files are skipped without being read; moved or renamed
     files keep their vectors; files deleted from FOLDERS leave the store. A file that cannot be read is
     recorded (see `clipsearch status`) and skipped; later runs skip it too until it changes (or with
-    --retry-failed). Interrupting is safe: run the same command again to carry on.
+    --retry-failed). Interrupting (Ctrl-C, or `kill`) is safe: the images encoded so far are saved; run the
+    same command again to carry on.
 
     Without --model, a store that holds one model's images goes on with that model; a new store uses
     $CLIPSEARCH_MODEL, else ViT-B/32.
@@ -107,7 +156,10 @@ def index(
         retry_failed=retry_failed,
         progress=not (quiet or as_json),
     )
-    summary = index_folders(folders, model, preprocess, store, options)
+    try:
+        summary = index_folders(folders, model, preprocess, store, options)
+    except KeyboardInterrupt as e:  # the run has committed what it had encoded
+        _interrupted(e, _saved_by_this_process(store))
     if as_json:
         out = summary.to_dict()
         out.update(db=str(store.path), table=store.table_name, model=model.info.name, total=store.count())
