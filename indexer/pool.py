@@ -312,7 +312,7 @@ class DecoderPool:
         elif worker.inflight:
             _, culprit = worker.inflight.popleft()
             retry.extend(task for _, task in worker.inflight)
-            logger.warning("%s: %s", culprit.path, reason)
+            logger.info("%s: %s", culprit.path, reason)  # the run's summary lists it, once
             self._put((culprit, Failed("worker", reason)))
         self.restarts += 1
         self._workers[i] = _Worker(self._ctx, self.decoder, self._gate)
