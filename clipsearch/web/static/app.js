@@ -100,8 +100,7 @@ function render() {
 }
 
 function syncControls(state) {
-  const input = $("q");
-  if (document.activeElement !== input || input.value !== (state.q || "")) input.value = state.q || "";
+  $("q").value = state.q || "";
   const folder = $("in");
   if (state.in && ![...folder.options].some((option) => option.value === state.in)) {
     folder.append(new Option(state.in, state.in)); // a sub-folder picked in the lightbox
