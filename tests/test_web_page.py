@@ -5,6 +5,7 @@ answers for the same search. A failing test leaves `failure.png`, a screenshot o
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -202,20 +203,25 @@ def test_a_typed_query_shows_the_apis_results_in_order(page, server):
     expect(first.locator(".score")).to_be_hidden()
 
 
+def files(page, data: bytes, name: str, kind: str):
+    """A DataTransfer in the page holding one file, as a drag or a paste carries it."""
+    return page.evaluate_handle(
+        """([data, name, kind]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: kind }));
+            return transfer;
+        }""",
+        [base64.b64encode(data).decode(), name, kind],
+    )
+
+
 def test_a_dropped_image_finds_its_neighbours(page, server, world):
     open_page(page, server)
     dropped = "shapes/circle/00001"
     [path] = (world["root"] / "shapes" / "circle").glob("00001.*")
-    data = base64.b64encode(path.read_bytes()).decode()
-    transfer = page.evaluate_handle(
-        """([data, name]) => {
-            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-            const transfer = new DataTransfer();
-            transfer.items.add(new File([bytes], name, { type: "image/" + (name.endsWith("png") ? "png" : "jpeg") }));
-            return transfer;
-        }""",
-        [data, path.name],
-    )
+    kind = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}[path.suffix]
+    transfer = files(page, path.read_bytes(), path.name, kind)
     page.dispatch_event("body", "dragenter", {"dataTransfer": transfer})
     page.locator("#drop").wait_for(state="visible")
     page.dispatch_event("body", "drop", {"dataTransfer": transfer})
@@ -224,6 +230,26 @@ def test_a_dropped_image_finds_its_neighbours(page, server, world):
     assert tiles(page, len(expected)) == ids(expected)
     assert f"{expected[0]['root']}/{expected[0]['path']}".startswith(dropped)  # the image itself comes first
     assert page.locator("#drop").is_hidden() and page.locator("#query").is_visible()
+
+
+def test_a_pasted_image_searches_and_a_broken_one_says_why(page, server, world):
+    from playwright.sync_api import expect
+
+    open_page(page, server, "?q=a+red+circle&in=shapes")
+    [path] = (world["root"] / "shapes" / "square").glob("00002.*")
+    buffer = io.BytesIO()
+    Image.open(path).save(buffer, "PNG")
+    paste = "(transfer) => document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: transfer }))"
+    page.evaluate(paste, files(page, buffer.getvalue(), "image.png", "image/png"))
+    page.wait_for_url("**/?upload=*&in=shapes")  # the filters stay, the text gives way to the image
+    expected = api(server, upload=params_of(page)["upload"], **{"in": "shapes"})
+    assert tiles(page, len(expected)) == ids(expected) and expected[0]["path"] == f"square/{path.name}"
+
+    page.evaluate(paste, files(page, b"not a picture", "broken.png", "image/png"))
+    message = page.locator("#message")
+    expect(message).to_have_attribute("data-state", "error")
+    expect(message).to_contain_text("the upload is not an image this server can read")
+    assert "upload=" in page.url  # the search in the URL stays as it was
 
 
 def test_more_like_this_on_a_tile(page, server):
