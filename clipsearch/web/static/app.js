@@ -563,6 +563,7 @@ async function start() {
     closeLightbox();
     render();
   });
+  showMessage("busy", "Opening the store…", "The model and the search index are loading.");
   await loadStatus();
   render();
   document.body.dataset.ready = "true";
