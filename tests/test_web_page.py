@@ -115,7 +115,10 @@ def server(world, tmp_path_factory):
     stop(process)
 
 
-@pytest.fixture(scope="session")
+# One browser for all the browser tests, which are all in this module: module-scoped rather than session-scoped
+# because Playwright's sync API keeps an asyncio loop running on this thread while it is open, and `asyncio.run`
+# in any later test module would then fail.
+@pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
         if os.environ.get("CI"):

@@ -114,7 +114,8 @@ function syncControls(state) {
 }
 
 function showQuery(state) {
-  const image = state.like ? `/thumb/${state.like}` : state.upload ? `/upload-thumb/${state.upload}` : null;
+  const id = encodeURIComponent(state.like || state.upload || ""); // from the URL: one path segment, whatever it holds
+  const image = state.like ? `/thumb/${id}` : state.upload ? `/upload-thumb/${id}` : null;
   $("query").hidden = !image;
   if (!image) return;
   $("query-img").src = image;
