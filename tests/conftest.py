@@ -24,3 +24,12 @@ def tiny(tmp_path_factory):
     """A tiny random CLIP (seed 0) saved in our format; returns its folder, usable as --model."""
     torch.manual_seed(0)
     return save_checkpoint(CLIP(PRESETS["tiny-vit"]).eval(), tmp_path_factory.mktemp("ckpt") / "tiny", name="tiny")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (`item.report_call`), so a fixture's teardown can tell whether the
+    test failed (the browser tests then save a screenshot)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -187,7 +187,7 @@ def test_unknown_or_malformed_ids_are_404(world, bad):
         "/thumb/abc",
         "/thumb/..%2f..%2fetc%2fpasswd",
         "/file/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-        "/file/..",
+        "/file/%2e%2e",  # percent-encoded: the client would resolve a bare `..` to `/`, the page
         "/file/-1",
         "/file/1.0",
         "/file/99999999",

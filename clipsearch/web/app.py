@@ -287,7 +287,9 @@ class WebApp:
                 try:
                     images = self.library.warm_up()
                 except ClipsearchError as e:
-                    self.failure = e
+                    images = _empty_store(self.library)
+                    if images is None:
+                        self.failure = e
                 on_ready(images, self.failure)
 
         thread = threading.Thread(target=run, name="clipsearch-warm-up", daemon=True)
@@ -493,6 +495,15 @@ class WebApp:
         return FileResponse(index, media_type="text/html", headers={"cache-control": "no-cache"})
 
 
+def _empty_store(library: Library) -> int | None:
+    """0 when the library's store exists but holds no images yet, else None: such a store is served (the page
+    says how to fill it, and `clipsearch index` may fill it meanwhile), where a missing or foreign one is not."""
+    try:
+        return 0 if library.store().count() == 0 else None
+    except ClipsearchError:
+        return None
+
+
 def _public_status(report: dict[str, Any], roots: Roots, model: str, images: int) -> dict[str, Any]:
     """`store_status`'s report with every absolute path replaced by a root name and a relative path."""
 
@@ -616,7 +627,8 @@ def start_warm_up(app: Any, on_ready: Callable[[int | None, ClipsearchError | No
 
     Args:
         app: what `create_app` returned.
-        on_ready: called with (number of images, None) when searches can run, or (None, the error) when they
-            cannot (no store, another model's store, ...); every search then answers 503 with that error.
+        on_ready: called with (number of images, None) when searches can run (0 for a store with no images yet:
+            it is served, and searches answer 503 until `clipsearch index` fills it), or (None, the error) when
+            they cannot (no store, another model's store, ...); every search then answers 503 with that error.
     """
     return app.app.state.web.warm_up(on_ready)
