@@ -22,6 +22,8 @@ COMMANDS = {
     "train": "clipsearch.commands.train:train",
     "classify": "clipsearch.commands.classify:classify",
     "tag": "clipsearch.commands.classify:tag",
+    "learn": "clipsearch.commands.learn:learn",
+    "concepts": "clipsearch.commands.learn:concepts",
 }
 
 
