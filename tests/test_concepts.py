@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from clipsearch.cli import cli
 from clipsearch.library import Library
 from retrieval import shapes
+from retrieval.ann import saved_tables
 from retrieval.concepts import (
     Concept,
     ConceptBook,
@@ -289,6 +290,7 @@ def test_a_concept_survives_reindexing_moves_and_deleted_examples(tmp_path):
     code, out = run("learn", "keep", *[a for p in examples for a in ("-p", p)], "--method", "coop", "--steps", STEPS,
                     "--model", "shapes-mini", "--db", str(db))  # fmt: skip
     assert code == 0, out
+    assert saved_tables(db) == [(lib.store().model_info, 24)]  # the concept table does not hide the saved index
     before = Library(db=db, model="shapes-mini").concepts()[0]
     moved = photos / "moved"
     moved.mkdir()
