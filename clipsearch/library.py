@@ -558,6 +558,40 @@ class Library:
         ConceptBook(store).save(concept)
         return concept
 
+    def learn_classes(
+        self,
+        folder: str | os.PathLike[str],
+        method: str = "auto",
+        *,
+        seed: int = 0,
+        n_ctx: int | None = None,
+        steps: int | None = None,
+    ) -> list[Concept]:
+        """Learn one concept per sub-folder of `folder` (named after it), each against the other classes'
+        images as its negatives, and save them.
+
+        Raises:
+            QueryError: fewer than two class folders, or a folder name that is not a concept name.
+        """
+        from retrieval.concepts import check_name
+
+        root = Path(folder).expanduser()
+        classes = (
+            sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+        )
+        if len(classes) < 2:
+            raise QueryError(
+                f"--classes {os.fspath(folder)}: give a folder with one sub-folder of images per class (2+)"
+            )
+        for path in classes:
+            check_name(path.name)
+        return [
+            self.learn(
+                path.name, [path], [o for o in classes if o != path], method, seed=seed, n_ctx=n_ctx, steps=steps
+            )
+            for path in classes
+        ]
+
     def concepts(self) -> list[Concept]:
         """The concepts learned with this library's model, by name."""
         from retrieval.concepts import ConceptBook

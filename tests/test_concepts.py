@@ -327,3 +327,19 @@ def test_learn_concept_auto_keeps_the_better_held_out_method():
     assert set(candidates) == {"probe", "coop"}
     assert concept.accuracy == max(candidates.values())
     assert concept.method == ("coop" if candidates["coop"] >= candidates["probe"] else "probe")
+
+
+def test_learn_classes_makes_one_concept_per_folder_against_the_others(scenes, tmp_path):
+    classes = tmp_path / "classes"
+    for colour in ("red", "blue", "green"):
+        shutil.copytree(scenes["root"] / "examples" / colour, classes / colour)
+    code, out = cli_in(scenes, "learn", "--classes", str(classes), "--method", "probe", "--json")
+    assert code == 0, out
+    learned = {r["name"]: r for r in map(json.loads, out.splitlines())}
+    assert set(learned) == {"red", "blue", "green"}
+    assert all(r["params"]["positives"] == 4 and r["params"]["negatives"] == 8 for r in learned.values())
+    lib = Library(db=scenes["db"], model="shapes-mini")
+    hits = lib.search("@blue", k=2)
+    assert all("blue" in scenes["colours"][h.path] for h in hits)
+    code, out = cli_in(scenes, "learn", "rex", "--classes", str(classes))
+    assert code == 2 and "--classes learns one concept per sub-folder" in out

@@ -40,13 +40,15 @@ def _record(concept: Any) -> dict[str, Any]:
 
 
 @click.command("learn")
-@click.argument("name")
-@click.option("-p", "--positive", "positives", multiple=True, required=True,
+@click.argument("name", required=False)
+@click.option("-p", "--positive", "positives", multiple=True,
               help="An image (stored or not) or a folder showing the concept; repeat for more.")  # fmt: skip
 @click.option("-x", "--negative", "negatives", multiple=True,
               help="An image or folder NOT showing it; repeat. Default: sampled from the store.")  # fmt: skip
 @click.option("--method", type=click.Choice(["probe", "coop", "auto"]), default="auto", show_default=True,
               help="Linear probe, CoOp prompt context, or whichever has the better held-out accuracy.")  # fmt: skip
+@click.option("--classes", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Instead of NAME: one concept per sub-folder, each against the other sub-folders.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampling, split and training.")
 @click.option("--n-ctx", default=4, show_default=True, type=click.IntRange(min=1), help="CoOp context vectors.")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="CoOp training steps.")
@@ -54,10 +56,11 @@ def _record(concept: Any) -> dict[str, Any]:
 @click.option("--db", type=click.Path(file_okay=False, path_type=Path), envvar="CLIPSEARCH_HOME", help=_DB_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the concept as one JSON object.")
 def learn(
-    name: str,
+    name: str | None,
     positives: tuple[str, ...],
     negatives: tuple[str, ...],
     method: str,
+    classes: str | None,
     seed: int,
     n_ctx: int,
     steps: int,
@@ -78,11 +81,26 @@ def learn(
     Examples:
       clipsearch learn rex -p ./photos/rex/ -p ./new/rex_beach.jpg
       clipsearch learn grandmas_kitchen -p ./kitchen/ -x ./other_kitchens/ --method probe
+      clipsearch learn --classes ./family/        # ./family/rex/, ./family/bella/, ... -> @rex, @bella, ...
       clipsearch query @rex
       clipsearch query @rex + "on a beach" - indoors
     """
-    library = _library(db, model)
-    concept = library.learn(name, positives, negatives, method, seed=seed, n_ctx=n_ctx, steps=steps)
+    if classes is not None:
+        if name is not None or positives or negatives:
+            raise click.UsageError(
+                "--classes learns one concept per sub-folder: give no NAME, --positive or --negative"
+            )
+        for concept in _library(db, model).learn_classes(classes, method, seed=seed, n_ctx=n_ctx, steps=steps):
+            _report(concept, seed, as_json)
+        return
+    if name is None or not positives:
+        raise click.UsageError("give a NAME and at least one --positive image or folder (or --classes DIR)")
+    concept = _library(db, model).learn(name, positives, negatives, method, seed=seed, n_ctx=n_ctx, steps=steps)
+    _report(concept, seed, as_json)
+
+
+def _report(concept: Any, seed: int, as_json: bool) -> None:
+    """What was learned, with the held-out accuracy (and both methods' for auto)."""
     if as_json:
         click.echo(json.dumps(_record(concept), ensure_ascii=False))
         return
