@@ -24,6 +24,8 @@ COMMANDS = {
     "classify": "clipsearch.commands.classify:classify",
     "tag": "clipsearch.commands.classify:tag",
     "duplicates": "clipsearch.commands.duplicates:duplicates",
+    "learn": "clipsearch.commands.learn:learn",
+    "concepts": "clipsearch.commands.learn:concepts",
 }
 
 

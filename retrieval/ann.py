@@ -304,7 +304,12 @@ def saved_tables(db_dir: str | os.PathLike[str]) -> list[tuple[ModelInfo, int]] 
 
     db_dir = Path(db_dir)
     try:
-        tables = sorted(p.name.removesuffix(".lance") for p in db_dir.iterdir() if p.name.endswith(".lance"))
+        # Image tables only (`retrieval.store.TABLE_PREFIX`): other tables, such as learned concepts, have no index.
+        tables = sorted(
+            p.name.removesuffix(".lance")
+            for p in db_dir.iterdir()
+            if p.name.endswith(".lance") and p.name.startswith("images_")
+        )
     except OSError:
         return None
     found = []

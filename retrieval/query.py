@@ -148,7 +148,9 @@ class SearchResult(NamedTuple):
     weak: bool = False  # below the query's relevance cutoff, returned only when weak results are asked for
 
 
-TermKind = Literal["text", "image", "vector"]
+TermKind = Literal["text", "image", "vector", "concept"]
+# A learned concept in a query: `@rex` (see `retrieval.concepts`), alone or before a text ("@rex on a beach").
+CONCEPT_TERM = re.compile(r"@([A-Za-z][A-Za-z0-9_]*)(?:\s+(.*))?", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ class Term:
 
     weight: float  # negative weights subtract the term
     kind: TermKind
-    value: Any  # text: str; image: a path or a PIL image; vector: [D] float array
+    value: Any  # text: str; image: a path or a PIL image; vector: [D] float array; concept: its name
 
 
 def is_image_path(text: str | os.PathLike[str]) -> bool:
@@ -176,7 +178,7 @@ def _split_weight(token: str) -> tuple[float, str]:
     if match is None:
         return 1.0, token
     weight, rest = float(match.group(1)), token[match.end() :]
-    if np.isfinite(weight) and (rest[:1].isalpha() or Path(rest).suffix.lower() in IMAGE_EXTENSIONS):
+    if np.isfinite(weight) and (rest[:1].isalpha() or rest[:1] == "@" or Path(rest).suffix.lower() in IMAGE_EXTENSIONS):
         return weight, rest
     return 1.0, token
 
@@ -195,11 +197,22 @@ def refuse_urls(text: str) -> None:
 def _term_for(text: str, weight: float) -> Term:
     """A text or image term for one written term."""
     refuse_urls(text)
+    concept = CONCEPT_TERM.fullmatch(text.strip())
+    if concept is not None and not concept.group(2):
+        return Term(weight, "concept", concept.group(1))
     if is_image_path(text):
         return Term(weight, "image", Path(text).expanduser())
     if Path(text).suffix.lower() in IMAGE_EXTENSIONS and os.sep in text and " " not in text:
         raise ImageLoadError(f"query image {text}: no such file")
     return Term(weight, "text", text)
+
+
+def _terms_for(text: str, weight: float) -> list[Term]:
+    """`_term_for`, with a leading concept split off: "@rex on a beach" -> @rex + "on a beach", both weighted."""
+    concept = CONCEPT_TERM.fullmatch(text.strip())
+    if concept is not None and concept.group(2):
+        return [Term(weight, "concept", concept.group(1)), _term_for(concept.group(2), weight)]
+    return [_term_for(text, weight)]
 
 
 def parse_terms(tokens: Sequence[str]) -> list[Term]:
@@ -209,8 +222,10 @@ def parse_terms(tokens: Sequence[str]) -> list[Term]:
     weight, `W:term` where W is a number and the term starts with a letter or names an image file
     (`2:golden retriever`, `-0.5:night`, `0.5:pool.jpg`), which also starts a new term (anything else with a
     colon is text: `16:9 screenshot`, `time: 10:30`); an existing file
-    with an image extension is an image, anything else is text. Other words not separated by an operator
-    belong to one text, so `clipsearch query red circle` searches for "red circle". Terms side by side add up.
+    with an image extension is an image, `@name` is a learned concept (`retrieval.concepts`; a text after it
+    in the same term is a term of its own, `@rex on a beach`), anything else is text. Other words not separated
+    by an operator belong to one text, so `clipsearch query red circle` searches for "red circle". Terms side
+    by side add up.
 
     Args:
         tokens: the query's command-line arguments, e.g. `("2:golden retriever", "+", "./pool.jpg", "-", "night")`.
@@ -230,7 +245,7 @@ def parse_terms(tokens: Sequence[str]) -> list[Term]:
     def flush() -> None:
         nonlocal words, weight, sign
         if words:
-            terms.append(_term_for(" ".join(words), sign * weight))
+            terms.extend(_terms_for(" ".join(words), sign * weight))
         words, weight, sign = [], 1.0, 1.0
 
     for token in tokens:
@@ -290,7 +305,7 @@ def as_terms(query: Any) -> list[Term]:
     if isinstance(query, str):
         if not query.strip():
             raise QueryError("empty query text")
-        return [_term_for(query, weight)]
+        return _terms_for(query, weight)
     if isinstance(query, os.PathLike):
         return [Term(weight, "image", Path(query).expanduser())]
     if isinstance(query, np.ndarray):
@@ -335,6 +350,9 @@ def encode_query(
     Raises:
         QueryError: the weighted sum is zero, or a vector term has the wrong shape.
     """
+    concepts = [t.value for t in terms if t.kind == "concept"]
+    if concepts:
+        raise QueryError(f"concept term @{concepts[0]} must be resolved first (retrieval.concepts.resolve_terms)")
     vectors: list[np.ndarray | None] = [None] * len(terms)
     texts = [(i, t.value) for i, t in enumerate(terms) if t.kind == "text"]
     if texts:

@@ -147,7 +147,11 @@ def _report_failure(path: str, reason: str, as_json: bool) -> None:
 @click.option("--labels-file", default=None, type=click.Path(exists=True, dir_okay=False), help="Labels, one a line.")
 @click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
 @click.option("--top", default=1, show_default=True, type=click.IntRange(min=1), help="Labels kept per group.")
-@click.option("--column", default="labels", show_default=True, help="Column to write the labels into.")
+@click.option("--concept", default=None, metavar="NAME",
+              help="Tag with a learned concept instead: yes/no in a column named after it (or --column).")  # fmt: skip
+@click.option(
+    "--column", default=None, help="Column to write the labels into [default: labels, or the concept's name]."
+)
 @click.option("--db", "db_dir", envvar="CLIPSEARCH_HOME", default=None, type=click.Path(file_okay=False), help=_DB_HELP)
 @click.option("--model", "model_name", envvar="CLIPSEARCH_MODEL", default=None,
               help="Model name or checkpoint path [env CLIPSEARCH_MODEL; default: the store's model].")  # fmt: skip
@@ -160,7 +164,8 @@ def tag(
     labels_file: str | None,
     templates: tuple[str, ...],
     top: int,
-    column: str,
+    concept: str | None,
+    column: str | None,
     db_dir: str | None,
     model_name: str | None,
     device: str,
@@ -179,6 +184,7 @@ def tag(
       clipsearch tag --labels "cat,dog,car,beach,mountain"
       clipsearch tag --labels "red,green,blue,yellow" --labels "circle,square,star" --model shapes-mini
       clipsearch query "a shape" --where "labels LIKE '%red%'"
+      clipsearch tag --concept rex && clipsearch query "on a beach" --where "rex = 'yes'"
     """
     from clipsearch.library import default_model_for
     from indexer.lock import IndexLock
@@ -187,6 +193,12 @@ def tag(
     from retrieval.store import Store
     from retrieval.zeroshot import build_classifier, parse_labels, read_labels_file, tag_store
 
+    if concept is not None:
+        if label_groups or labels_file is not None:
+            raise click.UsageError("give either --concept or --labels/--labels-file, not both")
+        _tag_concept(concept, column, db_dir, model_name, device, lock_wait, as_json)
+        return
+    column = column or "labels"
     if label_groups and labels_file is not None:
         raise click.UsageError("give either --labels or --labels-file, not both")
     if not label_groups and labels_file is None:
@@ -207,3 +219,28 @@ def tag(
     else:
         click.echo(f"Tagged {count} images: column {column!r} in {store.path} (model {model.info.name}).")
         click.echo(f"Filter with: clipsearch query TEXT --where \"{column} LIKE '%{groups[0][0]}%'\"")
+
+
+def _tag_concept(
+    name: str, column: str | None, db_dir: str | None, model_name: str | None, device: str, lock_wait: float,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """`tag --concept`: yes/no for every stored image in the concept's column."""
+    from clipsearch.library import Library
+    from indexer.lock import IndexLock
+    from retrieval.concepts import ConceptBook, tag_concept
+
+    store = Library(db=db_dir, model=model_name, device=device).store()
+    concept = ConceptBook(store).get(name)
+    column = column or concept.name
+    lock = IndexLock(store.path / f"{store.table_name}.lock")  # the indexer's: no `index` writes meanwhile
+    lock.acquire(wait=lock_wait)
+    try:
+        count, shown = tag_concept(store, concept, column)
+    finally:
+        lock.release()
+    if as_json:
+        click.echo(json.dumps({"tagged": count, "yes": shown, "column": column, "db": str(store.path)}))
+    else:
+        click.echo(f"Tagged {count} images: {shown} show @{name} (column {column!r} in {store.path}).")
+        click.echo(f"Filter with: clipsearch query TEXT --where \"{column} = 'yes'\"")

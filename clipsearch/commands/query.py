@@ -280,6 +280,7 @@ def query(
       clipsearch query cat --plain
       clipsearch query cat -f | xargs -d '\\n' feh
       clipsearch query cat -0 | xargs -0 feh
+      clipsearch query @rex + "on a beach" - indoors     # @rex: a concept from `clipsearch learn`
     """
     from retrieval.query import parse_terms
 
@@ -305,9 +306,11 @@ def query(
 
 @click.command("similar")
 @click.argument("path", type=click.Path(dir_okay=False))  # a str: Path() would fold the // of a URL
+@click.option("--concept", metavar="NAME", help="Add a learned concept to the image, as `query PATH + @NAME`.")
 @_common_options
 def similar(
     path: str,
+    concept: str | None,
     top: int,
     in_dir: Path | None,
     after: datetime | None,
@@ -334,6 +337,7 @@ def similar(
       clipsearch similar ./photos/beach.jpg
       clipsearch similar ~/Downloads/sofa.png -n 5 --json
       clipsearch similar ./photos/beach.jpg -t 3 -0 | xargs -0 cp -t ./picked/
+      clipsearch similar ./photos/beach.jpg --concept rex
     """
     output = _output(as_json, plain, paths_only, null)
     library = _library(db, model, index_type)
@@ -348,5 +352,6 @@ def similar(
         show_weak=show_weak,
         sort=sort,
         collapse_duplicates=collapse_duplicates,
+        concept=concept,
     )
     _print_results(results, output, show_weak, cut=threshold is not None)

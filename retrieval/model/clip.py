@@ -142,7 +142,30 @@ class CLIP(nn.Module):
             raise ValueError(f"tokens have {tokens.shape[-1]} positions, more than the context length {context_length}")
         eot = tokens.argmax(dim=-1)  # [B]
         length = int(eot.max()) + 1
-        x = self.token_embedding(tokens[:, :length])  # [B, length, width]
+        return self.encode_token_embeddings(self.token_embedding(tokens[:, :length]), eot, normalize)
+
+    def encode_token_embeddings(self, x: torch.Tensor, eot: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Run the text tower from token embeddings instead of token ids (`encode_text` is this after the lookup).
+
+        Prompt learning (CoOp) puts learnable vectors where some tokens' embeddings would be; gradients then
+        flow through the frozen tower to them.
+
+        Args:
+            x: [B, L, width] token embeddings (`token_embedding(tokens)`, some rows replaced), L <= the context
+                length; positions after a row's end-of-text token cannot change its result (causal mask).
+            eot: [B] int64, the position of each row's end-of-text token, whose features are read.
+            normalize: L2-normalise each row (the default); False returns the raw projected features.
+
+        Returns:
+            [B, embed_dim] float32.
+        """
+        if self.transformer is None:
+            raise RuntimeError("this CLIP has no text tower (towers='image'); load it with towers='text' or 'both'")
+        length = x.shape[1]
+        if length > self.config.text.context_length:
+            raise ValueError(
+                f"{length} token positions, more than the context length {self.config.text.context_length}"
+            )
         x = x + self.positional_embedding[:length].to(x.dtype)
         x = self.transformer(x)  # [B, length, width]
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, width]
