@@ -137,7 +137,8 @@ def test_bad_thresholds_and_auto_for_images_are_refused(gallery):
         result = run(gallery, *command, "--threshold", "auto")
         assert result.exit_code == 1
         assert result.output == (
-            "Error: threshold 'auto' is calibrated for text queries only; give a number for image queries\n"
+            "Error: threshold 'auto' is calibrated for text queries only; "
+            "give a number for image, vector or @concept queries\n"
         )
     with pytest.raises(QueryError, match="unknown sort 'size'"):
         Library(db=gallery["db"], model="shapes-mini").search("a red circle", sort="size")
