@@ -16,11 +16,20 @@ from pathlib import Path
 import torch
 
 from retrieval.errors import CheckpointError
-from retrieval.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_model, read_checkpoint, save_checkpoint
+from retrieval.model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    build_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from retrieval.model.clip import CLIP, TOWERS, Towers
 from retrieval.model.download import cache_dir, ensure_downloaded, file_sha256
-from retrieval.model.identity import ModelInfo
-from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
+from retrieval.model.hub_tokenizer import TOKENIZER_FILE
+from retrieval.model.identity import ModelInfo, tokenizer_identity
+from retrieval.model.open_clip_files import find_open_clip_config, read_hints
+from retrieval.model.preprocess import RESIZE_MODES, Preprocess
 from retrieval.model.registry import ModelSpec, check_model_name, default_model_name, get_spec, is_registered
 
 logger = logging.getLogger(__name__)
@@ -111,15 +120,20 @@ def load_model(
     checkpoint = read_checkpoint(source, towers=towers)
     model = build_model(checkpoint, towers=towers, source=source).to(target).eval()
     config = checkpoint.config
+    preprocess = _preprocess_for(checkpoint)
+    if config.family != "clip":
+        model.tokenizer_file = _tokenizer_file(checkpoint.weights_file)
     model.info = ModelInfo(
         name=name or checkpoint.name,
         weights_sha256=registry_sha or _weights_sha256(checkpoint.weights_file),
         embed_dim=config.embed_dim,
         image_size=config.vision.image_size,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
+        mean=preprocess.mean,
+        std=preprocess.std,
+        resize_mode=preprocess.resize_mode,
+        tokenizer=tokenizer_identity(model),
     )
-    loaded = (model, Preprocess.from_config(config))
+    loaded = (model, preprocess)
     logger.info(
         "loaded %s (%s, towers=%s) on %s in %.2f s",
         model.info.name,
@@ -176,6 +190,38 @@ def _float32_copy(downloaded: Path, spec: ModelSpec) -> Path:
         return downloaded
     logger.info("wrote a float32 copy of %s to %s for faster loading", downloaded.name, target)
     return target
+
+
+def _preprocess_for(checkpoint: Checkpoint) -> Preprocess:
+    """The family's preprocessing, or what the open_clip_config.json beside the weights prescribes.
+
+    Raises:
+        CheckpointError: the open_clip config asks for preprocessing we do not implement.
+    """
+    preprocess = Preprocess.from_config(checkpoint.config)
+    config_file = find_open_clip_config(checkpoint.weights_file)
+    if config_file is None:
+        return preprocess
+    cfg = read_hints(config_file).preprocess
+    interpolation, resize_mode = cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", preprocess.resize_mode)
+    if interpolation != "bicubic" or resize_mode not in RESIZE_MODES:
+        raise CheckpointError(
+            f"{config_file} asks for {interpolation} resizing in {resize_mode!r} mode; clipsearch implements bicubic "
+            f"resizing in the modes {', '.join(RESIZE_MODES)}"
+        )
+    return Preprocess(
+        image_size=preprocess.image_size,
+        mean=tuple(float(x) for x in cfg.get("mean", preprocess.mean)),
+        std=tuple(float(x) for x in cfg.get("std", preprocess.std)),
+        fast=preprocess.fast,
+        resize_mode=resize_mode,
+    )
+
+
+def _tokenizer_file(weights: Path) -> Path | None:
+    """The tokenizer.json of a hub model: in the checkpoint folder, i.e. beside its weights file."""
+    candidate = (weights if weights.is_dir() else weights.parent) / TOKENIZER_FILE
+    return candidate if candidate.is_file() else None
 
 
 def _stamp(path: Path) -> tuple:
