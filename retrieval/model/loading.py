@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from retrieval.model.checkpoint import (
 )
 from retrieval.model.clip import CLIP, TOWERS, Towers
 from retrieval.model.download import cache_dir, ensure_downloaded, file_sha256
+from retrieval.model.hub import ensure_hub_files
 from retrieval.model.hub_tokenizer import TOKENIZER_FILE
 from retrieval.model.identity import ModelInfo, tokenizer_identity
 from retrieval.model.open_clip_files import find_open_clip_config, read_hints
@@ -58,12 +60,12 @@ def load_model(
     device: str | torch.device = "auto",
     towers: Towers = "both",
 ) -> tuple[CLIP, Preprocess]:
-    """Load a CLIP model by registry name or from a checkpoint file or folder.
+    """Load a CLIP (or SigLIP) model by registry name or from a checkpoint file or folder.
 
     A registry name ("ViT-B/32", see `available_models()`) is downloaded into the cache dir on first use and
-    verified; "shapes-mini" ships with the package. A path may be any format `read_checkpoint` reads. The
-    same call again in the same process returns the same (shared) objects: copy the model before changing
-    its weights.
+    verified (from OpenAI, or from a hub repository for OpenCLIP and SigLIP2 models); "shapes-mini" ships with
+    the package. A path may be any format `read_checkpoint` reads. The same call again in the same process
+    returns the same (shared) objects: copy the model before changing its weights.
 
     Args:
         name_or_path: a registry name or a path; None means `$CLIPSEARCH_MODEL`, else "ViT-B/32".
@@ -91,6 +93,7 @@ def load_model(
     target = resolve_device(device)
 
     registry_sha = None
+    spec = None
     if is_registered(name):
         spec = get_spec(name)
         name = spec.name
@@ -101,6 +104,9 @@ def load_model(
                     f"the bundled model {name!r} is missing from this installation (no {source / CONFIG_FILE}); "
                     "reinstall clipsearch, or choose another model"
                 )
+        elif spec.on_hub:
+            # Hub weights are safetensors already: memory-mapped and read per tower, no float32 copy needed.
+            source = ensure_hub_files(spec)
         else:
             source = _float32_copy(ensure_downloaded(spec), spec)
             registry_sha = spec.sha256
@@ -118,6 +124,8 @@ def load_model(
 
     start = time.perf_counter()
     checkpoint = read_checkpoint(source, towers=towers)
+    if spec is not None and spec.quick_gelu is not None and checkpoint.config.quick_gelu != spec.quick_gelu:
+        checkpoint = checkpoint._replace(config=dataclasses.replace(checkpoint.config, quick_gelu=spec.quick_gelu))
     model = build_model(checkpoint, towers=towers, source=source).to(target).eval()
     config = checkpoint.config
     preprocess = _preprocess_for(checkpoint)
