@@ -131,3 +131,27 @@ def test_index_and_query_through_the_cli_with_siglip(tmp_path):
     expected = sorted(zip(scores.tolist(), [str(p) for p in paths], strict=True), reverse=True)
     assert [Path(r["path"]).name for r in rows] == [Path(p).name for _, p in expected]
     assert np.allclose([r["score"] for r in rows], [s for s, _ in expected], atol=1e-5)
+
+
+def test_benchmarks_run_with_siglip(tmp_path, capsys):
+    from benchmarks import recall_at_k, zero_shot
+    from retrieval import shapes
+
+    model = str(FIXTURES / "siglip2-b32-tiny")  # the CLIP fixtures' vocabularies are too small for real text
+    assert zero_shot.main(["--model", model, "--generated", "shape", "--n-per-class", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["images"] == 8
+    shapes.generate(tmp_path / "set", 6, seed=21, size_range=(32, 64))
+    assert (
+        recall_at_k.main([str(tmp_path / "set" / "manifest.jsonl"), "--model", model, "--workers", "0", "--json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["images"] == 6
+
+
+def test_fine_tuning_a_siglip_model_is_refused_with_a_clear_error(tmp_path):
+    from retrieval.errors import TrainingError
+    from retrieval.training.trainer import TrainConfig, train
+
+    siglip = str(FIXTURES / "siglip2-b32-tiny")
+    config = TrainConfig(data="shapes:8:1", out_dir=str(tmp_path / "run"), init_from=siglip, epochs=1, batch_size=4)
+    with pytest.raises(TrainingError, match="siglip model; fine-tuning works for CLIP models only"):
+        train(config, progress=False)
