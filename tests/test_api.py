@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS
 from retrieval.model.download import cache_dir
 from retrieval.model.encode import encode_images, encode_texts
-from retrieval.model.registry import available_models
+from retrieval.model.registry import ModelSpec, available_models
 
 TEXTS = ["a red circle", "a large blue square on the left of a very busy grey striped background", "a"]
 
@@ -178,3 +179,21 @@ def test_models_command_help_has_examples():
     result = CliRunner().invoke(cli, ["models", "--help"])
     assert result.exit_code == 0
     assert "Examples:" in result.output and "clipsearch models --json" in result.output
+
+
+def test_models_bench_fills_the_speed_column(monkeypatch):
+    from retrieval.model import registry, speed
+
+    # Small architectures keep the run short; the measurement and the table are the real ones.
+    monkeypatch.setattr(speed, "REFERENCE", "tiny-vit")
+    specs = [ModelSpec(n, "", path=Path("/nonexistent"), arch=a) for n, a in (("a", "tiny-vit"), ("b", "tiny-rn"))]
+    monkeypatch.setattr(registry, "_REGISTRY", {s.name: s for s in specs})
+
+    result = CliRunner().invoke(cli, ["models", "--bench", "--json"])
+
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == ["a", "b"]
+    assert all(isinstance(r["speed_vs_vit_b32"], float) and r["speed_vs_vit_b32"] > 0 for r in rows)
+    table = CliRunner().invoke(cli, ["models"])
+    assert "measure with --bench" in table.output
