@@ -155,3 +155,29 @@ def test_fine_tuning_a_siglip_model_is_refused_with_a_clear_error(tmp_path):
     config = TrainConfig(data="shapes:8:1", out_dir=str(tmp_path / "run"), init_from=siglip, epochs=1, batch_size=4)
     with pytest.raises(TrainingError, match="siglip model; fine-tuning works for CLIP models only"):
         train(config, progress=False)
+
+
+def test_old_store_identities_are_unchanged_and_new_fields_keep_stores_apart(tmp_path):
+    import dataclasses
+
+    from retrieval.errors import ModelMismatchError
+    from retrieval.model.identity import ModelInfo
+    from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD
+    from retrieval.store import Store
+
+    written_before_siglip = {
+        "name": "ViT-B/32",
+        "weights_sha256": "ab" * 32,
+        "embed_dim": 512,
+        "image_size": 224,
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+    }
+    info = ModelInfo.from_dict(written_before_siglip)
+    assert (info.resize_mode, info.tokenizer) == ("shortest", "clip-bpe")
+    assert info.table_name == "images_vit_b_32_abababababab"
+
+    Store.open(tmp_path / "db", info, create=True)
+    squashed = dataclasses.replace(info, resize_mode="squash")
+    with pytest.raises(ModelMismatchError):
+        Store.open(tmp_path / "db", squashed, create=True)
