@@ -8,6 +8,7 @@ ETag, large (LFS) files with a redirect to `/cdn/{sha256}` carrying `X-Linked-Et
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -187,3 +188,21 @@ def test_a_damaged_cached_file_is_fetched_again(hub):
     (folder / "tokenizer_config.json").write_text("{}")
     ensure_hub_files(hub.spec, progress=False)
     assert (folder / "tokenizer_config.json").read_bytes() == hub.files["tokenizer_config.json"]
+
+
+def test_files_put_in_place_by_hand_are_used_offline_and_verified_later(hub, monkeypatch):
+    folder = hub_folder(hub.spec)
+    folder.mkdir(parents=True)
+    for name in FILES:
+        (folder / name).write_bytes(hub.files[name])
+    online = os.environ["CLIPSEARCH_HUB_URL"]
+    monkeypatch.setenv("CLIPSEARCH_HUB_URL", "http://127.0.0.1:9")
+    model, _ = load_model("tiny-siglip2-hub")  # what the offline message told the user to do works
+    assert model.config.family == "siglip" and not is_cached(hub.spec)
+
+    monkeypatch.setenv("CLIPSEARCH_HUB_URL", online)
+    (folder / "tokenizer_config.json").write_text("{}")  # damaged by hand: replaced once the hub is reachable
+    ensure_hub_files(hub.spec, progress=False)
+    assert is_cached(hub.spec)
+    assert (folder / "tokenizer_config.json").read_bytes() == hub.files["tokenizer_config.json"]
+    assert not any(key.startswith("GET /cdn/") for key in hub.hits)  # the right large files were kept, not fetched

@@ -102,6 +102,13 @@ def ensure_hub_files(spec: ModelSpec, progress: bool = True) -> Path:
         known = _read_verified(folder).get(name)
         if dest.is_file() and known is not None and file_sha256(dest) == known == pinned.get(name, known):
             continue
+        if dest.is_file() and known is None:  # put there by hand, e.g. on an offline machine
+            sha256 = _check_placed(spec, name, dest, pinned.get(name))
+            if sha256 == "unverified":
+                continue
+            if sha256 is not None:
+                _record_verified(folder, name, sha256)
+                continue
         if dest.exists():
             logger.warning("%s does not match its verified hash; fetching it again", dest)
         try:
@@ -114,6 +121,25 @@ def ensure_hub_files(spec: ModelSpec, progress: bool = True) -> Path:
             ) from e
         _record_verified(folder, name, sha256)
     return folder
+
+
+def _check_placed(spec: ModelSpec, name: str, dest: Path, pinned: str | None) -> str | None:
+    """Verify a file found in the cache without a record: its SHA-256 if it matches, None if it must be fetched.
+
+    Without a pinned hash the hub is asked for one; when the hub cannot be reached the file is used as placed
+    ("unverified", with a warning) and checked again on a later run that can reach it.
+    """
+    sha256, git_sha1 = _hashes(dest)
+    if pinned is not None:
+        return sha256 if sha256 == pinned else None
+    try:
+        meta = _head(file_url(spec, name))
+    except ModelDownloadError as e:
+        logger.warning("using %s as placed: it cannot be checked against the hub now (%s)", dest, e)
+        return "unverified"
+    if meta.sha256 is not None:
+        return sha256 if sha256 == meta.sha256 else None
+    return sha256 if git_sha1 == meta.git_sha1 else None
 
 
 def _fetch(spec: ModelSpec, name: str, dest: Path, pinned: str | None, progress: bool) -> str:
