@@ -34,8 +34,7 @@ from retrieval.errors import CheckpointError
 from retrieval.model.clip import CLIP, Towers
 from retrieval.model.config import CLIPConfig
 from retrieval.model.family import EmbeddingModel, build_towers
-from retrieval.model.files import CONFIG_FILE, WEIGHTS_FILE
-from retrieval.model.hub_tokenizer import TOKENIZER_CONFIG_FILE
+from retrieval.model.files import CONFIG_FILE, TOKENIZER_CONFIG_FILE, WEIGHTS_FILE
 from retrieval.model.open_clip_files import OpenClipHints, find_open_clip_config, find_open_clip_weights, read_hints
 
 logger = logging.getLogger(__name__)

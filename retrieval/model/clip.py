@@ -17,7 +17,6 @@ from torch import nn
 
 from retrieval.model.config import CLIPConfig
 from retrieval.model.layers import LayerNorm, Transformer
-from retrieval.model.tokenizer import tokenize
 from retrieval.model.vision import ModifiedResNet, VisionTransformer
 
 Towers = Literal["both", "image", "text"]
@@ -117,6 +116,9 @@ class CLIP(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids [N, context_length] from CLIP's BPE tokenizer; over-long texts are truncated."""
+        # Imported here: ftfy costs ~0.3 s, which decoder workers (they unpickle this module) must not pay.
+        from retrieval.model.tokenizer import tokenize
+
         return tokenize(list(texts), context_length=self.config.text.context_length, truncate=True)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -21,9 +21,8 @@ import ftfy
 import torch
 
 from retrieval.errors import TokenizerError
+from retrieval.model.files import TOKENIZER_CONFIG_FILE
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # optional: pad token, padding and truncation sides
 DEFAULT_PAD_TOKEN = "<pad>"
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

@@ -27,8 +27,8 @@ from retrieval.model.checkpoint import (
 )
 from retrieval.model.clip import CLIP, TOWERS, Towers
 from retrieval.model.download import cache_dir, ensure_downloaded, file_sha256
+from retrieval.model.files import TOKENIZER_FILE
 from retrieval.model.hub import ensure_hub_files
-from retrieval.model.hub_tokenizer import TOKENIZER_FILE
 from retrieval.model.identity import ModelInfo, tokenizer_identity
 from retrieval.model.open_clip_files import find_open_clip_config, read_hints
 from retrieval.model.preprocess import RESIZE_MODES, Preprocess

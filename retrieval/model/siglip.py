@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,11 @@ from torch import nn
 from retrieval.errors import TokenizerError
 from retrieval.model.clip import TOWERS, Towers
 from retrieval.model.config import CLIPConfig
-from retrieval.model.hub_tokenizer import HubTokenizer
 from retrieval.model.layers import LayerNorm, Transformer
 from retrieval.model.timm_vit import EPS, SigLIPVision
+
+if TYPE_CHECKING:
+    from retrieval.model.hub_tokenizer import HubTokenizer
 
 
 class SigLIPText(nn.Module):
@@ -83,6 +86,8 @@ class SigLIP(nn.Module):
                 "next to the checkpoint file, or load it by registry name"
             )
         if self._tokenizer is None or self._tokenizer.path != self.tokenizer_file:
+            from retrieval.model.hub_tokenizer import HubTokenizer  # ftfy and tokenizers: only when tokenizing
+
             self._tokenizer = HubTokenizer(self.tokenizer_file, self.config.text.context_length)
         return self._tokenizer(list(texts))
 
