@@ -40,12 +40,22 @@ def hub(monkeypatch):
     """A hub-like server holding the tiny SigLIP2 fixture under REPO; `cut`, `bad_etag` and `hits` steer it."""
     files = {name: (FIXTURE / name).read_bytes() for name in FILES}
     by_sha = {hashlib.sha256(body).hexdigest(): name for name, body in files.items()}
-    state = SimpleNamespace(files=files, cut=set(), bad_etag=set(), hits=Counter(), ranges=[], served=Counter())
+    state = SimpleNamespace(
+        files=files, cut=set(), bad_etag=set(), hits=Counter(), ranges=[], served=Counter(), hop=False
+    )
 
     class Handler(BaseHTTPRequestHandler):
         def _resolve(self, head: bool) -> None:
             prefix = f"/{REPO}/resolve/{REVISION}/"
-            name = self.path.removeprefix(prefix)
+            if self.path.startswith(prefix) and state.hop:
+                # As the hub resolves a branch: a hash-less redirect within the hub to the file at a commit.
+                self.send_response(307)
+                self.send_header("Location", self.path.replace(prefix, "/api/resolve-cache/commit0/"))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            name = self.path.removeprefix(prefix).removeprefix("/api/resolve-cache/commit0/")
+            prefix = "/api/resolve-cache/commit0/" if self.path.startswith("/api/") else prefix
             if not self.path.startswith(prefix) or name not in files:
                 self.send_error(404, "Entry not found")
                 return
@@ -206,3 +216,10 @@ def test_files_put_in_place_by_hand_are_used_offline_and_verified_later(hub, mon
     assert is_cached(hub.spec)
     assert (folder / "tokenizer_config.json").read_bytes() == hub.files["tokenizer_config.json"]
     assert not any(key.startswith("GET /cdn/") for key in hub.hits)  # the right large files were kept, not fetched
+
+
+def test_redirects_within_the_hub_are_followed_to_the_files_hash(hub):
+    hub.hop = True
+    folder = ensure_hub_files(hub.spec, progress=False)
+    assert all((folder / name).read_bytes() == hub.files[name] for name in FILES)
+    assert hub.hits[f"HEAD /api/resolve-cache/commit0/{FILES[0]}"] == 1

@@ -39,6 +39,7 @@ DEFAULT_HUB_URL = "https://huggingface.co"
 _VERIFIED = ".verified.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
+_MAX_HUB_HOPS = 5
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -168,28 +169,40 @@ def _fetch(spec: ModelSpec, name: str, dest: Path, pinned: str | None, progress:
 
 
 def _head(url: str) -> _FileMeta:
-    """Ask the hub about a file without fetching it (and without following its redirect)."""
-    request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
-    try:
-        response = _head_opener.open(request, timeout=TIMEOUT_SECONDS)
-    except urllib.error.HTTPError as e:
-        if e.code not in (301, 302, 303, 307, 308):
+    """Ask the hub about a file without fetching it.
+
+    A redirect to another host (a large file's storage) is not followed: its headers are the hub's answer. A
+    redirect within the hub that carries no hash (the hub resolving a branch or a renamed repository) is
+    followed, as huggingface_hub does, up to a few hops.
+    """
+    for _ in range(_MAX_HUB_HOPS):
+        request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
+        try:
+            response = _head_opener.open(request, timeout=TIMEOUT_SECONDS)
+        except urllib.error.HTTPError as e:
+            if e.code not in (301, 302, 303, 307, 308):
+                raise _fetch_error(url, e) from e
+            response = e  # a redirect
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             raise _fetch_error(url, e) from e
-        response = e  # a redirect: its headers are the hub's answer
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        raise _fetch_error(url, e) from e
-    with response:
-        headers = response.headers
-        location = headers.get("Location")
-        linked = _unquote(headers.get("X-Linked-Etag") or "")
-        etag = _unquote(headers.get("ETag") or "")
-        size = headers.get("X-Linked-Size") or headers.get("Content-Length")
-    return _FileMeta(
-        url=urllib.parse.urljoin(url, location) if location else url,
-        sha256=linked if _SHA256.fullmatch(linked) else (etag if _SHA256.fullmatch(etag) else None),
-        git_sha1=etag if _SHA1.fullmatch(etag) else None,
-        size=int(size) if size and size.isdigit() else None,
-    )
+        with response:
+            headers = response.headers
+            location = headers.get("Location")
+            linked = _unquote(headers.get("X-Linked-Etag") or "")
+            etag = _unquote(headers.get("ETag") or "")
+            size = headers.get("X-Linked-Size") or headers.get("Content-Length")
+        target = urllib.parse.urljoin(url, location) if location else url
+        same_host = urllib.parse.urlsplit(target).netloc == urllib.parse.urlsplit(url).netloc
+        if location and same_host and not linked and not etag:
+            url = target
+            continue
+        return _FileMeta(
+            url=target,
+            sha256=linked if _SHA256.fullmatch(linked) else (etag if _SHA256.fullmatch(etag) else None),
+            git_sha1=etag if _SHA1.fullmatch(etag) else None,
+            size=int(size) if size and size.isdigit() else None,
+        )
+    raise _fetch_error(url, OSError(f"more than {_MAX_HUB_HOPS} redirects"))
 
 
 def _download(meta: _FileMeta, url: str, part: Path, out, label: str, progress: bool) -> None:  # noqa: ANN001
