@@ -1,12 +1,17 @@
-"""Encode speed of our CLIP against openai/CLIP's reference `model.py`, same weights, same run, on CPU in fp32.
+"""Encode speed on CPU in fp32: our CLIP against openai/CLIP's reference `model.py`, or every model family
+against ViT-B/32 (`--families`), in the same run.
 
 Measures image embeddings per second at one batch size and the latency of embedding one short text query.
 The reference is the `clip/model.py` shipped in the `clip-anytorch` wheel, loaded by file path (it needs only
-torch), so no `clip` package lands on the import path. Runs alternate between the two models and the
-figures are medians, because the CPU may be shared.
+torch), so no `clip` package lands on the import path. With `--families`, each registry model's architecture
+is built with random weights of its real size (speed does not depend on the weights' values, so nothing is
+downloaded) and compared with ViT-B/32. Runs alternate between the models and the figures are medians,
+because the CPU may be shared.
 
     python benchmarks/encode_speed.py
     python benchmarks/encode_speed.py --reference-model-py /path/to/clip/model.py --repeats 9
+    python benchmarks/encode_speed.py --families --threads 2
+    python benchmarks/encode_speed.py --families --models ViT-B/32 ViT-B-16-SigLIP2-256
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from torch import nn
 
 from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS, CLIPConfig
+from retrieval.model.family import build_towers
+from retrieval.model.registry import available_models, get_spec
 from retrieval.model.tokenizer import tokenize
 
 ARCH = "ViT-B/32"  # architecture preset; weights are random
@@ -36,6 +43,16 @@ TEXT_RUNS = 50  # timed single-query text encodings per model
 WARMUP = 2  # untimed calls per model and task first
 PROMPT = "a photo of a red bicycle"  # a 6-word query
 SEED = 0
+BASELINE = "ViT-B/32"  # --families: every model is compared with this one
+# --families: one model of each family and image size; any registry name with an architecture can be given.
+FAMILY_MODELS = (
+    "ViT-B/32",
+    "ViT-B-32/laion2b_s34b_b79k",
+    "ViT-B-32-256/datacomp_s34b_b86k",
+    "ViT-B-16/dfn2b",
+    "ViT-B-32-SigLIP2-256",
+    "ViT-B-16-SigLIP2-256",
+)
 
 
 def load_reference(model_py: Path | None) -> ModuleType:
@@ -92,6 +109,71 @@ def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmu
     return times
 
 
+def family_tokens(config: CLIPConfig, prompt: str) -> torch.Tensor:
+    """One query's token ids as the model's family feeds them: CLIP's BPE ids, or SigLIP's fixed-length row.
+
+    SigLIP's tokenizer.json is a download; its text tower always runs all positions, so random ids of the full
+    context length cost the same as the real ones.
+    """
+    if config.family == "clip":
+        return tokenize(prompt, context_length=config.text.context_length)  # [1, L]
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, config.text.vocab_size, (1, config.text.context_length), generator=generator)
+
+
+def run_families(args: argparse.Namespace) -> None:
+    """Images/s and one-query text latency of each model's architecture, next to ViT-B/32's, in one run."""
+    names = [BASELINE] + [n for n in args.models if n != BASELINE]
+    configs = {}
+    for name in names:
+        arch = get_spec(name).arch
+        if arch not in PRESETS:
+            raise SystemExit(f"{name} has no architecture preset to build; choose from {', '.join(available_models())}")
+        configs[name] = PRESETS[arch]
+    torch.manual_seed(SEED)
+    text_of, texts, calls_image, calls_text = {}, {}, {}, {}
+    for name, config in configs.items():
+        image_tower = build_towers(config, towers="image").eval()
+        size = config.vision.image_size
+        pixels = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(SEED))
+        calls_image[name] = lambda m=image_tower, p=pixels: m.encode_image(p)
+        # Models with the same text tower (architecture and activation) share one timing.
+        text_key = (config.family, config.text, config.quick_gelu)
+        if text_key not in texts:
+            texts[text_key] = (build_towers(config, towers="text").eval(), family_tokens(config, args.prompt))
+            tower, tokens = texts[text_key]
+            calls_text[text_key] = lambda m=tower, t=tokens: m.encode_text(t)
+        text_of[name] = text_key
+    print(f"random weights, fp32 CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    image_times = time_interleaved(calls_image, args.repeats, args.warmup)
+    text_times = time_interleaved(calls_text, args.text_runs, args.warmup)
+    rate = {name: args.batch_size / statistics.median(t) for name, t in image_times.items()}
+    latency = {name: 1000 * statistics.median(text_times[key]) for name, key in text_of.items()}
+    header = f"images/s (b{args.batch_size})"
+    print(f"\n{'model':<34} {'arch':<22} {header:>15} {'vs B/32':>8} {'text ms':>8} {'vs B/32':>8}")
+    rows = []
+    for name, config in configs.items():
+        speed, slower = rate[name] / rate[BASELINE], latency[name] / latency[BASELINE]
+        arch = get_spec(name).arch
+        print(f"{name:<34} {arch:<22} {rate[name]:>15.2f} {speed:>7.2f}x {latency[name]:>8.2f} {slower:>7.2f}x")
+        rows.append(
+            {
+                "model": name,
+                "arch": arch,
+                "family": config.family,
+                "images_per_s": round(rate[name], 3),
+                "speed_vs_baseline": round(speed, 4),
+                "text_latency_ms": round(latency[name], 3),
+                "latency_vs_baseline": round(slower, 4),
+            }
+        )
+    print(
+        json.dumps(
+            {"baseline": BASELINE, "threads": torch.get_num_threads(), "batch_size": args.batch_size, "models": rows}
+        )
+    )
+
+
 def main() -> None:
     """Run the benchmark and print a table, the ratios and one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +185,14 @@ def main() -> None:
     parser.add_argument("--prompt", default=PROMPT, help="the text query")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--reference-model-py", type=Path, default=None, help="path to openai/CLIP's clip/model.py")
+    parser.add_argument("--families", action="store_true", help="compare model families with ViT-B/32 instead")
+    parser.add_argument("--models", nargs="+", default=list(FAMILY_MODELS), help="--families: registry names")
     args = parser.parse_args()
+    if args.families:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_families(args)
+        return
 
     reference_module = load_reference(args.reference_model_py)
     if args.threads:

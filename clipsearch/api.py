@@ -18,24 +18,26 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from retrieval.model.clip import CLIP, Towers
+from retrieval.model.clip import Towers
 from retrieval.model.encode import encode_images, encode_texts
+from retrieval.model.family import MODEL_CLASSES, EmbeddingModel
 from retrieval.model.loading import load_model
 from retrieval.model.preprocess import Preprocess
 from retrieval.types import Embeddings
 
-# A registry name or checkpoint path, a loaded CLIP, or what `load_model` returns; None: the default model.
-ModelArg = str | os.PathLike | CLIP | tuple[CLIP, Preprocess] | None
+# A registry name or checkpoint path, a loaded model (CLIP or SigLIP), or what `load_model` returns; None: the
+# default model.
+ModelArg = str | os.PathLike | EmbeddingModel | tuple[EmbeddingModel, Preprocess] | None
 ImageArg = str | os.PathLike | Image.Image
 
 
-def _resolve(model: ModelArg, towers: Towers) -> tuple[CLIP, Preprocess]:
+def _resolve(model: ModelArg, towers: Towers) -> tuple[EmbeddingModel, Preprocess]:
     """A loaded model and its preprocessing for any accepted `model` argument."""
     if model is None or isinstance(model, (str, os.PathLike)):
         return load_model(model, towers=towers)
-    if isinstance(model, CLIP):
+    if isinstance(model, MODEL_CLASSES):
         return model, Preprocess.from_config(model.config)
-    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], CLIP):
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], MODEL_CLASSES):
         return model
     raise TypeError(f"model must be a name, a path, a CLIP or a (model, preprocess) pair, not {type(model).__name__}")
 

@@ -107,7 +107,10 @@ def query_text_model(model: CLIP) -> CLIP:
     native = any(
         getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     )
-    if model.transformer is None or next(model.parameters()).device.type != "cpu" or not native:
+    # Only CLIP's text tower has been measured this way; other families keep float32.
+    if not isinstance(model, CLIP) or model.transformer is None:
+        return model
+    if next(model.parameters()).device.type != "cpu" or not native:
         return model
     tensors = {k: v.to(torch.bfloat16) for k, v in CLIP.state_dict_for_towers(model.state_dict(), "text").items()}
     checkpoint = Checkpoint(tensors, model.config, "bfloat16", "query text tower", Path())
@@ -396,7 +399,8 @@ class Library:
             if self._query_text_model is None:
                 model = self._model("text")[0]
                 self._query_text_model = query_text_model(model) if self.text_precision == "auto" else model
-            _warn_if_cut(batch, self._query_text_model.config.text.context_length)
+            if self._query_text_model.config.family == "clip":  # the count is CLIP's tokenizer's
+                _warn_if_cut(batch, self._query_text_model.config.text.context_length)
             return encode_query_texts(self._query_text_model, batch)
 
         return encode_query(terms, texts, self._encode_images, ensemble=ensemble, templates=templates)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS
 from retrieval.model.download import cache_dir
 from retrieval.model.encode import encode_images, encode_texts
-from retrieval.model.registry import available_models
+from retrieval.model.registry import ModelSpec, available_models
 
 TEXTS = ["a red circle", "a large blue square on the left of a very busy grey striped background", "a"]
 
@@ -131,13 +132,17 @@ def test_models_command_table():
 
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["NAME", "STATUS", "SIZE", "DESCRIPTION"]
-    rows = {line[1:].split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("downloads")}
+    assert lines[0].split() == ["NAME", "FAMILY", "DIM", "DOWNLOAD", "FLICKR_T2I_R@1", "SPEED", "STATUS"]
+    table = lines[1 : lines.index("")]
+    rows = {line[1:].split()[0]: line[1:].split() for line in table}
     assert set(rows) == set(available_models())
-    assert rows["ViT-B/32"].startswith("*ViT-B/32") and "not cached" in rows["ViT-B/32"]
-    assert " cached " in rows["ViT-B/16"] and "2 MB" in rows["ViT-B/16"]
-    assert "not cached" in rows["RN50"]
-    assert rows["shapes-mini"].split()[1] in ("bundled", "missing")
+    assert table[available_models().index("ViT-B/32")].startswith("*ViT-B/32")
+    assert rows["ViT-B/32"] == ["ViT-B/32", "CLIP", "512", "338", "MB", "58.8", "-", "not", "cached"]
+    assert rows["ViT-B/16"][-1] == "cached" and rows["RN50"][-2:] == ["not", "cached"]
+    assert rows["ViT-B-32/laion2b_s34b_b79k"][1:6] == ["OpenCLIP", "512", "605", "MB", "66.8"]
+    assert rows["ViT-B-16-SigLIP2-256"][1:3] == ["SigLIP2", "768"] and rows["ViT-B-16-SigLIP2-256"][5] == "-"
+    assert rows["shapes-mini"][-1] in ("bundled", "missing")
+    assert "openclip_retrieval_results.csv" in result.output and "--bench" in result.output
     assert lines[-1] == f"downloads go to {cache_dir()}"
 
 
@@ -158,10 +163,37 @@ def test_models_command_json(monkeypatch):
         "path": str(cache_dir() / "ViT-L-14.pt"),
         "default": False,
         "description": "OpenAI CLIP ViT-L/14, 224 px, 768-d",
+        "family": "CLIP",
+        "embed_dim": 768,
+        "download_mb": 890,
+        "flickr_t2i_r1": 64.96,
+        "flickr_source": "open_clip docs/openclip_retrieval_results.csv (Flickr image retr. R@1)",
+        "speed_vs_vit_b32": None,
     }
+    siglip = by_name["ViT-B-32-SigLIP2-256"]
+    assert siglip["path"] == str(cache_dir() / "hub" / "timm--ViT-B-32-SigLIP2-256" / "main")
+    assert siglip["flickr_t2i_r1"] is None and siglip["status"] == "not cached"
 
 
 def test_models_command_help_has_examples():
     result = CliRunner().invoke(cli, ["models", "--help"])
     assert result.exit_code == 0
     assert "Examples:" in result.output and "clipsearch models --json" in result.output
+
+
+def test_models_bench_fills_the_speed_column(monkeypatch):
+    from retrieval.model import registry, speed
+
+    # Small architectures keep the run short; the measurement and the table are the real ones.
+    monkeypatch.setattr(speed, "REFERENCE", "tiny-vit")
+    specs = [ModelSpec(n, "", path=Path("/nonexistent"), arch=a) for n, a in (("a", "tiny-vit"), ("b", "tiny-rn"))]
+    monkeypatch.setattr(registry, "_REGISTRY", {s.name: s for s in specs})
+
+    result = CliRunner().invoke(cli, ["models", "--bench", "--json"])
+
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == ["a", "b"]
+    assert all(isinstance(r["speed_vs_vit_b32"], float) and r["speed_vs_vit_b32"] > 0 for r in rows)
+    table = CliRunner().invoke(cli, ["models"])
+    assert "measure with --bench" in table.output

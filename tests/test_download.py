@@ -230,7 +230,7 @@ def test_file_sha256_is_remembered_until_the_file_changes(tmp_path):
 
 
 def test_register_model_needs_a_source():
-    with pytest.raises(ValueError, match="needs either a url and its sha256, or a path"):
+    with pytest.raises(ValueError, match="needs a url and its sha256, a hub repository and files, or a path"):
         register_model(ModelSpec("nothing", "no url, no path"))
     with pytest.raises(ValueError):
         register_model(ModelSpec("no-sum", "url without checksum", url="http://127.0.0.1/x.pt"))

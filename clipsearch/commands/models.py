@@ -1,24 +1,30 @@
-"""`clipsearch models`: the named models and whether their weights are on this machine."""
+"""`clipsearch models`: the named models to choose from, their published accuracy, speed and cache status."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
 from retrieval.model.download import cache_dir, cached_path
 from retrieval.model.files import CONFIG_FILE
-from retrieval.model.registry import available_models, default_model_name, get_spec
+from retrieval.model.hub import hub_folder, is_cached
+from retrieval.model.registry import ModelSpec, available_models, default_model_name, get_spec
 
 
 def _model_row(name: str, default: str) -> dict[str, Any]:
-    """One registry entry's status: bundled (or missing), cached or not cached, with its size on disk."""
+    """One registry entry: what it is, its published accuracy, and whether its weights are here."""
     spec = get_spec(name)
     if spec.bundled:
         present = (spec.path / CONFIG_FILE).is_file()
         status, path = ("bundled" if present else "missing"), spec.path
-        size = sum(p.stat().st_size for p in spec.path.iterdir() if p.is_file()) if present else None
+        size = _folder_size(spec.path) if present else None
+    elif spec.on_hub:
+        path = hub_folder(spec)
+        present = is_cached(spec)
+        status, size = ("cached" if present else "not cached"), (_folder_size(path) if present else None)
     else:
         path = cached_path(spec)
         present = path.is_file()
@@ -30,24 +36,54 @@ def _model_row(name: str, default: str) -> dict[str, Any]:
         "path": str(path),
         "default": name == default,
         "description": spec.description,
+        "family": spec.family,
+        "embed_dim": spec.embed_dim,
+        "download_mb": spec.download_mb,
+        "flickr_t2i_r1": spec.flickr_t2i_r1,
+        "flickr_source": spec.flickr_source or None,
+        "speed_vs_vit_b32": None,
     }
 
 
-def _human_size(size: int | None) -> str:
-    """Bytes as a short human string ("338 MB"); "-" when unknown."""
-    if size is None:
-        return "-"
-    for unit in ("B", "KB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
+def _folder_size(folder: Path) -> int:
+    """Bytes in a folder's files."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _speeds(specs: list[ModelSpec]) -> dict[str, float]:
+    """Image-encoding speed of each model's architecture relative to ViT-B/32, measured now (random weights)."""
+    from retrieval.model.config import PRESETS
+    from retrieval.model.speed import REFERENCE, image_encode_rate
+
+    measurable = [s for s in specs if s.arch in PRESETS]
+    with click.progressbar(
+        length=len(measurable) + 1, label="measuring image encoding", file=click.get_text_stream("stderr")
+    ) as bar:
+        reference = image_encode_rate(PRESETS[REFERENCE])
+        bar.update(1)
+        speeds = {}
+        for spec in measurable:
+            speeds[spec.name] = image_encode_rate(PRESETS[spec.arch]) / reference
+            bar.update(1)
+    return speeds
+
+
+def _cell(value: Any, fmt: str) -> str:
+    """A table cell; "-" for an unknown value."""
+    return "-" if value is None else format(value, fmt)
 
 
 @click.command("models")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model and line, for scripts.")
-def models(as_json: bool) -> None:
-    """List the named models and whether their weights are on this machine.
+@click.option(
+    "--bench",
+    is_flag=True,
+    help="Measure each architecture's image-encoding speed on this machine, relative to ViT-B/32 (random "
+    "weights, nothing downloaded; takes a few minutes).",
+)
+def models(as_json: bool, bench: bool) -> None:
+    """List the named models to choose from: family, embedding size, download size, published zero-shot
+    Flickr30k text-to-image recall@1, speed (with --bench) and whether the weights are on this machine.
 
     A model that is not cached is downloaded the first time it is used (into $CLIPSEARCH_CACHE, default
     ~/.cache/clipsearch); "bundled" models ship with clipsearch and work offline. The default model (*) is
@@ -56,21 +92,37 @@ def models(as_json: bool) -> None:
     \b
     Examples:
       clipsearch models
+      clipsearch models --bench
       clipsearch models --json | jq -r 'select(.status == "cached") | .name'
       CLIPSEARCH_MODEL=shapes-mini clipsearch query "a red circle"
     """
     default = default_model_name()
-    rows = [_model_row(name, default) for name in available_models()]
+    names = available_models()
+    rows = [_model_row(name, default) for name in names]
+    if bench:
+        speeds = _speeds([get_spec(name) for name in names])
+        for row in rows:
+            row["speed_vs_vit_b32"] = speeds.get(row["name"])
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
         return
     name_width = max(len(row["name"]) for row in rows) + 2
-    click.echo(f"{'NAME':<{name_width}} {'STATUS':<11} {'SIZE':>8}  DESCRIPTION")
+    click.echo(
+        f"{'NAME':<{name_width}} {'FAMILY':<9} {'DIM':>5} {'DOWNLOAD':>9} {'FLICKR_T2I_R@1':>15} {'SPEED':>6}  STATUS"
+    )
     for row in rows:
         name = ("*" if row["default"] else " ") + row["name"]
-        status = click.style(f"{row['status']:<11}", fg="green" if row["status"] in ("cached", "bundled") else None)
-        click.echo(f"{name:<{name_width}} {status} {_human_size(row['size_bytes']):>8}  {row['description']}")
-    if default not in available_models():
-        click.echo(f"\ndefault model: {default} (from CLIPSEARCH_MODEL)")
-    click.echo(f"\ndownloads go to {cache_dir()}")
+        download = "-" if row["download_mb"] is None else f"{row['download_mb']:.0f} MB"
+        status = click.style(row["status"], fg="green" if row["status"] in ("cached", "bundled") else None)
+        click.echo(
+            f"{name:<{name_width}} {row['family']:<9} {_cell(row['embed_dim'], 'd'):>5} {download:>9} "
+            f"{_cell(row['flickr_t2i_r1'], '.1f'):>15} {_cell(row['speed_vs_vit_b32'], '.2f'):>6}  {status}"
+        )
+    sources = sorted({row["flickr_source"] for row in rows if row["flickr_source"]})
+    click.echo(f"\nFLICKR_T2I_R@1: published zero-shot Flickr30k text->image recall@1 (%), from {'; '.join(sources)}")
+    if not bench:
+        click.echo("SPEED: images/s on this machine relative to ViT-B/32 (2.00 = twice as fast); measure with --bench")
+    if default not in names:
+        click.echo(f"default model: {default} (from CLIPSEARCH_MODEL)")
+    click.echo(f"downloads go to {cache_dir()}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -31,7 +32,9 @@ from torch import nn
 from retrieval.errors import CheckpointError
 from retrieval.model.clip import CLIP, Towers
 from retrieval.model.config import CLIPConfig
-from retrieval.model.files import CONFIG_FILE, WEIGHTS_FILE
+from retrieval.model.family import EmbeddingModel, build_towers
+from retrieval.model.files import CONFIG_FILE, TOKENIZER_CONFIG_FILE, WEIGHTS_FILE
+from retrieval.model.open_clip_files import OpenClipHints, find_open_clip_config, find_open_clip_weights, read_hints
 from retrieval.model.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 logger = logging.getLogger(__name__)
@@ -39,8 +42,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "clipsearch-checkpoint"
 FORMAT_VERSION = 1
 ACCEPTED_FORMATS = (
-    "OpenAI TorchScript .pt, state-dict .pt/.pth/.bin, .safetensors, open_clip checkpoints, "
-    "Hugging Face CLIPModel folders, clipsearch checkpoint folders"
+    "OpenAI TorchScript .pt, state-dict .pt/.pth/.bin, .safetensors, open_clip checkpoints (CLIP and SigLIP), "
+    "Hugging Face CLIPModel and SiglipModel folders, clipsearch checkpoint folders"
 )
 # Scalars OpenAI's TorchScript archives keep next to the weights; the config carries them instead.
 _TORCHSCRIPT_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -74,8 +77,9 @@ def read_checkpoint(path: str | os.PathLike[str], towers: Towers = "both") -> Ch
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     if path.suffix == ".safetensors":
-        state_dict, config = _read_safetensors(path, towers)
-        return Checkpoint(state_dict, config, "safetensors", path.stem, path)
+        hints = _open_clip_hints(path)
+        state_dict, config = _read_safetensors(path, towers, hints=hints)
+        return Checkpoint(state_dict, config, "open_clip" if hints else "safetensors", path.stem, path)
     raw, kind = _torch_load(path)
     if kind == "state_dict" and isinstance(raw.get("state_dict"), Mapping):
         raw, kind = raw["state_dict"], "open_clip"
@@ -87,7 +91,11 @@ def read_checkpoint(path: str | os.PathLike[str], towers: Towers = "both") -> Ch
 
 
 def _read_folder(folder: Path, towers: Towers) -> Checkpoint:
-    """Our own format or a Hugging Face CLIPModel folder, told apart by config.json."""
+    """Our own format, an open_clip hub folder, or a Hugging Face CLIPModel/SiglipModel folder."""
+    weights = find_open_clip_weights(folder)
+    if weights is not None and find_open_clip_config(folder) is not None:
+        state_dict, config = _read_safetensors(weights, towers, hints=_open_clip_hints(weights))
+        return Checkpoint(state_dict, config, "open_clip", folder.name, weights)
     try:
         meta = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
@@ -100,8 +108,11 @@ def _read_folder(folder: Path, towers: Towers) -> Checkpoint:
         weights = folder / WEIGHTS_FILE
         state_dict, config = _read_safetensors(weights, towers, CLIPConfig.from_dict(meta["config"]))
         return Checkpoint(state_dict, config, "clipsearch", str(meta.get("name") or folder.name), weights)
-    if meta.get("model_type") == "clip":
-        from retrieval.model.convert_hf import read_hf_folder
+    if meta.get("model_type") in ("clip", "siglip"):
+        if meta["model_type"] == "clip":
+            from retrieval.model.convert_hf import read_hf_folder
+        else:
+            from retrieval.model.convert_siglip import read_hf_folder
 
         state_dict, config = read_hf_folder(folder)
         weights = next(
@@ -116,21 +127,33 @@ def _read_folder(folder: Path, towers: Towers) -> Checkpoint:
 
 
 def _read_safetensors(
-    path: Path, towers: Towers, config: CLIPConfig | None = None
+    path: Path, towers: Towers, config: CLIPConfig | None = None, hints: OpenClipHints | None = None
 ) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
-    """Read only the tensors of the towers asked for; without `config`, infer it from every tensor's shape."""
+    """Read only the tensors of the towers asked for; without `config`, infer it from every tensor's shape.
+
+    `hints` (from an open_clip_config.json) supply the activation, which shapes cannot tell; without them a
+    CLIP gets OpenAI's QuickGELU and a SigLIP image tower exact GELU.
+    """
     try:
         with safe_open(str(path), framework="pt") as f:
             # Shapes alone (on the meta device) are enough to infer the architecture and pick the tensors.
             shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
             shapes = _to_openai_layout(shapes, path)
-            config = config or CLIPConfig.from_state_dict(shapes)
+            if config is None:
+                activation = {} if hints is None else {"quick_gelu": hints.quick_gelu, "gelu_tanh": hints.gelu_tanh}
+                config = CLIPConfig.from_state_dict(shapes, **activation)
             prefixed = {k.removeprefix("module."): k for k in f.keys()}
             state_dict = {k: f.get_tensor(prefixed[k]) for k in CLIP.state_dict_for_towers(shapes, towers)}
     except (SafetensorError, OSError) as e:
         # A file the user named may be no checkpoint at all; a checkpoint folder's weights file can only be damaged.
         raise unreadable_weights_error(path, e, accepted=config is None) from e
     return _as_float32(state_dict), config
+
+
+def _open_clip_hints(weights: Path) -> OpenClipHints | None:
+    """The hints of the open_clip_config.json beside a weights file, if there is one."""
+    config_file = find_open_clip_config(weights)
+    return None if config_file is None else read_hints(config_file)
 
 
 def _torch_load(path: Path) -> tuple[dict[str, Any], str]:
@@ -248,8 +271,8 @@ def _skip_init() -> Iterator[None]:
             setattr(nn.init, name, function)
 
 
-def build_model(checkpoint: Checkpoint, towers: Towers = "both", source: str | os.PathLike[str] = "") -> CLIP:
-    """A CLIP of the checkpoint's architecture holding the checkpoint's tensors (no copy).
+def build_model(checkpoint: Checkpoint, towers: Towers = "both", source: str | os.PathLike[str] = "") -> EmbeddingModel:
+    """A CLIP or SigLIP (per the config's family) of the checkpoint's architecture, holding its tensors (no copy).
 
     Args:
         checkpoint: from `read_checkpoint`.
@@ -260,7 +283,7 @@ def build_model(checkpoint: Checkpoint, towers: Towers = "both", source: str | o
         CheckpointError: keys missing or unexpected, or tensors of the wrong shape.
     """
     with _skip_init():
-        model = CLIP(checkpoint.config, towers=towers)
+        model = build_towers(checkpoint.config, towers=towers)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state_dict = CLIP.state_dict_for_towers(checkpoint.state_dict, towers)
     missing = sorted(set(expected) - set(state_dict))
@@ -285,7 +308,7 @@ def build_model(checkpoint: Checkpoint, towers: Towers = "both", source: str | o
 
 
 def save_checkpoint(
-    model: CLIP,
+    model: EmbeddingModel,
     directory: str | os.PathLike[str],
     name: str | None = None,
     description: str = "",
@@ -305,7 +328,7 @@ def save_checkpoint(
     Returns:
         The folder.
     """
-    if model.visual is None or model.transformer is None:
+    if model.towers != "both":
         raise ValueError("save_checkpoint needs a model with both towers (towers='both')")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -330,11 +353,22 @@ def save_checkpoint(
             os.chmod(path, 0o666 & ~umask)
         os.replace(weights_tmp, directory / WEIGHTS_FILE)
         os.replace(config_tmp, directory / CONFIG_FILE)
+        _copy_tokenizer(model, directory)
     finally:
         weights_tmp.unlink(missing_ok=True)
         config_tmp.unlink(missing_ok=True)
     logger.info("saved checkpoint %r to %s", name, directory)
     return directory
+
+
+def _copy_tokenizer(model: EmbeddingModel, directory: Path) -> None:
+    """Keep a hub tokenizer with the weights (SigLIP): its tokenizer.json and any tokenizer_config.json."""
+    tokenizer_file = getattr(model, "tokenizer_file", None)
+    if tokenizer_file is None:
+        return
+    for source in (tokenizer_file, tokenizer_file.parent / TOKENIZER_CONFIG_FILE):
+        if source.is_file() and source.parent.resolve() != directory.resolve():
+            shutil.copyfile(source, directory / source.name)
 
 
 def _temp_path(directory: Path, final_name: str) -> Path:

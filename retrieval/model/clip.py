@@ -8,7 +8,7 @@ Parameter names are exactly OpenAI's (`visual.*`, `token_embedding`, `positional
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal, TypeVar
 
 import torch
@@ -21,8 +21,16 @@ from retrieval.model.vision import ModifiedResNet, VisionTransformer
 
 Towers = Literal["both", "image", "text"]
 TOWERS: tuple[str, ...] = ("both", "image", "text")
-# Top-level keys of the text tower; `visual.*` is the image tower and `logit_scale` is shared.
-TEXT_KEY_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+# Top-level keys of the text tower; `visual.*` is the image tower and `logit_scale` is shared. SigLIP keeps its
+# whole text tower under `text.`.
+TEXT_KEY_PREFIXES = (
+    "token_embedding.",
+    "positional_embedding",
+    "transformer.",
+    "ln_final.",
+    "text_projection",
+    "text.",
+)
 
 V = TypeVar("V")
 
@@ -105,6 +113,13 @@ class CLIP(nn.Module):
             return True
 
         return {k: v for k, v in state_dict.items() if built(k)}
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids [N, context_length] from CLIP's BPE tokenizer; over-long texts are truncated."""
+        # Imported here: ftfy costs ~0.3 s, which decoder workers (they unpickle this module) must not pay.
+        from retrieval.model.tokenizer import tokenize
+
+        return tokenize(list(texts), context_length=self.config.text.context_length, truncate=True)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Embed preprocessed images.

@@ -1,4 +1,9 @@
-"""CLIP architecture configs: frozen dataclasses, named presets, and inference from a state dict's shapes."""
+"""Model architecture configs: frozen dataclasses, named presets, and inference from a state dict's shapes.
+
+One config type serves every family: `family` picks the module that builds the towers ("clip": OpenAI's
+layout in `clip.py`; "siglip": open_clip's SigLIP layout in `siglip.py`), and the tower sizes mean the same
+in each.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import Any
 import torch
 
 from retrieval.errors import CheckpointError
+
+FAMILIES = ("clip", "siglip")
 
 # openai/CLIP fixes every attention head at 64 channels; a state dict only stores widths, so the head
 # count is derived from them (as openai/CLIP's build_model does).
@@ -25,6 +32,9 @@ class VisionConfig:
     layers: int | tuple[int, int, int, int] = 12  # ViT: transformer blocks; ResNet: bottlenecks per stage
     heads: int = 12  # attention heads (ViT blocks, or the ResNet's attention pool)
     patch_size: int | None = 32  # ViT patch side in pixels; None for ResNets
+    # SigLIP only: timm builds some SigLIP towers (e.g. B/32) with tanh-approximated GELU, others (B/16) with
+    # exact GELU; shapes cannot tell them apart, so it comes from the preset or open_clip_config.json.
+    gelu_tanh: bool = False
 
     @property
     def is_resnet(self) -> bool:
@@ -51,6 +61,11 @@ class CLIPConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)  # the image tower
     text: TextConfig = field(default_factory=TextConfig)  # the text tower
     quick_gelu: bool = True  # OpenAI's x*sigmoid(1.702x) activation; False means exact GELU (open_clip LAION)
+    family: str = "clip"  # which tower module builds it: "clip" (OpenAI layout) or "siglip" (open_clip SigLIP)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise CheckpointError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (ResNet stage counts become a list)."""
@@ -72,26 +87,33 @@ class CLIPConfig:
                 vision=VisionConfig(**vision),
                 text=TextConfig(**d["text"]),
                 quick_gelu=d["quick_gelu"],
+                family=d.get("family", "clip"),  # configs written before SigLIP have no family
             )
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"invalid CLIP config {dict(d)!r}: {e}; write it with CLIPConfig.to_dict()") from e
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLIPConfig:
-        """Infer the architecture from an OpenAI-layout state dict's tensor shapes, as openai/CLIP's build_model does.
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], quick_gelu: bool = True, gelu_tanh: bool = False
+    ) -> CLIPConfig:
+        """Infer the architecture from a state dict's tensor shapes, as openai/CLIP's build_model does.
 
         Works on tensors of any device, including "meta". Head counts follow OpenAI's rule of 64 channels
-        per head.
+        per head. open_clip's SigLIP layout (`visual.trunk.*`, `text.*`) gives a "siglip" config.
 
         Args:
-            state_dict: OpenAI key names (`visual.*`, `token_embedding.weight`, ...), both towers present.
-            quick_gelu: the activation cannot be read from shapes: True for OpenAI's checkpoints, False for
-                open_clip's LAION ones.
+            state_dict: OpenAI key names (`visual.*`, `token_embedding.weight`, ...) or open_clip's SigLIP
+                ones, both towers present.
+            quick_gelu: CLIP only; the activation cannot be read from shapes: True for OpenAI's checkpoints,
+                False for open_clip's LAION ones.
+            gelu_tanh: SigLIP only: the image tower's GELU is tanh-approximated (see `VisionConfig`).
 
         Raises:
             CheckpointError: if a key the inference needs is missing.
         """
         sd = state_dict
+        if "visual.trunk.pos_embed" in sd:
+            return _siglip_from_state_dict(sd, gelu_tanh)
         try:
             if "visual.proj" in sd:
                 width = sd["visual.conv1.weight"].shape[0]
@@ -131,6 +153,35 @@ class CLIPConfig:
             ) from e
 
 
+def _siglip_from_state_dict(sd: Mapping[str, torch.Tensor], gelu_tanh: bool) -> CLIPConfig:
+    """Infer a SigLIP config from open_clip's SigLIP layout (`visual.trunk.*` timm ViT, `text.*` text tower)."""
+    try:
+        width = sd["visual.trunk.patch_embed.proj.weight"].shape[0]
+        patch_size = sd["visual.trunk.patch_embed.proj.weight"].shape[-1]
+        grid = round(sd["visual.trunk.pos_embed"].shape[1] ** 0.5)
+        vision = _vit(patch_size * grid, width, _count_blocks(sd, "visual.trunk.blocks."), patch_size, gelu_tanh)
+        text_width = sd["text.ln_final.weight"].shape[0]
+        text = TextConfig(
+            context_length=sd["text.positional_embedding"].shape[0],
+            vocab_size=sd["text.token_embedding.weight"].shape[0],
+            width=text_width,
+            heads=text_width // HEAD_WIDTH,
+            layers=_count_blocks(sd, "text.transformer.resblocks."),
+        )
+        embed_dim = sd["text.text_projection.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(
+            f"cannot infer a SigLIP architecture: state dict has no {e}; expected open_clip's SigLIP key names "
+            "(visual.trunk.*, text.*) with both towers"
+        ) from e
+    if embed_dim != width:
+        raise CheckpointError(
+            f"unsupported SigLIP checkpoint: image width {width} differs from the embedding width {embed_dim} "
+            "(open_clip's SigLIP models have no image projection)"
+        )
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=False, family="siglip")
+
+
 def _count_blocks(state_dict: Mapping[str, Any], prefix: str) -> int:
     """Count the distinct block indices N among keys `<prefix>N.*`."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
@@ -142,6 +193,11 @@ def _openai_text(width: int) -> TextConfig:
     return TextConfig(width=width, heads=width // HEAD_WIDTH, layers=12)
 
 
+def _siglip2_text() -> TextConfig:
+    """SigLIP2's base text tower: 12 layers of width 768 over Gemma's 256k vocabulary, 64 tokens."""
+    return TextConfig(context_length=64, vocab_size=256000, width=768, heads=12, layers=12)
+
+
 def _resnet(image_size: int, width: int, layers: tuple[int, int, int, int]) -> VisionConfig:
     """A ModifiedResNet tower; its attention pool works on width*32 channels."""
     return VisionConfig(
@@ -149,11 +205,9 @@ def _resnet(image_size: int, width: int, layers: tuple[int, int, int, int]) -> V
     )
 
 
-def _vit(image_size: int, width: int, layers: int, patch_size: int) -> VisionConfig:
+def _vit(image_size: int, width: int, layers: int, patch_size: int, gelu_tanh: bool = False) -> VisionConfig:
     """A VisionTransformer tower with 64-channel heads."""
-    return VisionConfig(
-        image_size=image_size, width=width, layers=layers, heads=width // HEAD_WIDTH, patch_size=patch_size
-    )
+    return VisionConfig(image_size, width, layers, width // HEAD_WIDTH, patch_size, gelu_tanh)
 
 
 PRESETS: dict[str, CLIPConfig] = {
@@ -171,6 +225,10 @@ PRESETS: dict[str, CLIPConfig] = {
     "ViT-B-32": CLIPConfig(512, _vit(224, 768, 12, 32), _openai_text(512), quick_gelu=False),
     "ViT-B-16": CLIPConfig(512, _vit(224, 768, 12, 16), _openai_text(512), quick_gelu=False),
     "ViT-L-14": CLIPConfig(768, _vit(224, 1024, 24, 14), _openai_text(768), quick_gelu=False),
+    "ViT-B-32-256": CLIPConfig(512, _vit(256, 768, 12, 32), _openai_text(512), quick_gelu=False),
+    # open_clip's SigLIP2 models: timm ViT with a MAP head, Gemma-vocabulary text tower of 64 tokens.
+    "ViT-B-32-SigLIP2-256": CLIPConfig(768, _vit(256, 768, 12, 32, gelu_tanh=True), _siglip2_text(), False, "siglip"),
+    "ViT-B-16-SigLIP2-256": CLIPConfig(768, _vit(256, 768, 12, 16), _siglip2_text(), False, "siglip"),
     # Tiny random-init models for tests and toy training; they keep the real tokenizer's vocabulary.
     "tiny-vit": CLIPConfig(64, _vit(32, 128, 2, 8), TextConfig(width=128, heads=2, layers=2)),
     "tiny-rn": CLIPConfig(64, _resnet(64, 8, (1, 1, 1, 1)), TextConfig(width=128, heads=2, layers=2)),

@@ -1,4 +1,4 @@
-"""Run a CLIP's encoders for inference: no autograd, inputs moved to the model's device, fp16 autocast on
+"""Run a model's encoders for inference: no autograd, inputs moved to the model's device, fp16 autocast on
 CUDA, float32 numpy rows out."""
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from retrieval.model.clip import CLIP
-from retrieval.model.tokenizer import tokenize
+from retrieval.model.family import EmbeddingModel
 from retrieval.types import Embeddings
 
 
-def model_device(model: CLIP) -> torch.device:
+def model_device(model: EmbeddingModel) -> torch.device:
     """The device the model's weights are on."""
     return next(model.parameters()).device
 
@@ -33,7 +32,7 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def encode_images(model: CLIP, pixels: torch.Tensor) -> Embeddings:
+def encode_images(model: EmbeddingModel, pixels: torch.Tensor) -> Embeddings:
     """Embed a batch of preprocessed images.
 
     Args:
@@ -49,7 +48,7 @@ def encode_images(model: CLIP, pixels: torch.Tensor) -> Embeddings:
     return embeddings.float().cpu().numpy()
 
 
-def encode_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256) -> Embeddings:
+def encode_texts(model: EmbeddingModel, texts: str | Sequence[str], batch_size: int = 256) -> Embeddings:
     """Embed texts, tokenized for the model's context length (over-long texts are truncated).
 
     Texts are batched by token length, so a batch runs only as far as its longest text.
@@ -67,8 +66,10 @@ def encode_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256)
     out = np.empty((len(texts), model.config.embed_dim), dtype=np.float32)
     if not texts:
         return out
-    tokens = tokenize(list(texts), context_length=model.config.text.context_length, truncate=True)  # [N, L]
-    order = torch.argsort(tokens.argmax(dim=-1))  # by end-of-text position, i.e. by length
+    tokens = model.tokenize(list(texts))  # [N, L], over-long texts truncated
+    # CLIP: by end-of-text position (the largest id), i.e. by length, so a batch stops at its longest text.
+    # SigLIP always runs all L positions, and any order does.
+    order = torch.argsort(tokens.argmax(dim=-1))
     device = model_device(model)
     with torch.inference_mode(), _autocast(device):
         for start in range(0, len(texts), batch_size):

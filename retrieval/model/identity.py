@@ -21,6 +21,9 @@ class ModelInfo:
     image_size: int  # side of the square input the image tower sees
     mean: tuple[float, float, float]  # per-channel normalisation the preprocessing applies
     std: tuple[float, float, float]
+    # Added with SigLIP; the defaults are what every model recorded before, so old stores keep their identity.
+    resize_mode: str = "shortest"  # how images become squares ("shortest" + centre crop, or "squash")
+    tokenizer: str = "clip-bpe"  # the text tokenizer: CLIP's BPE, or "hf:<sha256[:16] of tokenizer.json>"
 
     @property
     def table_name(self) -> str:
@@ -42,6 +45,8 @@ class ModelInfo:
             image_size=int(d["image_size"]),
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
+            resize_mode=str(d.get("resize_mode", "shortest")),
+            tokenizer=str(d.get("tokenizer", "clip-bpe")),
         )
 
     @classmethod
@@ -49,20 +54,33 @@ class ModelInfo:
         """Identity of a model built in memory (tests, training): hashes its tensors, so equal weights match.
 
         Args:
-            model: a `CLIP` module.
+            model: a `CLIP` or `SigLIP` module.
             name: the name to record.
         """
-        from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD
+        from retrieval.model.preprocess import Preprocess
 
         config = model.config
+        preprocess = Preprocess.from_config(config)
         return cls(
             name=name,
             weights_sha256=state_dict_sha256(model.state_dict()),
             embed_dim=config.embed_dim,
             image_size=config.vision.image_size,
-            mean=CLIP_MEAN,
-            std=CLIP_STD,
+            mean=preprocess.mean,
+            std=preprocess.std,
+            resize_mode=preprocess.resize_mode,
+            tokenizer=tokenizer_identity(model),
         )
+
+
+def tokenizer_identity(model: nn.Module) -> str:
+    """What `ModelInfo.tokenizer` records: "clip-bpe", "hf:" + the tokenizer.json's SHA-256[:16], or "none"."""
+    from retrieval.model.download import file_sha256
+
+    if model.config.family == "clip":
+        return "clip-bpe"
+    tokenizer_file = getattr(model, "tokenizer_file", None)
+    return "none" if tokenizer_file is None else f"hf:{file_sha256(tokenizer_file)[:16]}"
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:

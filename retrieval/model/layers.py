@@ -67,16 +67,18 @@ class MultiheadSelfAttention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, quick_gelu: bool) -> None:
+    def __init__(
+        self, width: int, heads: int, quick_gelu: bool, eps: float = 1e-5, gelu_approximate: str = "none"
+    ) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = MultiheadSelfAttention(width, heads)
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(
             OrderedDict(
                 [
                     ("c_fc", nn.Linear(width, 4 * width)),
-                    ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+                    ("gelu", QuickGELU() if quick_gelu else nn.GELU(approximate=gelu_approximate)),
                     ("c_proj", nn.Linear(4 * width, width)),
                 ]
             )
@@ -89,14 +91,28 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of residual attention blocks (`resblocks.N.*`), causal for the text tower."""
+    """A stack of residual attention blocks (`resblocks.N.*`), causal for CLIP's text tower.
 
-    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool, causal: bool = False) -> None:
+    `eps` and `gelu_approximate` default to CLIP's; SigLIP's text tower uses 1e-6 and tanh-approximated GELU.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        quick_gelu: bool,
+        causal: bool = False,
+        eps: float = 1e-5,
+        gelu_approximate: str = "none",
+    ) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         self.causal = causal
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, quick_gelu, eps, gelu_approximate) for _ in range(layers)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run every block on x [B, L, width]."""

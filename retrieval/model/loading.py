@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,11 +17,21 @@ from pathlib import Path
 import torch
 
 from retrieval.errors import CheckpointError
-from retrieval.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_model, read_checkpoint, save_checkpoint
+from retrieval.model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    build_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from retrieval.model.clip import CLIP, TOWERS, Towers
 from retrieval.model.download import cache_dir, ensure_downloaded, file_sha256
-from retrieval.model.identity import ModelInfo
-from retrieval.model.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
+from retrieval.model.files import TOKENIZER_FILE
+from retrieval.model.hub import ensure_hub_files
+from retrieval.model.identity import ModelInfo, tokenizer_identity
+from retrieval.model.open_clip_files import find_open_clip_config, read_hints
+from retrieval.model.preprocess import RESIZE_MODES, Preprocess
 from retrieval.model.registry import ModelSpec, check_model_name, default_model_name, get_spec, is_registered
 
 logger = logging.getLogger(__name__)
@@ -49,12 +60,12 @@ def load_model(
     device: str | torch.device = "auto",
     towers: Towers = "both",
 ) -> tuple[CLIP, Preprocess]:
-    """Load a CLIP model by registry name or from a checkpoint file or folder.
+    """Load a CLIP (or SigLIP) model by registry name or from a checkpoint file or folder.
 
     A registry name ("ViT-B/32", see `available_models()`) is downloaded into the cache dir on first use and
-    verified; "shapes-mini" ships with the package. A path may be any format `read_checkpoint` reads. The
-    same call again in the same process returns the same (shared) objects: copy the model before changing
-    its weights.
+    verified (from OpenAI, or from a hub repository for OpenCLIP and SigLIP2 models); "shapes-mini" ships with
+    the package. A path may be any format `read_checkpoint` reads. The same call again in the same process
+    returns the same (shared) objects: copy the model before changing its weights.
 
     Args:
         name_or_path: a registry name or a path; None means `$CLIPSEARCH_MODEL`, else "ViT-B/32".
@@ -82,6 +93,7 @@ def load_model(
     target = resolve_device(device)
 
     registry_sha = None
+    spec = None
     if is_registered(name):
         spec = get_spec(name)
         name = spec.name
@@ -92,6 +104,9 @@ def load_model(
                     f"the bundled model {name!r} is missing from this installation (no {source / CONFIG_FILE}); "
                     "reinstall clipsearch, or choose another model"
                 )
+        elif spec.on_hub:
+            # Hub weights are safetensors already: memory-mapped and read per tower, no float32 copy needed.
+            source = ensure_hub_files(spec)
         else:
             source = _float32_copy(ensure_downloaded(spec), spec)
             registry_sha = spec.sha256
@@ -109,17 +124,24 @@ def load_model(
 
     start = time.perf_counter()
     checkpoint = read_checkpoint(source, towers=towers)
+    if spec is not None and spec.quick_gelu is not None and checkpoint.config.quick_gelu != spec.quick_gelu:
+        checkpoint = checkpoint._replace(config=dataclasses.replace(checkpoint.config, quick_gelu=spec.quick_gelu))
     model = build_model(checkpoint, towers=towers, source=source).to(target).eval()
     config = checkpoint.config
+    preprocess = _preprocess_for(checkpoint)
+    if config.family != "clip":
+        model.tokenizer_file = _tokenizer_file(checkpoint.weights_file)
     model.info = ModelInfo(
         name=name or checkpoint.name,
         weights_sha256=registry_sha or _weights_sha256(checkpoint.weights_file),
         embed_dim=config.embed_dim,
         image_size=config.vision.image_size,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
+        mean=preprocess.mean,
+        std=preprocess.std,
+        resize_mode=preprocess.resize_mode,
+        tokenizer=tokenizer_identity(model),
     )
-    loaded = (model, Preprocess.from_config(config))
+    loaded = (model, preprocess)
     logger.info(
         "loaded %s (%s, towers=%s) on %s in %.2f s",
         model.info.name,
@@ -176,6 +198,38 @@ def _float32_copy(downloaded: Path, spec: ModelSpec) -> Path:
         return downloaded
     logger.info("wrote a float32 copy of %s to %s for faster loading", downloaded.name, target)
     return target
+
+
+def _preprocess_for(checkpoint: Checkpoint) -> Preprocess:
+    """The family's preprocessing, or what the open_clip_config.json beside the weights prescribes.
+
+    Raises:
+        CheckpointError: the open_clip config asks for preprocessing we do not implement.
+    """
+    preprocess = Preprocess.from_config(checkpoint.config)
+    config_file = find_open_clip_config(checkpoint.weights_file)
+    if config_file is None:
+        return preprocess
+    cfg = read_hints(config_file).preprocess
+    interpolation, resize_mode = cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", preprocess.resize_mode)
+    if interpolation != "bicubic" or resize_mode not in RESIZE_MODES:
+        raise CheckpointError(
+            f"{config_file} asks for {interpolation} resizing in {resize_mode!r} mode; clipsearch implements bicubic "
+            f"resizing in the modes {', '.join(RESIZE_MODES)}"
+        )
+    return Preprocess(
+        image_size=preprocess.image_size,
+        mean=tuple(float(x) for x in cfg.get("mean", preprocess.mean)),
+        std=tuple(float(x) for x in cfg.get("std", preprocess.std)),
+        fast=preprocess.fast,
+        resize_mode=resize_mode,
+    )
+
+
+def _tokenizer_file(weights: Path) -> Path | None:
+    """The tokenizer.json of a hub model: in the checkpoint folder, i.e. beside its weights file."""
+    candidate = (weights if weights.is_dir() else weights.parent) / TOKENIZER_FILE
+    return candidate if candidate.is_file() else None
 
 
 def _stamp(path: Path) -> tuple:

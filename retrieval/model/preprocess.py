@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP's (Inception's) normalisation, mapping [0, 1] to [-1, 1].
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+# How an image becomes the model's square: "shortest" resizes the shorter side and centre-crops (CLIP),
+# "squash" resizes both sides to S without cropping (open_clip's SigLIP preprocessing).
+RESIZE_MODES = ("shortest", "squash")
 
 # We enforce our own, configurable pixel limit (after draft() has shrunk a JPEG); Pillow's global one
 # would refuse huge JPEGs that draft() decodes at 1/8 scale without ever holding the full image.
@@ -183,10 +189,17 @@ class Preprocess:
     # ViT-B/32's embedding within cosine 0.9999 of the exact path (benchmarks/draft_fidelity.py), and it cuts the
     # resize work 4x compared with stopping at 2*S, which matters when decoding competes with the encoder.
     fast: bool = True
+    resize_mode: str = "shortest"  # one of RESIZE_MODES
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
 
     @classmethod
     def from_config(cls, config: Any, fast: bool = True) -> Preprocess:
-        """The preprocessing a `CLIPConfig` expects."""
+        """The preprocessing a `CLIPConfig` expects: its resolution, and its family's normalisation and resize."""
+        if getattr(config, "family", "clip") == "siglip":
+            return cls(config.vision.image_size, SIGLIP_MEAN, SIGLIP_STD, fast=fast, resize_mode="squash")
         return cls(image_size=config.vision.image_size, fast=fast)
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
@@ -200,10 +213,15 @@ class Preprocess:
         return to_rgb(image, min_size=self.image_size if self.fast else None, max_megapixels=max_megapixels)
 
     def transform(self, image: Image.Image) -> torch.Tensor:
-        """Resize the shorter side to S (bicubic), centre crop S x S, scale to [0, 1] and normalise."""
+        """Resize the shorter side to S (bicubic), centre crop S x S, scale to [0, 1] and normalise.
+
+        With `resize_mode="squash"`, both sides are resized to S (bicubic) and nothing is cropped.
+        """
         size = self.image_size
         width, height = image.size
-        if width <= height:
+        if self.resize_mode == "squash":
+            new_size = (size, size)
+        elif width <= height:
             new_size = (size, int(size * height / width))
         else:
             new_size = (int(size * width / height), size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from retrieval.errors import UnknownModelError
 
@@ -16,18 +17,36 @@ _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registry entry: where a named model's weights come from."""
+    """One registry entry: where a named model's weights come from, and what `clipsearch models` shows."""
 
     name: str  # what users type ("ViT-B/32")
     description: str  # one line for `clipsearch models`
     url: str | None = None  # download URL; None for a bundled model
     sha256: str | None = None  # hex SHA-256 of the downloaded file, checked after every download
     path: Path | None = None  # bundled models: the checkpoint folder inside the package
+    # Hub models: files of a Hugging Face-style repository at a revision (see hub.py).
+    hub_repo: str | None = None  # "owner/name" on the hub
+    revision: str = "main"  # a commit hash pins the files; a branch name follows it
+    files: tuple[str, ...] = ()  # the files to fetch: weights, open_clip_config.json, tokenizer files
+    file_sha256: tuple[tuple[str, str], ...] = ()  # (file, SHA-256) pins; unpinned files use the hub's hash
+    quick_gelu: bool | None = None  # overrides the hub config's activation when it is known to be wrong
+    # For the `clipsearch models` table.
+    family: str = "CLIP"  # "CLIP", "OpenCLIP", "SigLIP2"
+    embed_dim: int | None = None  # embedding length
+    download_mb: float | None = None  # approximate download size
+    flickr_t2i_r1: float | None = None  # published zero-shot Flickr30k text->image recall@1, in %
+    flickr_source: str = ""  # where that figure is published
+    arch: str | None = None  # the config preset with its architecture (benchmarks build it with random weights)
 
     @property
     def bundled(self) -> bool:
         """True when the weights ship inside the package instead of being downloaded."""
         return self.path is not None
+
+    @property
+    def on_hub(self) -> bool:
+        """True when the model's files come from a hub repository."""
+        return self.hub_repo is not None
 
     @property
     def filename(self) -> str:
@@ -37,9 +56,37 @@ class ModelSpec:
         return self.url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _openai(name: str, sha256: str, filename: str, description: str) -> ModelSpec:
+# Published zero-shot Flickr30k text->image recall@1 (1k test set), from open_clip's benchmark table.
+_OPEN_CLIP_RESULTS = "open_clip docs/openclip_retrieval_results.csv (Flickr image retr. R@1)"
+
+
+def _openai(
+    name: str, sha256: str, filename: str, description: str, embed_dim: int, download_mb: float, flickr: float
+) -> ModelSpec:
     """An OpenAI release, whose URL carries the file's SHA-256 as its second-last segment."""
-    return ModelSpec(name, description, url=f"{_OPENAI_BASE}/{sha256}/{filename}", sha256=sha256)
+    return ModelSpec(
+        name,
+        description,
+        url=f"{_OPENAI_BASE}/{sha256}/{filename}",
+        sha256=sha256,
+        family="CLIP",
+        embed_dim=embed_dim,
+        download_mb=download_mb,
+        flickr_t2i_r1=flickr,
+        flickr_source=_OPEN_CLIP_RESULTS,
+        arch=name,
+    )
+
+
+# Hub files are fetched at revision "main" and verified against the SHA-256 the hub announces for each: pinning a
+# commit and each file's SHA-256 needs a machine that can reach the hub, which this registry was not written on.
+_OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+_SIGLIP2_FILES = (*_OPEN_CLIP_FILES, "tokenizer.json", "tokenizer_config.json")
+
+
+def _hub(name: str, repo: str, files: tuple[str, ...], description: str, **table: Any) -> ModelSpec:
+    """A model whose files come from a hub repository."""
+    return ModelSpec(name, description, hub_repo=repo, files=files, **table)
 
 
 _REGISTRY: dict[str, ModelSpec] = {
@@ -50,59 +97,144 @@ _REGISTRY: dict[str, ModelSpec] = {
             "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
             "RN50.pt",
             "OpenAI CLIP ResNet-50, 224 px, 1024-d",
+            embed_dim=1024,
+            download_mb=244,
+            flickr=57.36,
         ),
         _openai(
             "RN101",
             "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
             "RN101.pt",
             "OpenAI CLIP ResNet-101, 224 px, 512-d",
+            embed_dim=512,
+            download_mb=278,
+            flickr=58.04,
         ),
         _openai(
             "RN50x4",
             "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
             "RN50x4.pt",
             "OpenAI CLIP ResNet-50 x4 width, 288 px, 640-d",
+            embed_dim=640,
+            download_mb=402,
+            flickr=62.58,
         ),
         _openai(
             "RN50x16",
             "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
             "RN50x16.pt",
             "OpenAI CLIP ResNet-50 x16 width, 384 px, 768-d",
+            embed_dim=768,
+            download_mb=630,
+            flickr=65.34,
         ),
         _openai(
             "RN50x64",
             "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
             "RN50x64.pt",
             "OpenAI CLIP ResNet-50 x64 width, 448 px, 1024-d",
+            embed_dim=1024,
+            download_mb=1260,
+            flickr=68.98,
         ),
         _openai(
             "ViT-B/32",
             "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
             "ViT-B-32.pt",
             "OpenAI CLIP ViT-B/32, 224 px, 512-d (fast; a good default)",
+            embed_dim=512,
+            download_mb=338,
+            flickr=58.78,
         ),
         _openai(
             "ViT-B/16",
             "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
             "ViT-B-16.pt",
             "OpenAI CLIP ViT-B/16, 224 px, 512-d",
+            embed_dim=512,
+            download_mb=335,
+            flickr=62.16,
         ),
         _openai(
             "ViT-L/14",
             "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
             "ViT-L-14.pt",
             "OpenAI CLIP ViT-L/14, 224 px, 768-d",
+            embed_dim=768,
+            download_mb=890,
+            flickr=64.96,
         ),
         _openai(
             "ViT-L/14@336px",
             "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
             "ViT-L-14-336px.pt",
             "OpenAI CLIP ViT-L/14 at 336 px, 768-d (the most accurate, the slowest)",
+            embed_dim=768,
+            download_mb=891,
+            flickr=66.9,
+        ),
+        _hub(
+            "ViT-B-32/laion2b_s34b_b79k",
+            "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+            _OPEN_CLIP_FILES,
+            "OpenCLIP ViT-B/32 trained on LAION-2B, 224 px, 512-d (GELU)",
+            family="OpenCLIP",
+            embed_dim=512,
+            download_mb=605,
+            flickr_t2i_r1=66.78,
+            flickr_source=_OPEN_CLIP_RESULTS,
+            arch="ViT-B-32",
+        ),
+        _hub(
+            "ViT-B-32-256/datacomp_s34b_b86k",
+            "laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K",
+            _OPEN_CLIP_FILES,
+            "OpenCLIP ViT-B/32 trained on DataComp-1B, 256 px, 512-d (GELU)",
+            family="OpenCLIP",
+            embed_dim=512,
+            download_mb=605,
+            flickr_t2i_r1=64.92,
+            flickr_source=_OPEN_CLIP_RESULTS,
+            arch="ViT-B-32-256",
+        ),
+        _hub(
+            "ViT-B-16/dfn2b",
+            "apple/DFN2B-CLIP-ViT-B-16",
+            _OPEN_CLIP_FILES,
+            "Apple DFN ViT-B/16 trained on DFN-2B, 224 px, 512-d (QuickGELU)",
+            quick_gelu=True,  # open_clip's pretrained table says so; its hub config may not
+            family="OpenCLIP",
+            embed_dim=512,
+            download_mb=599,
+            flickr_t2i_r1=69.12,
+            flickr_source=_OPEN_CLIP_RESULTS,
+            arch="ViT-B/16",
+        ),
+        _hub(
+            "ViT-B-32-SigLIP2-256",
+            "timm/ViT-B-32-SigLIP2-256",
+            _SIGLIP2_FILES,
+            "Google SigLIP2 ViT-B/32, 256 px, 768-d, multilingual (Gemma tokenizer)",
+            family="SigLIP2",
+            embed_dim=768,
+            download_mb=1520,
+            arch="ViT-B-32-SigLIP2-256",
+        ),
+        _hub(
+            "ViT-B-16-SigLIP2-256",
+            "timm/ViT-B-16-SigLIP2-256",
+            _SIGLIP2_FILES,
+            "Google SigLIP2 ViT-B/16, 256 px, 768-d, multilingual (Gemma tokenizer)",
+            family="SigLIP2",
+            embed_dim=768,
+            download_mb=1500,
+            arch="ViT-B-16-SigLIP2-256",
         ),
         ModelSpec(
             "shapes-mini",
             "tiny CLIP trained on generated shapes; bundled, works offline (demo and tests)",
             path=ASSETS_DIR / "shapes-mini",
+            embed_dim=64,
         ),
     )
 }
@@ -157,13 +289,14 @@ def register_model(spec: ModelSpec) -> None:
     """Add (or replace) a named model, e.g. a mirror of a checkpoint on a local server.
 
     Args:
-        spec: a downloadable entry (`url` and `sha256` set) or a bundled/local one (`path` set).
+        spec: a downloadable entry (`url` and `sha256` set), a hub entry (`hub_repo` and `files` set) or a
+            bundled/local one (`path` set).
 
     Raises:
-        ValueError: the spec has neither a URL with its SHA-256 nor a path.
+        ValueError: the spec has none of these.
     """
-    if spec.path is None and (spec.url is None or spec.sha256 is None):
-        raise ValueError(f"model {spec.name!r} needs either a url and its sha256, or a path")
+    if spec.path is None and not (spec.hub_repo and spec.files) and (spec.url is None or spec.sha256 is None):
+        raise ValueError(f"model {spec.name!r} needs a url and its sha256, a hub repository and files, or a path")
     _REGISTRY[spec.name] = spec
 
 

@@ -309,6 +309,12 @@ def _initial_model(config: TrainConfig, device: torch.device) -> CLIP:
     """A fresh CLIP of the named architecture, or the checkpoint to fine-tune, in training mode on `device`."""
     if config.init_from is not None:
         shared, _ = load_model(config.init_from, device=device)
+        if shared.config.family != "clip":
+            # The loss, the optimiser's groups and the data's tokenizer are CLIP's; SigLIP needs its own.
+            raise TrainingError(
+                f"{config.init_from} is a {shared.config.family} model; fine-tuning works for CLIP models only, "
+                "so choose a CLIP or OpenCLIP model to fine-tune"
+            )
         model = copy.deepcopy(shared)  # load_model hands out one shared instance per checkpoint; leave it intact
         del model.info  # its weights hash will no longer describe the weights
     else:
