@@ -305,9 +305,13 @@ def query(
 
 @click.command("similar")
 @click.argument("path", type=click.Path(dir_okay=False))  # a str: Path() would fold the // of a URL
+@click.option("--box", metavar="X0,Y0,X1,Y1",
+              help="Search by this region of the image only: fractions of its width and height, e.g. 0.5,0,1,0.5 "
+              "for the top right quarter.")  # fmt: skip
 @_common_options
 def similar(
     path: str,
+    box: str | None,
     top: int,
     in_dir: Path | None,
     after: datetime | None,
@@ -334,6 +338,7 @@ def similar(
       clipsearch similar ./photos/beach.jpg
       clipsearch similar ~/Downloads/sofa.png -n 5 --json
       clipsearch similar ./photos/beach.jpg -t 3 -0 | xargs -0 cp -t ./picked/
+      clipsearch similar ./photos/street.jpg --box 0.6,0.1,0.8,0.3   # like the sign in its top right
     """
     output = _output(as_json, plain, paths_only, null)
     library = _library(db, model, index_type)
@@ -348,5 +353,6 @@ def similar(
         show_weak=show_weak,
         sort=sort,
         collapse_duplicates=collapse_duplicates,
+        box=box,
     )
     _print_results(results, output, show_weak, cut=threshold is not None)
