@@ -18,12 +18,13 @@ import pytest
 from PIL import Image
 from test_index_support import tiny_checkpoint, tiny_model, write_images
 
+from clipsearch.library import Library
 from indexer.decode import Decoded, Decoder, DecodeTask
 from indexer.pipeline import IndexOptions, index_folders
 from retrieval.ann import open_index
 from retrieval.errors import QueryError, StoreError
 from retrieval.model.encode import encode_images
-from retrieval.query import search
+from retrieval.query import search, search_page
 from retrieval.regions import crop, view_boxes
 from retrieval.store import Store
 from retrieval.views import ViewStore
@@ -183,6 +184,19 @@ def test_a_query_scores_an_image_by_its_best_view_and_reports_its_box(tmp_path, 
     # a result whose whole image wins carries no box
     own = search(store, index, store.vectors_for([small_id])[0], k=1, views=table.matrix())[0]
     assert own.metadata["id"] == small_id and "view" not in own.metadata
+
+    # pages of the rescored ranking fit together, and carry the box too
+    ranking = [r.metadata["id"] for r in search(store, index, query, k=7, views=table.matrix())]
+    first = search_page(store, index, query, k=3, views=table.matrix())
+    second = search_page(store, index, query, k=4, offset=3, views=table.matrix())
+    assert [r.metadata["id"] for r in first.results + second.results] == ranking
+    assert first.results[0].metadata["view"] == pytest.approx(list(view_boxes(5)[0]), abs=1e-6)
+    assert (first.next_offset, second.next_offset) == (3, None)
+
+    # the library's searches use the views too, also where no metadata is asked for (no saved-index shortcut)
+    library = Library(db=tmp_path / "db", model=model[0])
+    best = library.search(query, k=1, metadata=False)[0]
+    assert best.path == str(photos / "small.png") and best.metadata["view"] == pytest.approx(list(view_boxes(5)[0]))
 
 
 def _cli(*args, cwd=None):
