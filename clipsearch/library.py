@@ -41,7 +41,7 @@ from retrieval.query import (
     search_page,
     search_saved,
 )
-from retrieval.regions import Region, StoredImage, crop
+from retrieval.regions import Box, Region, StoredImage, crop
 from retrieval.relevance import SORTS, Calibration, apply_cutoff, auto_cutoff, calibration_for, sort_by_date
 from retrieval.roots import Roots
 from retrieval.types import Embeddings, RowIds
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from retrieval.model.preprocess import Preprocess
     from retrieval.row_cache import RowCache
     from retrieval.store import Store
+    from retrieval.views import ViewMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ class Library:
         self._query_text_model: CLIP | None = None
         self._store_checked = False
         self._duplicates: tuple[tuple[int, float], list[DuplicateGroup]] | None = None
+        self._views: tuple[int, ViewMatrix | None] | None = None  # (store version, the store's sub-views)
 
     # ---- parts, loaded on first use ------------------------------------------------------------
 
@@ -350,6 +352,23 @@ class Library:
             self._index = sync_index(self._index, store, kind=self.index_type)
             self._index_version = version
         return self._index
+
+    def view_matrix(self) -> ViewMatrix | None:
+        """The store's sub-views (`retrieval.views`), read again whenever the store has changed; None when the
+        store was indexed without them."""
+        from retrieval.views import ViewStore
+
+        store = self.store()
+        if self._views is None or self._views[0] != store.version:
+            table = ViewStore.open(store)
+            self._views = (store.version, table.matrix() if table is not None else None)
+        return self._views[1]
+
+    def _has_views(self) -> bool:
+        """Whether the model's table has sub-views, seen from its files alone (no LanceDB import)."""
+        from retrieval.views import views_table_name
+
+        return (self.db / f"{views_table_name(self.model_info.table_name)}.lance").is_dir()
 
     def _saved_index(self) -> SavedIndex | None:
         """The saved index with its paths if it reflects the table as it is now, read without opening the
@@ -507,7 +526,8 @@ class Library:
             return sort_by_date(results) if sort == "date" else results
         calibrated = not auto or self._calibration() is not None
         fetch_threshold = None if auto or show_weak else threshold
-        if not metadata and condition is None and sort == "score" and not collapse_duplicates and calibrated:
+        plain = not metadata and condition is None and sort == "score" and not collapse_duplicates
+        if plain and calibrated and not self._has_views():
             saved = self._saved_index()
             if saved is not None:
                 vector = self.encode(terms, ensemble=ensemble, templates=templates)
@@ -516,7 +536,16 @@ class Library:
         store = self._searchable_store()
         vector = self.encode(terms, ensemble=ensemble, templates=templates)
         hidden = self._hidden_duplicates() if collapse_duplicates else []
-        results = search(store, self.ann_index(), vector, k, where=condition, threshold=fetch_threshold, exclude=hidden)
+        results = search(
+            store,
+            self.ann_index(),
+            vector,
+            k,
+            where=condition,
+            threshold=fetch_threshold,
+            exclude=hidden,
+            views=self.view_matrix(),
+        )
         if not results and in_dir is not None:
             _check_folder(store, in_dir)
         return self._relevant(results, threshold, vector, store, show_weak, sort)
@@ -572,17 +601,22 @@ class Library:
         sort: str = "score",
         collapse_duplicates: bool = False,
         concept: str | None = None,
+        box: Box | str | None = None,
     ) -> list[SearchResult]:
         """The images most like the image at `path`, inside the store or not (itself excluded when inside).
 
         An indexed, unchanged file uses its stored vector; any other file is read and embedded. `threshold`,
         `show_weak`, `sort` and `collapse_duplicates` work as in `search`, except that "auto" is for text only.
         With `concept`, the learned concept's vector is added as a term of equal weight (as `query PATH + @name`).
+        With `box` ("x0,y0,x1,y1" or a `Box`, fractions of the upright image) only that region of the file is
+        embedded, as the web app's region queries do.
 
         Raises:
             ImageLoadError: the file is missing or not a readable image.
-            QueryError: `path` is an http(s) URL; `threshold="auto"`; an unknown sort.
+            QueryError: `path` is an http(s) URL; `threshold="auto"`; an unknown sort; a malformed box.
         """
+        if box is not None and not isinstance(box, Box):
+            box = Box.parse(box)
         refuse_urls(os.fspath(path))
         _is_auto(threshold, [Term(1.0, "image", path)])
         if sort not in SORTS:
@@ -594,9 +628,9 @@ class Library:
         self._model("image")  # before the store: its identity then comes from the tower a re-encode needs
         store = self._searchable_store()
         row_id = store.id_for_path(path)
-        vector = self._stored_vector(store, row_id, path) if row_id is not None else None
+        vector = self._stored_vector(store, row_id, path) if row_id is not None and box is None else None
         if vector is None:
-            vector = self._encode_images([path])[0]
+            vector = self._encode_images([path if box is None else Region(path, box)])[0]
         if concept is not None:
             from retrieval.concepts import ConceptBook
 
@@ -608,7 +642,14 @@ class Library:
             exclude += self._hidden_duplicates()
         fetch_threshold = None if show_weak else threshold
         results = search(
-            store, self.ann_index(), vector, k, where=condition, threshold=fetch_threshold, exclude=exclude
+            store,
+            self.ann_index(),
+            vector,
+            k,
+            where=condition,
+            threshold=fetch_threshold,
+            exclude=exclude,
+            views=self.view_matrix(),
         )
         if not results and in_dir is not None:
             _check_folder(store, in_dir)
@@ -890,7 +931,8 @@ class Library:
         vector = self.encode(terms, ensemble=ensemble, templates=templates)
         exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
         rows = self._rows()
-        return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude, rows)
+        views = self.view_matrix()
+        return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude, rows, views)
 
     def similar_to_id(
         self,

@@ -30,6 +30,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from indexer.formats import register_plugins
 from retrieval.errors import ImageLoadError
 from retrieval.model.preprocess import Preprocess, decode_error_reason
+from retrieval.regions import crop, view_boxes, views_min_size
 from retrieval.types import ImageMetadata
 
 register_plugins()  # HEIC, AVIF, JPEG XL when their plugins are installed: the walker lists such files only then
@@ -55,6 +56,7 @@ class Decoded(NamedTuple):
     metadata: ImageMetadata
     seconds: tuple[float, float, float]  # time spent reading (+hashing), decoding, transforming
     notes: tuple[str, ...] = ()  # what the image libraries said while decoding it
+    views: np.ndarray | None = None  # [V, 3, S, S] the sub-views (`retrieval.views.view_boxes`), when asked for
 
 
 class Known(NamedTuple):
@@ -83,11 +85,13 @@ class Decoder:
         preprocess: the model's preprocessing (its `decode` drafts large JPEGs, its `transform` is CLIP's).
         max_megapixels: images larger than this (after JPEG draft) are refused as decompression bombs.
         known: sorted `hash_key`s of content the store already has; such files are not decoded.
+        views: sub-views to cut from the decoded image as well (`retrieval.views.view_boxes`); 0 for none.
     """
 
     preprocess: Preprocess
     max_megapixels: float = 100.0
     known: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64), compare=False)  # sorted hash_keys
+    views: int = 0
 
     def __call__(self, task: DecodeTask) -> DecodeResult:
         """Read, hash, decode and transform one file; every problem becomes a `Failed`."""
@@ -119,7 +123,9 @@ class Decoder:
             # Decode before reading the metadata: reading a PNG's EXIF loads the pixels, and a load failing there
             # (its error swallowed, as EXIF damage only costs the metadata) would leave a half-decoded image that
             # the next load returns without complaint.
-            rgb = self.preprocess.decode(image, max_megapixels=self.max_megapixels)
+            # one decode for the whole image and its views: drafted only as far as the views' crops allow
+            min_size = views_min_size(self.views, self.preprocess.image_size) if self.views else None
+            rgb = self.preprocess.decode(image, max_megapixels=self.max_megapixels, min_size=min_size)
             metadata = _metadata(image, stored_size, content_hash)
         except UnidentifiedImageError:
             return Failed("decode", "not an image Pillow can read")
@@ -130,9 +136,14 @@ class Decoder:
         decode_done = time.perf_counter()
         try:
             pixels = self.preprocess.transform(rgb).numpy()
+            views = None
+            if self.views:
+                crops = [self.preprocess.transform(crop(rgb, box)) for box in view_boxes(self.views)]
+                views = np.stack([c.numpy() for c in crops])  # [V, 3, S, S]
         except (OSError, ValueError) as e:
             return Failed("preprocess", f"cannot transform ({e})")
-        return Decoded(pixels, metadata, (read_seconds, decode_done - start, time.perf_counter() - decode_done))
+        seconds = (read_seconds, decode_done - start, time.perf_counter() - decode_done)
+        return Decoded(pixels, metadata, seconds, views=views)
 
 
 @contextlib.contextmanager

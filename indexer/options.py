@@ -27,3 +27,4 @@ class IndexOptions:
     lock_wait: float = 10.0  # seconds to wait for another indexer on the same table
     retry_failed: bool = False  # read files that failed before even when they have not changed since
     progress: bool = True  # a tqdm bar on stderr
+    views: int | None = None  # sub-views per image (0, 5, 10, ...: retrieval.views); None: as the store was indexed

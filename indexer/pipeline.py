@@ -39,9 +39,11 @@ from retrieval.ann import open_index
 from retrieval.errors import StoreError, StoreWriteError
 from retrieval.model.encode import encode_images
 from retrieval.model.preprocess import Preprocess
+from retrieval.regions import view_boxes
 from retrieval.store import ImageRow, Store, utc_now
 from retrieval.store_state import Failure
 from retrieval.types import ImageMetadata
+from retrieval.views import ViewStore, check_views_setting
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class _Pending(NamedTuple):
     metadata: ImageMetadata
     vector: np.ndarray | None
     source_id: int | None
+    views: np.ndarray | None = None  # [V, D] its sub-views' vectors with `vector`; None: copied with the vector
 
 
 class _BatchEntry(NamedTuple):
@@ -95,6 +98,7 @@ class _BatchEntry(NamedTuple):
     metadata: ImageMetadata
     pixels: np.ndarray
     followers: list[WorkItem]
+    views: np.ndarray | None = None  # [V, 3, S, S] its sub-views, when the run indexes them
 
 
 def index_folders(
@@ -121,6 +125,7 @@ def index_folders(
 
     Raises:
         StoreLockedError: another indexer holds the table's lock for longer than `options.lock_wait`.
+        StoreError: `options.views` differs from the setting the table was indexed with.
     """
     options = options or IndexOptions()
     if options.workers:
@@ -168,12 +173,18 @@ class _Run:
         self.started = utc_now()
         self.last_commit = time.monotonic()
         self.bar: Progress | None = None
+        self.views: ViewStore | None = None  # the sub-views table, when the table is indexed with views
+        self.view_count = 0
 
     # ---- driving -------------------------------------------------------------------------------
 
     def run(self) -> IndexSummary:
         """Scan, process every work item, remove what vanished, record the run."""
         start = time.perf_counter()
+        self.view_count = check_views_setting(self.store, self.options.views)
+        if self.view_count:
+            self.views = ViewStore.open(self.store, self.view_count)
+            self.views.delete_orphans(self.store.ids())  # left by a run interrupted between its two writes
         unsupported: Counter[str] = Counter()
         found = list(walk(self.roots, self.options.exclude, unsupported))
         self.summary.unsupported = dict(sorted(unsupported.items()))
@@ -237,6 +248,8 @@ class _Run:
         write_start = time.perf_counter()
         if self.summary.commits > 1:
             self.store.optimize()
+            if self.views is not None:
+                self.views.optimize()
         self.stages["write"] += time.perf_counter() - write_start
         ann_start = time.perf_counter()
         open_index(self.store)  # brought up to date here, so the first query after indexing does not build it
@@ -261,7 +274,7 @@ class _Run:
         """Decode `items` (in workers or here) and feed the results to the batcher."""
         by_path = {item.path: item for item in items}
         tasks = (DecodeTask(i.path, check_known and i.size in self.plan.stored_sizes) for i in items)
-        decoder = dataclasses.replace(self.decoder, known=self.plan.known)
+        decoder = dataclasses.replace(self.decoder, known=self.plan.known, views=self.view_count)
         with contextlib.closing(self._results(decoder, tasks, len(items))) as results:
             for task, result in results:
                 self._step(by_path[task.path], result)
@@ -333,7 +346,7 @@ class _Run:
         assert isinstance(result, Decoded)
         if self._reuse(item, result.metadata):
             return
-        entry = _BatchEntry(item, result.metadata, result.pixels, [])
+        entry = _BatchEntry(item, result.metadata, result.pixels, [], result.views)
         self.batch.append(entry)
         self.batch_by_hash[result.metadata.content_hash] = entry
 
@@ -362,7 +375,7 @@ class _Run:
         if pending is None and not source:
             return False
         if pending is not None:  # same bytes, same metadata
-            self._stage(None, item, pending.metadata, pending.vector, pending.source_id)
+            self._stage(None, item, pending.metadata, pending.vector, pending.source_id, pending.views)
         else:
             self._stage(None, item, metadata, None, min(source))
         self._replaces(item)
@@ -379,10 +392,16 @@ class _Run:
             self.pending_deletes[item.old_id] = item.old_hash
 
     def _stage(
-        self, row_id: int | None, item: WorkItem, metadata: ImageMetadata, vector: np.ndarray | None, source: int | None
+        self,
+        row_id: int | None,
+        item: WorkItem,
+        metadata: ImageMetadata,
+        vector: np.ndarray | None,
+        source: int | None,
+        views: np.ndarray | None = None,
     ) -> None:
         """Queue a row for the next commit."""
-        pending = _Pending(row_id, item, metadata, vector, source)
+        pending = _Pending(row_id, item, metadata, vector, source, views)
         self.pending.append(pending)
         self.pending_by_hash.setdefault(metadata.content_hash, pending)
 
@@ -397,19 +416,29 @@ class _Run:
         paused = self.pool.paused() if self.pool is not None and self.pause_decoding else contextlib.nullcontext()
         with paused:
             vectors = encode_images(self.model, pixels)  # [B, D]
+            per_image: list[np.ndarray | None] = [None] * len(self.batch)
+            if self.view_count:
+                per_image = list(self._encode_views())
         self.stages["encode"] += time.perf_counter() - start
         self.summary.encoded += len(self.batch)
-        for entry, vector in zip(self.batch, vectors, strict=True):
-            self._stage(None, entry.item, entry.metadata, vector, None)
+        for entry, vector, views in zip(self.batch, vectors, per_image, strict=True):
+            self._stage(None, entry.item, entry.metadata, vector, None, views)
             self._replaces(entry.item)
             self.summary.indexed += 1
             for item in entry.followers:
-                self._stage(None, item, entry.metadata, vector, None)
+                self._stage(None, item, entry.metadata, vector, None, views)
                 self._replaces(item)
                 self.summary.duplicates += 1
                 self.summary.indexed += 1
         self.batch.clear()
         self.batch_by_hash.clear()
+
+    def _encode_views(self) -> np.ndarray:
+        """The batch's sub-views through the encoder, in batches of the usual size: [B, V, D]."""
+        crops = np.concatenate([e.views for e in self.batch])  # [B * V, 3, S, S]
+        step = self.options.batch_size
+        parts = [encode_images(self.model, torch.from_numpy(crops[i : i + step])) for i in range(0, len(crops), step)]
+        return np.concatenate(parts).reshape(len(self.batch), self.view_count, -1)
 
     def _commit(self) -> None:
         """Write the pending rows and deletions as one atomic commit, then record progress."""
@@ -430,8 +459,12 @@ class _Run:
             metadata = _complete(p.metadata, source)
             vector = p.vector if p.vector is not None else source["vector"]
             rows.append(_row(p.id, p.item, metadata, vector, now))
+        if self.views is not None:
+            self._write_views()  # first: a crash before the image rows land leaves views the next run deletes
         self.store.apply(rows, sorted(self.pending_deletes))
         self.saved += len(rows)
+        if self.views is not None and self.pending_deletes:
+            self.views.delete_for(sorted(self.pending_deletes))
         deleted = dict(self.pending_deletes)
         self.pending.clear()
         self.pending_deletes.clear()
@@ -444,6 +477,24 @@ class _Run:
         self.stages["write"] += time.perf_counter() - start
         self.last_commit = time.monotonic()
         self._record("running")
+
+    def _write_views(self) -> None:
+        """Store the sub-views of the chunk's new rows: encoded ones, or the views of the row a copy takes its
+        vector from. Rows keeping their id (touched or moved files) keep their views."""
+        assert self.views is not None
+        new = [p for p in self.pending if p.source_id != p.id]
+        sources = sorted({p.source_id for p in new if p.vector is None})
+        stored = self.views.for_images(sources) if sources else {}
+        ids, vectors = [], []
+        for p in new:
+            views = p.views if p.vector is not None else stored.get(p.source_id, (None, None))[1]
+            if views is None:
+                logger.warning("%s: the image it copies has no sub-views; it gets none", p.item.path)
+                continue
+            ids.append(p.id)
+            vectors.append(views)
+        boxes = np.asarray(view_boxes(self.view_count), np.float32)  # [V, 4]
+        self.views.replace(ids, boxes, vectors)
 
     def _record(self, state: str) -> None:
         """Save the run's progress and the failure list in the store's state file."""

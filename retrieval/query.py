@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from retrieval.faiss_index import AnnIndex
     from retrieval.row_cache import RowCache
     from retrieval.store import Store
+    from retrieval.views import ViewMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -427,6 +428,7 @@ def search(
     where: str | None = None,
     threshold: float | None = None,
     exclude: Sequence[int] | RowIds = (),
+    views: ViewMatrix | None = None,
 ) -> list[SearchResult]:
     """The k stored images nearest to a query vector.
 
@@ -438,6 +440,8 @@ def search(
         where: a LanceDB SQL filter (`build_filter`); k results come back whenever k rows match.
         threshold: drop results whose cosine similarity is below it.
         exclude: ids never to return (the query image itself in `similar`).
+        views: the store's sub-views (`retrieval.views`): an image then scores the best of its whole-image and
+            view scores, and a result whose view won has that view's box as `metadata["view"]`.
 
     Returns:
         Best first, ranks from 1; fewer than k when fewer match.
@@ -458,6 +462,10 @@ def search(
         for i, s in zip(ids[0], scores[0], strict=True)
         if i >= 0 and i not in exclude and (threshold is None or s >= threshold)
     ][:k]
+    won: dict[int, Any] = {}
+    if views is not None:
+        hits, won = _with_views(store, index, views, vector, hits, k, allowed, exclude, threshold)
+        hits = hits[:k]
     if not hits:
         return []
     rows = _rows(store, [i for i, _ in hits])
@@ -466,8 +474,31 @@ def search(
         row = rows.get(i)
         if row is None:  # deleted by a concurrent indexer after the index was synced
             continue
+        if i in won:
+            row["view"] = list(won[i])
         results.append(SearchResult(path=row.pop("path"), score=score, rank=len(results) + 1, metadata=row))
     return results
+
+
+def _with_views(
+    store: Store,
+    index: AnnIndex,
+    views: ViewMatrix,
+    vector: np.ndarray,
+    hits: list[tuple[int, float]],
+    want: int,
+    allowed: RowIds | None,
+    exclude: RowIds,
+    threshold: float | None,
+) -> tuple[list[tuple[int, float]], dict[int, Any]]:
+    """`hits` rescored with the sub-views (`retrieval.views.merge_views`), cut at the threshold."""
+    from retrieval.views import merge_views
+
+    held = np.sort(index.ids())  # views of images the index does not hold (yet, or any more) never count
+    held = held if allowed is None else np.intersect1d(held, allowed)
+    held = np.setdiff1d(held, exclude) if len(exclude) else held
+    merged, won = merge_views(hits, views, vector, want, held, store.vectors_for)
+    return [(i, s) for i, s in merged if threshold is None or s >= threshold], won
 
 
 class SearchPage(NamedTuple):
@@ -489,6 +520,7 @@ def search_page(
     threshold: float | None = None,
     exclude: Sequence[int] | RowIds = (),
     row_cache: RowCache | None = None,
+    views: ViewMatrix | None = None,
 ) -> SearchPage:
     """Results `offset + 1 .. offset + k` of the ranking `search` makes, for paging through it.
 
@@ -507,6 +539,7 @@ def search_page(
         threshold: drop results whose cosine similarity is below it.
         exclude: ids never to return.
         row_cache: where to read the hits' metadata (a long-lived reader's copy); None reads the store.
+        views: the store's sub-views, as for `search`.
 
     Raises:
         QueryError: k or offset out of range, or an invalid filter.
@@ -532,6 +565,9 @@ def search_page(
             break  # every result tied with the last one wanted is in
         fetch *= 2
     hits.sort(key=lambda hit: (-hit[1], hit[0]))
+    won: dict[int, Any] = {}
+    if views is not None:
+        hits, won = _with_views(store, index, views, vector, hits, want, allowed, exclude, threshold)
     page = hits[offset : offset + k]
     next_offset = offset + k if len(hits) > offset + k else None
     page_ids = [i for i, _ in page]
@@ -540,6 +576,8 @@ def search_page(
     for position, (i, score) in enumerate(page, start=offset + 1):
         row = rows.get(i)
         if row is not None:  # None: deleted by a concurrent indexer after the index was synced
+            if i in won:
+                row = {**row, "view": list(won[i])}
             results.append(SearchResult(path=row.pop("path"), score=score, rank=position, metadata=row))
     return SearchPage(results, offset, next_offset, total)
 

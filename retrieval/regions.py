@@ -77,3 +77,29 @@ class Region:
 
     image: Any
     box: Box
+
+
+def view_boxes(n: int) -> list[Box]:
+    """The boxes of `n` views: a g x g grid with 50 % overlap (g*g = n - 1), then a centre crop of the same size.
+
+    Raises:
+        QueryError: `n` is not 0 or g*g + 1 for some g >= 2.
+    """
+    if n == 0:
+        return []
+    grid = round((n - 1) ** 0.5)
+    if grid < 2 or grid * grid + 1 != n:
+        raise QueryError(f"--views {n}: give 0 (off), 5 (2x2 grid + centre), 10 (3x3 + centre) or g*g+1 for g >= 2")
+    side = 2.0 / (grid + 1)  # g crops overlapping by half their side span the image
+    step = side / 2
+    boxes = [Box(x * step, y * step, x * step + side, y * step + side) for y in range(grid) for x in range(grid)]
+    start = (1.0 - side) / 2
+    return [*boxes, Box(start, start, start + side, start + side)]
+
+
+def views_min_size(n: int, image_size: int) -> int:
+    """The shorter side a JPEG must keep when drafted so each view still has `image_size` pixels across."""
+    if n == 0:
+        return image_size
+    side = view_boxes(n)[0].x1
+    return math.ceil(image_size / side)

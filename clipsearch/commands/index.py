@@ -85,6 +85,10 @@ def _stops_like_ctrl_c(command: Callable[..., None]) -> Callable[..., None]:
               help="Commit at least this often.")  # fmt: skip
 @click.option("--lock-wait", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds to wait for another `index` on the same store to finish.")  # fmt: skip
+@click.option("--views", default=None, type=click.IntRange(min=0), metavar="N",
+              help="Also embed N overlapping crops per image (5: 2x2 grid + centre, 10: 3x3 + centre), so queries find "
+              "small things in big photos; 0 for none. A store keeps the setting it was started with "
+              "[default: the store's, else 0].")  # fmt: skip
 @click.option("--retry-failed", is_flag=True,
               help="Read files that failed before again, even when they have not changed since.")  # fmt: skip
 @click.option("--strict", is_flag=True,
@@ -104,6 +108,7 @@ def index(
     commit_every: int,
     commit_seconds: float,
     lock_wait: float,
+    views: int | None,
     retry_failed: bool,
     strict: bool,
     as_json: bool,
@@ -125,6 +130,7 @@ def index(
       clipsearch index ./photos
       clipsearch index ~/Pictures /mnt/nas/photos --exclude '*/thumbnails/*' --workers 4
       clipsearch index ./photos --model shapes-mini --db ./demo-store --json
+      clipsearch index ./photos --views 5     # small objects: also index 5 crops of each photo
     """
     from retrieval.model.registry import check_model_name
 
@@ -135,6 +141,10 @@ def index(
         from retrieval.store import default_db_dir
 
         model_name = default_model_for(db_dir or default_db_dir())  # the store's own model, as `query` does
+    if views is not None:
+        from retrieval.regions import view_boxes
+
+        view_boxes(views)  # a count that is no grid fails now, not after loading the model
     workers = default_workers() if workers is None else workers
     if workers:
         start_worker_server()  # the decoder workers' server imports torch while this process loads the model
@@ -154,6 +164,7 @@ def index(
         commit_seconds=commit_seconds,
         lock_wait=lock_wait,
         retry_failed=retry_failed,
+        views=views,
         progress=not (quiet or as_json),
     )
     try:

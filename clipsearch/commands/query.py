@@ -307,10 +307,14 @@ def query(
 @click.command("similar")
 @click.argument("path", type=click.Path(dir_okay=False))  # a str: Path() would fold the // of a URL
 @click.option("--concept", metavar="NAME", help="Add a learned concept to the image, as `query PATH + @NAME`.")
+@click.option("--box", metavar="X0,Y0,X1,Y1",
+              help="Search by this region of the image only: fractions of its width and height, e.g. 0.5,0,1,0.5 "
+              "for the top right quarter.")  # fmt: skip
 @_common_options
 def similar(
     path: str,
     concept: str | None,
+    box: str | None,
     top: int,
     in_dir: Path | None,
     after: datetime | None,
@@ -338,6 +342,7 @@ def similar(
       clipsearch similar ~/Downloads/sofa.png -n 5 --json
       clipsearch similar ./photos/beach.jpg -t 3 -0 | xargs -0 cp -t ./picked/
       clipsearch similar ./photos/beach.jpg --concept rex
+      clipsearch similar ./photos/street.jpg --box 0.6,0.1,0.8,0.3   # like the sign in its top right
     """
     output = _output(as_json, plain, paths_only, null)
     library = _library(db, model, index_type)
@@ -353,5 +358,6 @@ def similar(
         sort=sort,
         collapse_duplicates=collapse_duplicates,
         concept=concept,
+        box=box,
     )
     _print_results(results, output, show_weak, cut=threshold is not None)

@@ -38,6 +38,8 @@ API reference (shapes are stable; fields may be added, never renamed or removed)
     {"id": "123", "rank": 1, "score": 0.3127, "root": "Pictures", "path": "2023/beach.jpg",
      "width": 4000, "height": 3000, "format": "JPEG", "taken_at": "2023-06-01T12:00:00" or null,
      "camera": "Canon EOS 5D Mark IV" or null, "thumb": "/thumb/123", "file": "/file/123"}
+  and, in a store indexed with --views, "view": [x0, y0, x1, y1] (fractions of the upright image) when one of
+  the image's sub-views matched better than the whole image: the region to highlight.
   `id` is the store's row id as a string: stable while the file is unchanged, never reused. `root` is the display
   name of the indexed folder holding the image, `path` its path inside it ("/"-separated); absolute paths are
   never sent. Pages fit together without duplicates or gaps; `next_offset` is null on the last page; `total_hint`
@@ -241,6 +243,7 @@ def _hit(result: SearchResult, roots: Roots) -> dict[str, Any]:
         "camera": _camera(meta),
         "thumb": f"/thumb/{row_id}",
         "file": f"/file/{row_id}",
+        **({"view": meta["view"]} if "view" in meta else {}),  # the sub-view that matched, to highlight
     }
 
 

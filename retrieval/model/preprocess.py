@@ -208,9 +208,14 @@ class Preprocess:
             image = open_image(image)
         return self.transform(self.decode(image))
 
-    def decode(self, image: Image.Image, max_megapixels: float | None = 100.0) -> Image.Image:
-        """Upright RGB, drafted to no less than S on the shorter side when `fast`."""
-        return to_rgb(image, min_size=self.image_size if self.fast else None, max_megapixels=max_megapixels)
+    def decode(
+        self, image: Image.Image, max_megapixels: float | None = 100.0, min_size: int | None = None
+    ) -> Image.Image:
+        """Upright RGB, drafted to no less than `min_size` (default S) on the shorter side when `fast`; sub-views
+        (`retrieval.views`) ask for more, so each crop still has S pixels across."""
+        return to_rgb(
+            image, min_size=(min_size or self.image_size) if self.fast else None, max_megapixels=max_megapixels
+        )
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """Resize the shorter side to S (bicubic), centre crop S x S, scale to [0, 1] and normalise.

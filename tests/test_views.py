@@ -1,0 +1,259 @@
+"""Sub-view indexing (`index --views N`): crops stored beside their image, deleted with it, searched with it,
+the setting recorded by the store; and `similar --box`.
+
+A tiny random CLIP, a real LanceDB store and FAISS index in tmp_path, real JPEG files; decoding in-process
+(workers=0) except in the CLI runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_index_support import tiny_checkpoint, tiny_model, write_images
+
+from clipsearch.library import Library
+from indexer.decode import Decoded, Decoder, DecodeTask
+from indexer.pipeline import IndexOptions, index_folders
+from retrieval.ann import open_index
+from retrieval.errors import QueryError, StoreError
+from retrieval.model.encode import encode_images
+from retrieval.query import search, search_page
+from retrieval.regions import crop, view_boxes
+from retrieval.store import Store
+from retrieval.views import ViewStore
+
+OPTIONS = IndexOptions(workers=0, batch_size=4, commit_every=3, progress=False, views=5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def run(model, store, *roots, **changes):
+    return index_folders(roots, model[0], model[1], store, IndexOptions(**{**OPTIONS.__dict__, **changes}))
+
+
+def views_by_image(store) -> dict[int, np.ndarray]:
+    table = ViewStore.open(store)
+    return {i: vectors for i, (_, vectors) in table.for_images(store.ids().tolist()).items()}
+
+
+def test_view_boxes_are_a_grid_with_half_overlap_and_a_centre():
+    assert view_boxes(0) == []
+    boxes = view_boxes(5)
+    third = 1 / 3
+    assert [tuple(round(c, 6) for c in b) for b in boxes] == [
+        (0, 0, round(2 * third, 6), round(2 * third, 6)),
+        (round(third, 6), 0, 1, round(2 * third, 6)),
+        (0, round(third, 6), round(2 * third, 6), 1),
+        (round(third, 6), round(third, 6), 1, 1),
+        (round(1 / 6, 6), round(1 / 6, 6), round(5 / 6, 6), round(5 / 6, 6)),
+    ]
+    assert len(view_boxes(10)) == 10
+    for bad in (1, 3, 4, 6):
+        with pytest.raises(QueryError, match="give 0 .off., 5"):
+            view_boxes(bad)
+
+
+def test_decoder_cuts_the_views_from_the_one_decoded_image(tmp_path, model):
+    preprocess = model[1]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    path = tmp_path / "a.png"
+    image.save(path)
+    result = Decoder(preprocess, views=5)(DecodeTask(str(path)))
+    assert isinstance(result, Decoded)
+    assert result.views.shape == (5, 3, preprocess.image_size, preprocess.image_size)
+    for box, pixels in zip(view_boxes(5), result.views, strict=True):
+        np.testing.assert_allclose(pixels, preprocess.transform(crop(image, box)).numpy(), atol=1e-6)
+    assert Decoder(preprocess)(DecodeTask(str(path))).views is None  # off by default
+
+
+def test_views_are_stored_copied_kept_on_move_and_deleted_with_their_image(tmp_path, model):
+    photos = tmp_path / "photos"
+    paths = write_images(photos, 8)
+    store = Store.open(tmp_path / "db", model[0].info, create=True)
+    summary = run(model, store, photos)
+    assert (summary.indexed, summary.encoded) == (8, 8) and summary.commits >= 2  # views written per chunk
+    views = views_by_image(store)
+    assert sorted(views) == store.ids().tolist()
+    # each view's vector is the encoder's vector of that crop
+    image = Image.open(paths[0]).convert("RGB")
+    crops = np.stack([model[1].transform(crop(image, b)).numpy() for b in view_boxes(5)])
+    import torch
+
+    first = store.id_for_path(paths[0])
+    np.testing.assert_allclose(views[first], encode_images(model[0], torch.from_numpy(crops)), atol=1e-5)
+
+    moved = photos / "moved.jpg"
+    os.rename(paths[1], moved)
+    old_id = store.id_for_path(paths[1])
+    copy = photos / "copy.jpg"
+    shutil.copy(paths[2], copy)
+    write_images(photos, 1, start=3)  # img0003 rewritten with other content: a changed file
+    Image.new("RGB", (48, 40), (10, 200, 30)).save(paths[3])
+    changed_old = store.id_for_path(paths[3])
+    paths[4].unlink()
+    removed_id = store.id_for_path(paths[4])
+    summary = run(model, store, photos)
+    assert (summary.moved, summary.duplicates, summary.changed, summary.removed) == (1, 1, 1, 1)
+    after = views_by_image(store)
+    assert sorted(after) == store.ids().tolist()  # every image has views, no view lacks its image
+    assert store.id_for_path(moved) == old_id
+    np.testing.assert_array_equal(after[old_id], views[old_id])  # kept with the moved file's id
+    np.testing.assert_array_equal(after[store.id_for_path(copy)], views[store.id_for_path(paths[2])])
+    assert changed_old not in after and removed_id not in after
+    assert ViewStore.open(store).count() == 5 * store.count()
+
+
+def test_a_run_interrupted_between_views_and_images_is_tidied_by_the_next(tmp_path, model, monkeypatch):
+    photos = tmp_path / "photos"
+    write_images(photos, 4)
+    store = Store.open(tmp_path / "db", model[0].info, create=True)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, "apply", crash)  # the views are written, the image rows never land
+    with pytest.raises(KeyboardInterrupt):
+        run(model, store, photos)
+    monkeypatch.undo()
+    assert store.count() == 0 and ViewStore.open(store).count() == 20  # orphans of the reserved ids
+    summary = run(model, store, photos)
+    assert (summary.indexed, summary.encoded) == (4, 4)
+    assert ViewStore.open(store).count() == 20
+    assert sorted(views_by_image(store)) == store.ids().tolist()
+
+
+def test_the_store_records_the_views_setting(tmp_path, model):
+    photos = tmp_path / "photos"
+    write_images(photos, 3)
+    store = Store.open(tmp_path / "db", model[0].info, create=True)
+    run(model, store, photos)
+    with pytest.raises(StoreError, match=r"indexed with --views 5, not 10; run with --views 5, or index into a new"):
+        run(model, store, photos, views=10)
+    with pytest.raises(StoreError, match="indexed with --views 5, not 0"):
+        run(model, store, photos, views=0)
+    write_images(photos, 1, start=3)
+    summary = run(model, store, photos, views=None)  # the store's own setting
+    assert summary.new == 1 and ViewStore.open(store).count() == 20
+
+    plain = Store.open(tmp_path / "db2", model[0].info, create=True)
+    run(model, plain, photos, views=None)
+    assert ViewStore.open(plain) is None  # off by default: no views table at all
+    with pytest.raises(StoreError, match="indexed with --views 0, not 5"):
+        run(model, plain, photos, views=5)
+
+
+def _scene(background: tuple[int, int, int], patch: Image.Image | None, corner: tuple[int, int]) -> Image.Image:
+    """A 240x240 flat scene with `patch` pasted at `corner`."""
+    scene = Image.new("RGB", (240, 240), background)
+    if patch is not None:
+        scene.paste(patch, corner)
+    return scene
+
+
+def test_a_query_scores_an_image_by_its_best_view_and_reports_its_box(tmp_path, model):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    target = Image.fromarray(np.random.default_rng(7).integers(0, 256, (70, 70, 3), dtype=np.uint8))
+    _scene((120, 120, 120), target, (5, 5)).save(photos / "small.png")  # inside the top left view only
+    for i in range(6):
+        _scene((20 * i, 40, 200 - 20 * i), None, (0, 0)).save(photos / f"plain{i}.png")
+    store = Store.open(tmp_path / "db", model[0].info, create=True)
+    run(model, store, photos)
+    index = open_index(store)
+    table = ViewStore.open(store)
+    small_id = store.id_for_path(photos / "small.png")
+    boxes, vectors = table.for_images([small_id])[small_id]
+    query = vectors[0]  # exactly the top left view's vector
+    results = search(store, index, query, k=3, views=table.matrix())
+    assert results[0].metadata["id"] == small_id
+    assert results[0].score == pytest.approx(1.0, abs=1e-5)
+    assert results[0].metadata["view"] == pytest.approx(list(view_boxes(5)[0]), abs=1e-6)
+    whole = search(store, index, query, k=7)  # without views: the whole image's own score
+    assert next(r.score for r in whole if r.metadata["id"] == small_id) < 0.9999
+    assert "view" not in whole[0].metadata
+    # a result whose whole image wins carries no box
+    own = search(store, index, store.vectors_for([small_id])[0], k=1, views=table.matrix())[0]
+    assert own.metadata["id"] == small_id and "view" not in own.metadata
+
+    # pages of the rescored ranking fit together, and carry the box too
+    ranking = [r.metadata["id"] for r in search(store, index, query, k=7, views=table.matrix())]
+    first = search_page(store, index, query, k=3, views=table.matrix())
+    second = search_page(store, index, query, k=4, offset=3, views=table.matrix())
+    assert [r.metadata["id"] for r in first.results + second.results] == ranking
+    assert first.results[0].metadata["view"] == pytest.approx(list(view_boxes(5)[0]), abs=1e-6)
+    assert (first.next_offset, second.next_offset) == (3, None)
+
+    # the library's searches use the views too, also where no metadata is asked for (no saved-index shortcut)
+    library = Library(db=tmp_path / "db", model=model[0])
+    best = library.search(query, k=1, metadata=False)[0]
+    assert best.path == str(photos / "small.png") and best.metadata["view"] == pytest.approx(list(view_boxes(5)[0]))
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-m", "clipsearch", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
+
+
+def test_index_and_query_end_to_end_with_views(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    photos = tmp_path / "photos"
+    paths = write_images(photos, 6)
+    db = tmp_path / "db"
+    common = ("--db", str(db), "--model", str(checkpoint))
+    done = _cli("index", str(photos), *common, "--views", "5", "--workers", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["indexed"] == 6
+
+    found = _cli("query", "anything", *common, "--json")
+    assert found.returncode == 0, found.stderr
+    assert sorted(json.loads(line)["path"] for line in found.stdout.splitlines()) == sorted(map(str, paths))
+
+    # a region of a file outside the store: the stored view holding the same pixels comes first, with its box
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(paths[0], outside)
+    box = view_boxes(5)[3]
+    region = _cli("similar", str(outside), "--box", ",".join(map(str, box)), *common, "--json", "-n", "2")
+    assert region.returncode == 0, region.stderr
+    best = json.loads(region.stdout.splitlines()[0])
+    assert best["path"] == str(paths[0]) and best["score"] == pytest.approx(1.0, abs=1e-4)
+    assert best["view"] == pytest.approx(list(box), abs=1e-6)
+
+    again = _cli("index", str(photos), *common, "--views", "10", "--workers", "0")
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == [
+        "Error: this store's table was indexed with --views 5, not 10; run with --views 5, or index into a new "
+        "store (--db NEW_DIR) with --views 10 to re-embed every image"
+    ]
+    bad = _cli("index", str(photos), *common, "--views", "4")
+    assert bad.returncode == 1 and "give 0 (off), 5 (2x2 grid + centre)" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("box", "message"),
+    [
+        ("0.1,0.2,0.3", "a box is four numbers x0,y0,x1,y1"),
+        ("0.5,0.5,0.2,0.9", "x0 must be less than x1"),
+        ("0,0,1.5,1", "every coordinate must be between 0 and 1"),
+        ("a,b,c,d", "a box is four numbers"),
+    ],
+)
+def test_similar_box_errors_are_one_line(tmp_path, box, message):
+    photos = tmp_path / "photos"
+    paths = write_images(photos, 2)
+    result = _cli("similar", str(paths[0]), "--box", box, "--db", str(tmp_path / "db"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
