@@ -18,6 +18,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -39,6 +40,37 @@ def cache_dir() -> Path:
 def cached_path(spec: ModelSpec) -> Path:
     """The path a registry model's downloaded file has (or will have) in the cache."""
     return cache_dir() / spec.filename
+
+
+def copy_response(
+    response: BinaryIO,
+    out: BinaryIO,
+    label: str,
+    total: int | None,
+    initial: int = 0,
+    progress: bool = True,
+    digest: Any = None,
+) -> int:
+    """Stream an HTTP response into `out` in chunks, with a progress bar on stderr, feeding `digest` (a hashlib
+    object) if given. `initial` bytes are already there (a resumed download). Returns the bytes copied."""
+    copied = 0
+    with tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"downloading {label}",
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
+        while chunk := response.read(CHUNK_BYTES):
+            out.write(chunk)
+            if digest is not None:
+                digest.update(chunk)
+            copied += len(chunk)
+            bar.update(len(chunk))
+    return copied
 
 
 def ensure_downloaded(spec: ModelSpec, progress: bool = True) -> Path:
@@ -87,25 +119,11 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True) -> Path:
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
-        received = 0
         with os.fdopen(fd, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
                     total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(
-                        total=total,
-                        unit="B",
-                        unit_scale=True,
-                        unit_divisor=1024,
-                        desc=f"downloading {dest.name}",
-                        disable=not progress,
-                        file=sys.stderr,
-                    ) as bar:
-                        while chunk := response.read(CHUNK_BYTES):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            received += len(chunk)
-                            bar.update(len(chunk))
+                    received = copy_response(response, out, dest.name, total, progress=progress, digest=digest)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 raise _fetch_error(url, dest, _reason(e)) from e
         if total is not None and received != total:

@@ -19,17 +19,22 @@ import json
 import logging
 import os
 import re
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
-from tqdm import tqdm
-
 from retrieval.errors import ModelDownloadError
-from retrieval.model.download import CHUNK_BYTES, TIMEOUT_SECONDS, _reason, _remember_hash, cache_dir, file_sha256
+from retrieval.model.download import (
+    CHUNK_BYTES,
+    TIMEOUT_SECONDS,
+    _reason,
+    _remember_hash,
+    cache_dir,
+    copy_response,
+    file_sha256,
+)
 from retrieval.model.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -219,19 +224,7 @@ def _download(meta: _FileMeta, url: str, part: Path, out, label: str, progress: 
                 out.truncate(0)
                 out.seek(0)
                 have = 0
-            with tqdm(
-                total=meta.size,
-                initial=have,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=f"downloading {label}",
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar:
-                while chunk := r.read(CHUNK_BYTES):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+            copy_response(r, out, label, meta.size, initial=have, progress=progress)
             out.flush()
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         out.flush()
