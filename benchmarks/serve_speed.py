@@ -50,16 +50,6 @@ COLD_RUNS = 5  # timed cold starts (and as many `import torch` runs, interleaved
 PHOTOS = 24  # camera-sized JPEGs for the thumbnail measurement
 PHOTO_SIZE = (4000, 3000)
 SEED = 0
-TEXTS = (
-    "a photo of a dog",
-    "a red car parked on the street",
-    "sunset over the sea",
-    "two children playing football in a park",
-    "a bowl of ramen",
-    "snow covered mountains",
-    "a cat sleeping on a sofa",
-    "an old black and white portrait",
-)
 
 
 def free_port() -> int:
@@ -265,6 +255,7 @@ def main() -> None:
     parser.add_argument("--cold-runs", type=int, default=COLD_RUNS, help="timed cold starts (0: skip)")
     parser.add_argument("--photos", type=int, default=PHOTOS, help="4000x3000 JPEGs to thumbnail (>= 2)")
     args = parser.parse_args()
+    from benchmarks.query_speed import TEXTS  # the same queries as the query benchmark's
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="serve_speed_") as tmp:
