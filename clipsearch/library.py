@@ -536,19 +536,28 @@ class Library:
         store = self._searchable_store()
         vector = self.encode(terms, ensemble=ensemble, templates=templates)
         hidden = self._hidden_duplicates() if collapse_duplicates else []
+        results = self._ranked(store, vector, k, condition, fetch_threshold, hidden, in_dir)
+        return self._relevant(results, threshold, vector, store, show_weak, sort)
+
+    def _ranked(
+        self,
+        store: Store,
+        vector: np.ndarray,
+        k: int,
+        condition: str | None,
+        threshold: float | None,
+        exclude: list[int],
+        in_dir: str | os.PathLike[str] | None,
+    ) -> list[SearchResult]:
+        """The k nearest images the filter and threshold let through (and their views), saying so when `in_dir`
+        names no folder and nothing was found."""
         results = search(
-            store,
-            self.ann_index(),
-            vector,
-            k,
-            where=condition,
-            threshold=fetch_threshold,
-            exclude=hidden,
+            store, self.ann_index(), vector, k, where=condition, threshold=threshold, exclude=exclude,
             views=self.view_matrix(),
-        )
+        )  # fmt: skip
         if not results and in_dir is not None:
             _check_folder(store, in_dir)
-        return self._relevant(results, threshold, vector, store, show_weak, sort)
+        return results
 
     def _calibration(self) -> Calibration | None:
         """The model's shipped relevance calibration, if it has one."""
@@ -641,18 +650,7 @@ class Library:
         if collapse_duplicates:
             exclude += self._hidden_duplicates()
         fetch_threshold = None if show_weak else threshold
-        results = search(
-            store,
-            self.ann_index(),
-            vector,
-            k,
-            where=condition,
-            threshold=fetch_threshold,
-            exclude=exclude,
-            views=self.view_matrix(),
-        )
-        if not results and in_dir is not None:
-            _check_folder(store, in_dir)
+        results = self._ranked(store, vector, k, condition, fetch_threshold, exclude, in_dir)
         return self._relevant(results, threshold, vector, store, show_weak, sort)
 
     def _concept_search(
