@@ -21,16 +21,18 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from clipsearch.library_concepts import ConceptMethods
+from clipsearch.library_serving import ServingMethods, unchanged_since_indexed
 from retrieval.errors import ImageLoadError, ModelMismatchError, NotFoundError, QueryError, StoreError
+from retrieval.model.query_text import encode_query_texts, query_text_model, warn_if_cut
 from retrieval.query import (
     IMAGENET_TEMPLATES,
-    SearchPage,
     SearchResult,
     Term,
     as_terms,
@@ -38,12 +40,10 @@ from retrieval.query import (
     encode_query,
     refuse_urls,
     search,
-    search_page,
     search_saved,
 )
 from retrieval.regions import Box, Region, StoredImage, crop
 from retrieval.relevance import SORTS, Calibration, apply_cutoff, auto_cutoff, calibration_for, sort_by_date
-from retrieval.roots import Roots
 from retrieval.types import Embeddings, RowIds
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
     from indexer.pipeline import IndexSummary
     from retrieval.ann import SavedIndex
-    from retrieval.concepts import Concept
     from retrieval.duplicates import DuplicateGroup
     from retrieval.faiss_index import AnnIndex
     from retrieval.model.clip import CLIP
@@ -63,8 +62,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
 
 class Embedded(NamedTuple):
     """Every stored image's vector, for custom work (clustering, deduplication, plotting)."""
@@ -72,78 +69,6 @@ class Embedded(NamedTuple):
     ids: RowIds  # [N] stable row ids
     paths: list[str]  # [N] file paths
     vectors: Embeddings  # [N, D] float32, rows L2-normalised
-
-
-class StoredFile(NamedTuple):
-    """A stored image's file, checked for serving (see `Library.image_file`)."""
-
-    id: int
-    path: Path  # symlinks resolved; inside an indexed root
-    content_hash: str  # SHA-256 of the content, hex: what the id stands for
-    format: str | None  # Pillow's format name: JPEG, PNG, ...
-    size: int  # bytes
-
-
-# Up to this many texts are encoded on one thread: a short query's matrices are too small for intra-op
-# threads to pay off, and on shared cores each op's thread barrier can wait a whole time slice (measured on 2
-# busy cores: ViT-B/32 text tower, one query, 600 ms on 2 threads against 100 ms on 1).
-FEW_TEXTS = 8
-
-
-def query_text_model(model: CLIP) -> CLIP:
-    """The model to encode query texts with: a bfloat16 copy of its text tower on a CPU with native bfloat16
-    arithmetic (AVX512-BF16 or AMX), else the model itself.
-
-    One short query is a chain of matrix-vector products whose time goes into reading the weights (~150 MB
-    for ViT-B/32's text transformer in float32, more than any cache), so half the bytes is about half the
-    time: 28.7 -> 12.3 ms a query on this project's 2-core EPYC. The query vector stays within cosine 0.9999
-    of the float32 one (the same trade as fp16 autocast on CUDA); stored image vectors are untouched.
-    Without native support bfloat16 is emulated and slower, so the model is used as it is.
-    """
-    import torch
-
-    from retrieval.model.checkpoint import Checkpoint, build_model
-    from retrieval.model.clip import CLIP
-
-    native = any(
-        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
-    # Only CLIP's text tower has been measured this way; other families keep float32.
-    if not isinstance(model, CLIP) or model.transformer is None:
-        return model
-    if next(model.parameters()).device.type != "cpu" or not native:
-        return model
-    tensors = {k: v.to(torch.bfloat16) for k, v in CLIP.state_dict_for_towers(model.state_dict(), "text").items()}
-    checkpoint = Checkpoint(tensors, model.config, "bfloat16", "query text tower", Path())
-    copy = build_model(checkpoint, towers="text").eval()
-    copy.info = getattr(model, "info", None)
-    return copy
-
-
-def encode_query_texts(model: CLIP, texts: list[str]) -> Embeddings:
-    """Embed query texts; a handful of them on a single torch thread (see `FEW_TEXTS`)."""
-    import torch
-
-    from retrieval.model.encode import encode_texts
-
-    if len(texts) > FEW_TEXTS:
-        return encode_texts(model, texts)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return encode_texts(model, texts)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _warn_if_cut(texts: list[str], context_length: int) -> None:
-    """Say once, for all the texts of a query, that the text encoder will not see the end of one of them."""
-    from retrieval.model.tokenizer import token_count
-
-    if any(token_count(text) > context_length for text in texts):
-        logger.warning(
-            "the query text is longer than the model's %d tokens; only the first part is used", context_length
-        )
 
 
 def default_model_for(db: str | os.PathLike[str] | None) -> str:
@@ -193,7 +118,7 @@ def _is_auto(threshold: float | str | None, terms: Sequence[Term]) -> bool:
     return True
 
 
-class Library:
+class Library(ConceptMethods, ServingMethods):
     """One store of images embedded with one model.
 
     Args:
@@ -419,7 +344,7 @@ class Library:
                 model = self._model("text")[0]
                 self._query_text_model = query_text_model(model) if self.text_precision == "auto" else model
             if self._query_text_model.config.family == "clip":  # the count is CLIP's tokenizer's
-                _warn_if_cut(batch, self._query_text_model.config.text.context_length)
+                warn_if_cut(batch, self._query_text_model.config.text.context_length)
             return encode_query_texts(self._query_text_model, batch)
 
         return encode_query(terms, texts, self._encode_images, ensemble=ensemble, templates=templates)
@@ -653,201 +578,11 @@ class Library:
         results = self._ranked(store, vector, k, condition, fetch_threshold, exclude, in_dir)
         return self._relevant(results, threshold, vector, store, show_weak, sort)
 
-    def _concept_search(
-        self,
-        terms: list[Any],
-        k: int,
-        condition: str | None,
-        threshold: float | None,
-        ensemble: bool,
-        templates: Sequence[str],
-    ) -> list[SearchResult]:
-        """`search` for a query with `@name` terms: a lone probe concept ranks by its probability (the score, and
-        what `threshold` applies to); otherwise the concepts' vectors combine with the other terms."""
-        from retrieval.concepts import ConceptBook, resolve_terms
-
-        store = self._searchable_store()
-        terms, probe = resolve_terms(terms, ConceptBook(store))
-        if probe is None:
-            vector = self.encode(terms, ensemble=ensemble, templates=templates)
-            return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
-        cosine = None if threshold is None else probe.cosine_for_probability(threshold)
-        results = search(store, self.ann_index(), probe.direction, k, where=condition, threshold=cosine)
-        return [hit._replace(score=float(probe.probability_from_cosine(hit.score))) for hit in results]
-
-    def learn(
-        self,
-        name: str,
-        positives: Sequence[str | os.PathLike[str]],
-        negatives: Sequence[str | os.PathLike[str]] = (),
-        method: str = "auto",
-        *,
-        seed: int = 0,
-        n_ctx: int | None = None,
-        steps: int | None = None,
-    ) -> Concept:
-        """Learn a personal concept from example images and save it in the store, replacing one of that name.
-
-        Examples are stored images (their vectors are used as stored), other image files (embedded on the
-        fly) or folders of either. Without negatives, they are sampled from the store (see
-        `retrieval.concepts`). Then `search("@name")` finds it.
-
-        Args:
-            name: the concept's name (a letter, then letters, digits or _).
-            positives: images or folders showing the concept.
-            negatives: images or folders that do not.
-            method: "probe" (linear probe), "coop" (learned prompt context) or "auto" (the better held-out
-                accuracy).
-            seed: makes the sampling, the split and the training reproducible.
-            n_ctx: CoOp context vectors (default 4, initialised from "a photo of a").
-            steps: CoOp optimisation steps (default 200).
-
-        Returns:
-            The saved concept, with its held-out accuracy.
-
-        Raises:
-            QueryError: a bad name or method, or no usable example.
-            ImageLoadError: an example path that is neither a file, a folder, nor an image in the store.
-        """
-        from retrieval.concepts import (
-            DEFAULT_N_CTX,
-            DEFAULT_STEPS,
-            ConceptBook,
-            check_name,
-            learn_concept,
-            negatives_wanted,
-            sample_negatives,
-        )
-
-        check_name(name)
-        self._check_searchable()
-        store = self._searchable_store()
-        pos_vectors, pos_ids, pos_paths = self._examples(store, positives, "--positive")
-        extra: dict[str, Any] = {"positive_paths": pos_paths}
-        if negatives:
-            neg_vectors, neg_ids, neg_paths = self._examples(store, negatives, "--negative")
-            extra.update(negatives_from="given", negative_paths=neg_paths)
-        else:
-            neg_ids = sample_negatives(store.ids(), pos_ids, negatives_wanted(len(pos_vectors)), seed).tolist()
-            neg_vectors = store.vectors_for(neg_ids) if neg_ids else np.zeros((0, store.embed_dim), np.float32)
-            extra["negatives_from"] = "sampled from the store"
-        concept = learn_concept(
-            name,
-            pos_vectors,
-            neg_vectors,
-            store.model_info,
-            method,
-            text_model=lambda: self._model("text")[0],
-            example_ids=pos_ids,
-            negative_ids=neg_ids,
-            seed=seed,
-            n_ctx=DEFAULT_N_CTX if n_ctx is None else n_ctx,
-            steps=DEFAULT_STEPS if steps is None else steps,
-            extra=extra,
-        )
-        ConceptBook(store).save(concept)
-        return concept
-
-    def learn_classes(
-        self,
-        folder: str | os.PathLike[str],
-        method: str = "auto",
-        *,
-        seed: int = 0,
-        n_ctx: int | None = None,
-        steps: int | None = None,
-    ) -> list[Concept]:
-        """Learn one concept per sub-folder of `folder` (named after it), each against the other classes'
-        images as its negatives, and save them.
-
-        Raises:
-            QueryError: fewer than two class folders, or a folder name that is not a concept name.
-        """
-        from retrieval.concepts import check_name
-
-        root = Path(folder).expanduser()
-        classes = (
-            sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-        )
-        if len(classes) < 2:
-            raise QueryError(
-                f"--classes {os.fspath(folder)}: give a folder with one sub-folder of images per class (2+)"
-            )
-        for path in classes:
-            check_name(path.name)
-        return [
-            self.learn(
-                path.name, [path], [o for o in classes if o != path], method, seed=seed, n_ctx=n_ctx, steps=steps
-            )
-            for path in classes
-        ]
-
-    def concepts(self) -> list[Concept]:
-        """The concepts learned with this library's model, by name."""
-        from retrieval.concepts import ConceptBook
-
-        return ConceptBook(self.store()).concepts()
-
-    def forget(self, name: str) -> None:
-        """Remove a learned concept.
-
-        Raises:
-            QueryError: no concept of that name.
-        """
-        from retrieval.concepts import ConceptBook
-
-        ConceptBook(self.store()).remove(name)
-
-    def _examples(
-        self, store: Store, paths: Sequence[str | os.PathLike[str]], option: str
-    ) -> tuple[Embeddings, list[int], list[str]]:
-        """Vectors of example images: (vectors [N, D], the stored ids among them, the paths of unstored files
-        embedded on the fly). Unreadable files are logged and skipped."""
-        from retrieval.query import IMAGE_EXTENSIONS
-
-        files: dict[str, None] = {}
-        stored: dict[int, None] = {}
-        for given in paths:
-            path = Path(given).expanduser()
-            if path.is_dir():
-                found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-                files.update((str(p.absolute()), None) for p in found)
-                if not found:  # a folder whose files are gone may still have images in the store
-                    stored.update((int(i), None) for i in store.filter_ids(build_filter(in_dir=path)))
-            elif path.is_file():
-                files[str(path.absolute())] = None
-            elif (row_id := store.id_for_path(path)) is not None:
-                stored[row_id] = None
-            else:
-                raise ImageLoadError(f"{option} {os.fspath(given)}: no such file or folder, and no stored image")
-        embed: list[str] = []
-        for file in files:
-            row_id = store.id_for_path(file)
-            if row_id is not None and self._stored_vector(store, row_id, Path(file)) is not None:
-                stored[row_id] = None
-            else:
-                embed.append(file)
-        ids = list(stored)
-        vectors = [store.vectors_for(ids)] if ids else []
-        embedded = []
-        for file in embed:
-            try:
-                vectors.append(self._encode_images([Path(file)]))
-                embedded.append(file)
-            except ImageLoadError as e:
-                logger.warning("%s %s: skipped: %s", option, file, e)
-        if not vectors:
-            raise QueryError(f"{option}: no readable image among {', '.join(os.fspath(p) for p in paths)}")
-        return np.concatenate(vectors).astype(np.float32), ids, embedded
-
     @staticmethod
     def _stored_vector(store: Store, row_id: int, path: Path) -> np.ndarray | None:
         """The stored vector of `path` if the file is unchanged since it was indexed (same size and mtime)."""
         row = store.rows([row_id], columns=["size", "mtime", "vector"])[0]
-        stat = path.stat()
-        stored_us = (row["mtime"] - _EPOCH) // timedelta(microseconds=1)  # the store returns microseconds
-        unchanged = row["size"] == stat.st_size and stored_us == stat.st_mtime_ns // 1000
-        return row["vector"] if unchanged else None
+        return row["vector"] if unchanged_since_indexed(row, path.stat()) else None
 
     def status(self) -> dict[str, Any]:
         """The store's model, image count, FAISS index state, and the other models the store directory holds."""
@@ -893,141 +628,3 @@ class Library:
         if self._duplicates is None or self._duplicates[0] != key:
             self._duplicates = (key, find_duplicates(store, self.ann_index(), threshold))
         return self._duplicates[1]
-
-    # ---- paging, stored images and their files (the web app's needs) ------------------------------
-
-    def search_page(
-        self,
-        query: Any,
-        k: int = 10,
-        offset: int = 0,
-        where: str | None = None,
-        *,
-        in_dir: str | os.PathLike[str] | None = None,
-        after: date | datetime | None = None,
-        before: date | datetime | None = None,
-        threshold: float | None = None,
-        ensemble: bool = False,
-        templates: Sequence[str] = IMAGENET_TEMPLATES,
-    ) -> SearchPage:
-        """Results `offset + 1 .. offset + k` of a search; pages fit together without duplicates or gaps.
-
-        Takes every query `search` takes, and also stored images (`StoredImage(id)`, optionally with a `Box`)
-        and regions of images (`Region(image, box)`), alone or weighted in a list. Stored images of the query
-        are left out of its results, as `similar` leaves out its query image.
-
-        Returns:
-            `SearchPage(results, offset, next_offset, total)`.
-
-        Raises:
-            NotFoundError: a stored image of the query is not in the store (or its file is not servable).
-            QueryError: a bad k, offset, box or filter, or terms that cancel out.
-        """
-        terms = as_terms(query)
-        condition = build_filter(where, in_dir=in_dir, after=after, before=before)
-        store = self._searchable_store()
-        vector = self.encode(terms, ensemble=ensemble, templates=templates)
-        exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
-        rows = self._rows()
-        views = self.view_matrix()
-        return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude, rows, views)
-
-    def similar_to_id(
-        self,
-        row_id: int,
-        k: int = 10,
-        offset: int = 0,
-        where: str | None = None,
-        *,
-        in_dir: str | os.PathLike[str] | None = None,
-        after: date | datetime | None = None,
-        before: date | datetime | None = None,
-        threshold: float | None = None,
-    ) -> SearchPage:
-        """A "more like this" page: the images nearest to stored image `row_id` (itself left out), by its
-        stored vector, so no image tower loads."""
-        return self.search_page(
-            StoredImage(row_id), k, offset, where, in_dir=in_dir, after=after, before=before, threshold=threshold
-        )
-
-    def _rows(self) -> RowCache | None:
-        """The in-memory row metadata when `row_cache` is on (for the store as opened now)."""
-        if not self.row_cache:
-            return None
-        from retrieval.row_cache import RowCache  # here: pyarrow, which a one-shot query may never need
-
-        store = self.store()
-        if self._row_cache is None or self._row_cache.store is not store:
-            self._row_cache = RowCache(store)
-        return self._row_cache
-
-    def warm_up(self) -> int:
-        """Load now what a search needs, rather than on the first search: the text tower (and its query copy),
-        the store, the FAISS index and, with `row_cache`, the rows' metadata.
-
-        Returns:
-            The number of images in the store.
-
-        Raises:
-            StoreError: no store, or no images for this model in it.
-        """
-        store = self._searchable_store()
-        self.encode("a photo")
-        self.ann_index()
-        cache = self._rows()
-        if cache is not None:
-            cache.rows([])
-        return store.count()
-
-    def roots(self) -> Roots:
-        """The folders indexed into this model's table, with display names."""
-        return Roots(self.store().state.roots())
-
-    def image_file(self, row_id: int) -> StoredFile:
-        """A stored image's file, checked before it is read for someone else: the id is in the store, the file
-        (symlinks resolved) is inside a folder the store indexed (also resolved), and it still holds the
-        indexed content (same size and mtime, or else the same SHA-256).
-
-        Raises:
-            NotFoundError: any check fails; the message says which.
-        """
-        cache = self._rows()
-        try:
-            if cache is not None:
-                row = cache.rows([row_id])[row_id]
-            else:
-                row = self.store().rows([row_id], columns=["path", "size", "mtime", "content_hash", "format"])[0]
-        except (StoreError, KeyError) as e:
-            raise NotFoundError(f"no image {row_id} in the store; it was removed or re-indexed: search again") from e
-        path = row["path"]
-        real = os.path.realpath(path)
-        if not self.roots().holds_real(path):
-            raise NotFoundError(
-                f"image {row_id} is no longer inside an indexed folder (moved, or replaced by a link to elsewhere); "
-                "run `clipsearch index` on its folder"
-            )
-        try:
-            stat = os.stat(real)
-        except OSError as e:
-            raise NotFoundError(f"image {row_id}'s file is gone; run `clipsearch index` on its folder") from e
-        stored_us = (row["mtime"] - _EPOCH) // timedelta(microseconds=1)
-        unchanged = (row["size"], stored_us) == (stat.st_size, stat.st_mtime_ns // 1000)
-        if not unchanged and _sha256(real) != row["content_hash"]:  # a touched file with the same bytes is fine
-            raise NotFoundError(
-                f"image {row_id}'s file changed since it was indexed; run `clipsearch index` on its folder"
-            )
-        return StoredFile(row_id, Path(real), row["content_hash"], row["format"], stat.st_size)
-
-
-def _sha256(path: str) -> str | None:
-    """The SHA-256 of a file's bytes, hex; None when it cannot be read."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()

@@ -1,0 +1,179 @@
+"""`Library`'s pages of results and its stored files, checked before they are served: what `clipsearch serve` needs.
+
+Mixed into `clipsearch.library.Library`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from retrieval.errors import NotFoundError, StoreError
+from retrieval.query import IMAGENET_TEMPLATES, SearchPage, as_terms, build_filter, search_page
+from retrieval.regions import StoredImage
+from retrieval.roots import Roots
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from retrieval.row_cache import RowCache
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def unchanged_since_indexed(row: dict[str, Any], stat: os.stat_result) -> bool:
+    """Whether a file's stat still shows the size and mtime its row recorded (rows read back hold microseconds)."""
+    stored_us = (row["mtime"] - _EPOCH) // timedelta(microseconds=1)
+    return (row["size"], stored_us) == (stat.st_size, stat.st_mtime_ns // 1000)
+
+
+class StoredFile(NamedTuple):
+    """A stored image's file, checked for serving (see `Library.image_file`)."""
+
+    id: int
+    path: Path  # symlinks resolved; inside an indexed root
+    content_hash: str  # SHA-256 of the content, hex: what the id stands for
+    format: str | None  # Pillow's format name: JPEG, PNG, ...
+    size: int  # bytes
+
+
+class ServingMethods:
+    """The web app's half of `Library`: pages, "more like this" by id, and checked files."""
+
+    def search_page(
+        self,
+        query: Any,
+        k: int = 10,
+        offset: int = 0,
+        where: str | None = None,
+        *,
+        in_dir: str | os.PathLike[str] | None = None,
+        after: date | datetime | None = None,
+        before: date | datetime | None = None,
+        threshold: float | None = None,
+        ensemble: bool = False,
+        templates: Sequence[str] = IMAGENET_TEMPLATES,
+    ) -> SearchPage:
+        """Results `offset + 1 .. offset + k` of a search; pages fit together without duplicates or gaps.
+
+        Takes every query `search` takes, and also stored images (`StoredImage(id)`, optionally with a `Box`)
+        and regions of images (`Region(image, box)`), alone or weighted in a list. Stored images of the query
+        are left out of its results, as `similar` leaves out its query image.
+
+        Returns:
+            `SearchPage(results, offset, next_offset, total)`.
+
+        Raises:
+            NotFoundError: a stored image of the query is not in the store (or its file is not servable).
+            QueryError: a bad k, offset, box or filter, or terms that cancel out.
+        """
+        terms = as_terms(query)
+        condition = build_filter(where, in_dir=in_dir, after=after, before=before)
+        store = self._searchable_store()
+        vector = self.encode(terms, ensemble=ensemble, templates=templates)
+        exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
+        rows = self._rows()
+        views = self.view_matrix()
+        return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude, rows, views)
+
+    def similar_to_id(
+        self,
+        row_id: int,
+        k: int = 10,
+        offset: int = 0,
+        where: str | None = None,
+        *,
+        in_dir: str | os.PathLike[str] | None = None,
+        after: date | datetime | None = None,
+        before: date | datetime | None = None,
+        threshold: float | None = None,
+    ) -> SearchPage:
+        """A "more like this" page: the images nearest to stored image `row_id` (itself left out), by its
+        stored vector, so no image tower loads."""
+        return self.search_page(
+            StoredImage(row_id), k, offset, where, in_dir=in_dir, after=after, before=before, threshold=threshold
+        )
+
+    def _rows(self) -> RowCache | None:
+        """The in-memory row metadata when `row_cache` is on (for the store as opened now)."""
+        if not self.row_cache:
+            return None
+        from retrieval.row_cache import RowCache  # here: pyarrow, which a one-shot query may never need
+
+        store = self.store()
+        if self._row_cache is None or self._row_cache.store is not store:
+            self._row_cache = RowCache(store)
+        return self._row_cache
+
+    def warm_up(self) -> int:
+        """Load now what a search needs, rather than on the first search: the text tower (and its query copy),
+        the store, the FAISS index and, with `row_cache`, the rows' metadata.
+
+        Returns:
+            The number of images in the store.
+
+        Raises:
+            StoreError: no store, or no images for this model in it.
+        """
+        store = self._searchable_store()
+        self.encode("a photo")
+        self.ann_index()
+        cache = self._rows()
+        if cache is not None:
+            cache.rows([])
+        return store.count()
+
+    def roots(self) -> Roots:
+        """The folders indexed into this model's table, with display names."""
+        return Roots(self.store().state.roots())
+
+    def image_file(self, row_id: int) -> StoredFile:
+        """A stored image's file, checked before it is read for someone else: the id is in the store, the file
+        (symlinks resolved) is inside a folder the store indexed (also resolved), and it still holds the
+        indexed content (same size and mtime, or else the same SHA-256).
+
+        Raises:
+            NotFoundError: any check fails; the message says which.
+        """
+        cache = self._rows()
+        try:
+            if cache is not None:
+                row = cache.rows([row_id])[row_id]
+            else:
+                row = self.store().rows([row_id], columns=["path", "size", "mtime", "content_hash", "format"])[0]
+        except (StoreError, KeyError) as e:
+            raise NotFoundError(f"no image {row_id} in the store; it was removed or re-indexed: search again") from e
+        path = row["path"]
+        real = os.path.realpath(path)
+        if not self.roots().holds_real(path):
+            raise NotFoundError(
+                f"image {row_id} is no longer inside an indexed folder (moved, or replaced by a link to elsewhere); "
+                "run `clipsearch index` on its folder"
+            )
+        try:
+            stat = os.stat(real)
+        except OSError as e:
+            raise NotFoundError(f"image {row_id}'s file is gone; run `clipsearch index` on its folder") from e
+        if (
+            not unchanged_since_indexed(row, stat) and _sha256(real) != row["content_hash"]
+        ):  # a touched file with the same bytes is fine
+            raise NotFoundError(
+                f"image {row_id}'s file changed since it was indexed; run `clipsearch index` on its folder"
+            )
+        return StoredFile(row_id, Path(real), row["content_hash"], row["format"], stat.st_size)
+
+
+def _sha256(path: str) -> str | None:
+    """The SHA-256 of a file's bytes, hex; None when it cannot be read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()

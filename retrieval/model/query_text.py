@@ -1,0 +1,74 @@
+"""Query texts to vectors, tuned for the shape of a query: a handful of short texts, one at a time."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retrieval.model.clip import CLIP
+    from retrieval.types import Embeddings
+
+logger = logging.getLogger(__name__)
+
+# Up to this many texts are encoded on one thread: a short query's matrices are too small for intra-op
+# threads to pay off, and on shared cores each op's thread barrier can wait a whole time slice (measured on 2
+# busy cores: ViT-B/32 text tower, one query, 600 ms on 2 threads against 100 ms on 1).
+FEW_TEXTS = 8
+
+
+def query_text_model(model: CLIP) -> CLIP:
+    """The model to encode query texts with: a bfloat16 copy of its text tower on a CPU with native bfloat16
+    arithmetic (AVX512-BF16 or AMX), else the model itself.
+
+    One short query is a chain of matrix-vector products whose time goes into reading the weights (~150 MB
+    for ViT-B/32's text transformer in float32, more than any cache), so half the bytes is about half the
+    time: 28.7 -> 12.3 ms a query on this project's 2-core EPYC. The query vector stays within cosine 0.9999
+    of the float32 one (the same trade as fp16 autocast on CUDA); stored image vectors are untouched.
+    Without native support bfloat16 is emulated and slower, so the model is used as it is.
+    """
+    import torch
+
+    from retrieval.model.checkpoint import Checkpoint, build_model
+    from retrieval.model.clip import CLIP
+
+    native = any(
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    # Only CLIP's text tower has been measured this way; other families keep float32.
+    if not isinstance(model, CLIP) or model.transformer is None:
+        return model
+    if next(model.parameters()).device.type != "cpu" or not native:
+        return model
+    tensors = {k: v.to(torch.bfloat16) for k, v in CLIP.state_dict_for_towers(model.state_dict(), "text").items()}
+    checkpoint = Checkpoint(tensors, model.config, "bfloat16", "query text tower", Path())
+    copy = build_model(checkpoint, towers="text").eval()
+    copy.info = getattr(model, "info", None)
+    return copy
+
+
+def encode_query_texts(model: CLIP, texts: list[str]) -> Embeddings:
+    """Embed query texts; a handful of them on a single torch thread (see `FEW_TEXTS`)."""
+    import torch
+
+    from retrieval.model.encode import encode_texts
+
+    if len(texts) > FEW_TEXTS:
+        return encode_texts(model, texts)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return encode_texts(model, texts)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def warn_if_cut(texts: list[str], context_length: int) -> None:
+    """Say once, for all the texts of a query, that the text encoder will not see the end of one of them."""
+    from retrieval.model.tokenizer import token_count
+
+    if any(token_count(text) > context_length for text in texts):
+        logger.warning(
+            "the query text is longer than the model's %d tokens; only the first part is used", context_length
+        )
