@@ -24,6 +24,8 @@ class ModelInfo:
     # Added with SigLIP; the defaults are what every model recorded before, so old stores keep their identity.
     resize_mode: str = "shortest"  # how images become squares ("shortest" + centre crop, or "squash")
     tokenizer: str = "clip-bpe"  # the text tokenizer: CLIP's BPE, or "hf:<sha256[:16] of tokenizer.json>"
+    # Added with MobileCLIP2; the default is what every model used before.
+    interpolation: str = "bicubic"  # the resize's resampling filter ("bicubic" or "bilinear")
 
     @property
     def table_name(self) -> str:
@@ -47,6 +49,7 @@ class ModelInfo:
             std=tuple(float(x) for x in d["std"]),
             resize_mode=str(d.get("resize_mode", "shortest")),
             tokenizer=str(d.get("tokenizer", "clip-bpe")),
+            interpolation=str(d.get("interpolation", "bicubic")),
         )
 
     @classmethod
@@ -70,6 +73,7 @@ class ModelInfo:
             std=preprocess.std,
             resize_mode=preprocess.resize_mode,
             tokenizer=tokenizer_identity(model),
+            interpolation=preprocess.interpolation,
         )
 
 
@@ -77,7 +81,7 @@ def tokenizer_identity(model: nn.Module) -> str:
     """What `ModelInfo.tokenizer` records: "clip-bpe", "hf:" + the tokenizer.json's SHA-256[:16], or "none"."""
     from retrieval.model.download import file_sha256
 
-    if model.config.family == "clip":
+    if model.config.family != "siglip":  # CLIP and MobileCLIP2 share CLIP's BPE
         return "clip-bpe"
     tokenizer_file = getattr(model, "tokenizer_file", None)
     return "none" if tokenizer_file is None else f"hf:{file_sha256(tokenizer_file)[:16]}"

@@ -31,7 +31,7 @@ class ModelSpec:
     file_sha256: tuple[tuple[str, str], ...] = ()  # (file, SHA-256) pins; unpinned files use the hub's hash
     quick_gelu: bool | None = None  # overrides the hub config's activation when it is known to be wrong
     # For the `clipsearch models` table.
-    family: str = "CLIP"  # "CLIP", "OpenCLIP", "SigLIP2"
+    family: str = "CLIP"  # "CLIP", "OpenCLIP", "SigLIP2", "MobileCLIP2"
     embed_dim: int | None = None  # embedding length
     download_mb: float | None = None  # approximate download size
     flickr_t2i_r1: float | None = None  # published zero-shot Flickr30k text->image recall@1, in %
@@ -58,6 +58,7 @@ class ModelSpec:
 
 # Published zero-shot Flickr30k text->image recall@1 (1k test set), from open_clip's benchmark table.
 _OPEN_CLIP_RESULTS = "open_clip docs/openclip_retrieval_results.csv (Flickr image retr. R@1)"
+_MOBILECLIP_RESULTS = "apple/ml-mobileclip results/mobileclip2_s*.jsonl (Flickr image_retrieval_recall@1)"
 
 
 def _openai(
@@ -229,6 +230,30 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=768,
             download_mb=1500,
             arch="ViT-B-16-SigLIP2-256",
+        ),
+        _hub(
+            "MobileCLIP2-S0",
+            "timm/MobileCLIP2-S0-OpenCLIP",
+            _OPEN_CLIP_FILES,
+            "Apple MobileCLIP2-S0 (FastViT-MCi0) trained on DFNDR-2B, 256 px, 512-d (fast image tower)",
+            family="MobileCLIP2",
+            embed_dim=512,
+            download_mb=300,
+            flickr_t2i_r1=69.22,
+            flickr_source=_MOBILECLIP_RESULTS,
+            arch="MobileCLIP2-S0",
+        ),
+        _hub(
+            "MobileCLIP2-S2",
+            "timm/MobileCLIP2-S2-OpenCLIP",
+            _OPEN_CLIP_FILES,
+            "Apple MobileCLIP2-S2 (FastViT-MCi2) trained on DFNDR-2B, 256 px, 512-d",
+            family="MobileCLIP2",
+            embed_dim=512,
+            download_mb=397,
+            flickr_t2i_r1=74.82,
+            flickr_source=_MOBILECLIP_RESULTS,
+            arch="MobileCLIP2-S2",
         ),
         ModelSpec(
             "shapes-mini",
