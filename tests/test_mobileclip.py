@@ -168,3 +168,45 @@ def test_registry_lists_mobileclip2_from_its_hub_repositories():
         repo = f"timm/{name}-OpenCLIP"
         assert (spec.hub_repo, spec.revision, spec.arch, spec.family) == (repo, "main", name, "MobileCLIP2")
         assert "open_clip_model.safetensors" in spec.files and "open_clip_config.json" in spec.files
+
+
+def test_index_and_query_through_the_cli_with_mobileclip(tmp_path, caplog):
+    from click.testing import CliRunner
+
+    from clipsearch.cli import cli
+    from retrieval.model.checkpoint import save_checkpoint
+    from retrieval.model.config import TextConfig, VisionConfig
+    from retrieval.model.encode import encode_images, encode_texts
+
+    # A tiny random MobileCLIP with CLIP's whole vocabulary, so real queries tokenize.
+    config = CLIPConfig(
+        32,
+        VisionConfig(64, 8, (1, 1, 1, 1), 2, None),
+        TextConfig(width=64, heads=1, layers=1),
+        quick_gelu=False,
+        family="mobileclip",
+    )
+    torch.manual_seed(0)
+    save_checkpoint(build_towers(config).eval(), tmp_path / "model", name="tiny-mobileclip")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        coarse = (rng.random((3, 3, 3)) * 255).astype(np.uint8)
+        Image.fromarray(coarse).resize((80, 60), Image.Resampling.BICUBIC).save(photos / f"p{i}.png")
+    model_dir, db = tmp_path / "model", tmp_path / "db"
+    runner = CliRunner()
+    indexed = runner.invoke(cli, ["index", str(photos), "--model", str(model_dir), "--db", str(db), "--workers", "0"])
+    assert indexed.exit_code == 0, indexed.output
+    query = "a red square " * 30  # longer than 77 tokens: said once, then searched with its start
+    result = runner.invoke(cli, ["query", query, "--model", str(model_dir), "--db", str(db), "--json", "-t", "4"])
+    assert result.exit_code == 0, result.output
+    assert [r.message for r in caplog.records if "longer than the model's 77 tokens" in r.message]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+
+    model, preprocess = load_model(model_dir)
+    paths = sorted(photos.iterdir())
+    scores = encode_images(model, torch.stack([preprocess(p) for p in paths])) @ encode_texts(model, [query])[0]
+    expected = sorted(zip(scores.tolist(), [p.name for p in paths], strict=True), reverse=True)
+    assert [Path(r["path"]).name for r in rows] == [name for _, name in expected]
+    assert np.allclose([r["score"] for r in rows], [s for s, _ in expected], atol=1e-5)
