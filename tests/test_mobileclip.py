@@ -175,19 +175,17 @@ def test_index_and_query_through_the_cli_with_mobileclip(tmp_path, caplog):
 
     from clipsearch.cli import cli
     from retrieval.model.checkpoint import save_checkpoint
-    from retrieval.model.config import TextConfig, VisionConfig
+    from retrieval.model.config import TextConfig
     from retrieval.model.encode import encode_images, encode_texts
 
-    # A tiny random MobileCLIP with CLIP's whole vocabulary, so real queries tokenize.
-    config = CLIPConfig(
-        32,
-        VisionConfig(64, 8, (1, 1, 1, 1), 2, None),
-        TextConfig(width=64, heads=1, layers=1),
-        quick_gelu=False,
-        family="mobileclip",
-    )
+    # The fixture's image tower (random, but well-conditioned like trained weights) with a random text tower over
+    # CLIP's whole vocabulary, so real queries tokenize.
+    fixture, _ = load_model(FIXTURE)
+    config = dataclasses.replace(fixture.config, text=TextConfig(width=64, heads=1, layers=1))
     torch.manual_seed(0)
-    save_checkpoint(build_towers(config).eval(), tmp_path / "model", name="tiny-mobileclip")
+    model = build_towers(config).eval()
+    model.visual.load_state_dict(fixture.visual.state_dict())
+    save_checkpoint(model, tmp_path / "model", name="tiny-mobileclip")
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)

@@ -264,6 +264,9 @@ class FastViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed images x [B, 3, S, S] into [B, embed_dim]."""
+        # Channels-last input makes oneDNN run every convolution after it channels-last too: its depthwise kernels
+        # are ~1.6x faster so on CPU (measured on this project's 2-core EPYC), for the same result.
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.final_conv(self.stages(self.stem(x))))
 
 
