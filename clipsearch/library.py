@@ -343,7 +343,7 @@ class Library(ConceptMethods, ServingMethods):
             if self._query_text_model is None:
                 model = self._model("text")[0]
                 self._query_text_model = query_text_model(model) if self.text_precision == "auto" else model
-            if self._query_text_model.config.family == "clip":  # the count is CLIP's tokenizer's
+            if self._query_text_model.config.family != "siglip":  # the count is CLIP's tokenizer's (MobileCLIP's too)
                 warn_if_cut(batch, self._query_text_model.config.text.context_length)
             return encode_query_texts(self._query_text_model, batch)
 

@@ -157,7 +157,10 @@ def _read_identity(schema: pa.Schema, table_name: str) -> tuple[ModelInfo, int]:
 
 def _same_space(a: ModelInfo, b: ModelInfo) -> bool:
     """Whether two models produce interchangeable vectors (the name alone does not matter)."""
-    fields = ("weights_sha256", "embed_dim", "image_size", "mean", "std", "resize_mode", "tokenizer", "precision")
+    fields = (
+        "weights_sha256", "embed_dim", "image_size", "mean", "std", "resize_mode", "tokenizer", "interpolation",
+        "precision",
+    )  # fmt: skip
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
