@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def as_probability(results: list[SearchResult], probe: Concept | None) -> list[SearchResult]:
+    """The results of a lone probe concept's query scored by its probability (unchanged without one)."""
+    if probe is None:
+        return results
+    return [hit._replace(score=float(probe.probability_from_cosine(hit.score))) for hit in results]
+
+
 class ConceptMethods:
     """The concept half of `Library` (it relies on the library's store, encoders and index)."""
 
@@ -36,18 +43,28 @@ class ConceptMethods:
         ensemble: bool,
         templates: Sequence[str],
     ) -> list[SearchResult]:
-        """`search` for a query with `@name` terms: a lone probe concept ranks by its probability (the score, and
-        what `threshold` applies to); otherwise the concepts' vectors combine with the other terms."""
+        """`search` for a query with `@name` terms (see `_concept_query`)."""
+        store = self._searchable_store()
+        vector, cosine, probe = self._concept_query(store, terms, threshold, ensemble, templates)
+        return as_probability(search(store, self.ann_index(), vector, k, where=condition, threshold=cosine), probe)
+
+    def _concept_query(
+        self, store: Store, terms: list[Any], threshold: float | None, ensemble: bool, templates: Sequence[str]
+    ) -> tuple[np.ndarray, float | None, Concept | None]:
+        """The query vector of terms with `@name` terms, the threshold as a cosine, and the probe concept whose
+        probability is the score (`as_probability`): a lone probe concept ranks by its probability (the score,
+        and what `threshold` applies to); otherwise the concepts' vectors combine with the other terms.
+
+        Raises:
+            QueryError: an unknown concept (the message lists the known ones).
+        """
         from retrieval.concepts import ConceptBook, resolve_terms
 
-        store = self._searchable_store()
         terms, probe = resolve_terms(terms, ConceptBook(store))
         if probe is None:
-            vector = self.encode(terms, ensemble=ensemble, templates=templates)
-            return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
+            return self.encode(terms, ensemble=ensemble, templates=templates), threshold, None
         cosine = None if threshold is None else probe.cosine_for_probability(threshold)
-        results = search(store, self.ann_index(), probe.direction, k, where=condition, threshold=cosine)
-        return [hit._replace(score=float(probe.probability_from_cosine(hit.score))) for hit in results]
+        return probe.direction, cosine, probe
 
     def learn(
         self,

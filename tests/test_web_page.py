@@ -192,11 +192,11 @@ def test_a_typed_query_shows_the_apis_results_in_order(page, server):
     box = page.locator("#q")
     page.keyboard.press("/")  # focuses the search box
     expect(box).to_be_focused()
-    page.keyboard.type("a red circle")
+    page.keyboard.type("a green heart")  # two scenes show one: the calibrated cutoff keeps them, and only them
     page.keyboard.press("Enter")
-    expected = api(server, q="a red circle")
-    assert tiles(page, len(expected)) == ids(expected)
-    assert params_of(page) == {"q": "a red circle"}
+    expected = api(server, q="a green heart")
+    assert tiles(page, len(expected)) == ids(expected) and len(expected) == 2
+    assert params_of(page) == {"q": "a green heart"}
     first = page.locator("#results .tile").first
     expect(first.locator("img")).to_have_attribute("loading", "lazy")
     expect(first.locator(".score")).to_have_text(re.compile(r"-?[0-9]\.[0-9]{3}"))  # three decimals
@@ -258,8 +258,8 @@ def test_a_pasted_image_searches_and_a_broken_one_says_why(page, server, world):
 
 
 def test_more_like_this_on_a_tile(page, server):
-    open_page(page, server, "?q=a+blue+square")
-    hits = api(server, q="a blue square")
+    open_page(page, server, "?q=a+blue+square&threshold=none")
+    hits = api(server, q="a blue square", threshold="none")
     tiles(page, len(hits))
     third = page.locator("#results .tile").nth(2)
     third.hover()
@@ -273,10 +273,10 @@ def test_more_like_this_on_a_tile(page, server):
 def test_a_box_dragged_in_the_lightbox_searches_for_that_region(page, server, world):
     from playwright.sync_api import expect
 
-    hits = api(server, q="a red circle and a blue square")
+    hits = api(server, q="a red circle and a blue square", threshold="none")
     [pair] = [hit["id"] for hit in hits if hit["path"] == "pair.png"]
     for half, shape in ((0, "circle"), (1, "square")):
-        open_page(page, server, "?q=a+red+circle+and+a+blue+square")
+        open_page(page, server, "?q=a+red+circle+and+a+blue+square&threshold=none")
         tiles(page, len(hits))
         page.locator(f'#results .tile[data-id="{pair}"] .open').click()
         lightbox = page.locator("#lightbox")
@@ -315,32 +315,32 @@ def test_a_box_dragged_in_the_lightbox_searches_for_that_region(page, server, wo
 
 
 def test_filtering_by_folder(page, server, world):
-    open_page(page, server, "?q=a+yellow+star")
-    tiles(page, len(api(server, q="a yellow star")))
+    open_page(page, server, "?q=a+yellow+star&threshold=none")
+    tiles(page, len(api(server, q="a yellow star", threshold="none")))
     page.locator("#in").select_option("scenes")
-    page.wait_for_url("**/?q=a+yellow+star&in=scenes")
-    expected = api(server, q="a yellow star", **{"in": "scenes"})
+    page.wait_for_url("**/?q=a+yellow+star&in=scenes&threshold=none")
+    expected = api(server, q="a yellow star", threshold="none", **{"in": "scenes"})
     assert tiles(page, len(expected)) == ids(expected) and {hit["root"] for hit in expected} == {"scenes"}
 
     # a folder of the lightbox's path narrows to that sub-folder
     page.locator("#clear-filters").click()
-    page.wait_for_url("**/?q=a+yellow+star")
-    hits = api(server, q="a yellow star")
+    page.wait_for_url("**/?q=a+yellow+star&threshold=none")
+    hits = api(server, q="a yellow star", threshold="none")
     tiles(page, len(hits))
     first_shape = next(i for i, hit in enumerate(hits) if hit["root"] == "shapes")
     page.locator("#results .tile .open").nth(first_shape).click()
     folder = hits[first_shape]["path"].split("/")[0]
     page.locator("#lb-path .crumb", has_text=folder).click()
-    page.wait_for_url(f"**/?q=a+yellow+star&in=shapes%2F{folder}")
-    expected = api(server, q="a yellow star", **{"in": f"shapes/{folder}"})
+    page.wait_for_url(f"**/?q=a+yellow+star&in=shapes%2F{folder}&threshold=none")
+    expected = api(server, q="a yellow star", threshold="none", **{"in": f"shapes/{folder}"})
     assert tiles(page, len(expected)) == ids(expected) == ids([h for h in hits if h["path"].startswith(f"{folder}/")])
 
 
 def test_reload_and_back_give_the_same_results(page, server):
     from playwright.sync_api import expect
 
-    open_page(page, server, "?q=a+blue+square&in=shapes")
-    first = tiles(page, len(api(server, q="a blue square", **{"in": "shapes"})))
+    open_page(page, server, "?q=a+blue+square&in=shapes&threshold=none")
+    first = tiles(page, len(api(server, q="a blue square", threshold="none", **{"in": "shapes"})))
     page.locator("#q").fill("a green heart")
     page.locator("#q").press("Enter")
     page.wait_for_url("**/?q=a+green+heart&in=shapes")
@@ -360,10 +360,10 @@ def test_reload_and_back_give_the_same_results(page, server):
 def test_scrolling_down_fetches_the_next_pages(page, server):
     from playwright.sync_api import expect
 
-    everything = api(server, q="a circle")
+    everything = api(server, q="a circle", threshold="none")
     offsets = []
     page.on("request", lambda r: offsets.append(params_of(r)["offset"]) if "/api/search?" in r.url else None)
-    open_page(page, server, "?q=a+circle&k=8")
+    open_page(page, server, "?q=a+circle&k=8&threshold=none")
     shown = page.locator("#results .tile")
     expect(shown.first).to_be_visible()
     while (count := shown.count()) < len(everything):
@@ -388,6 +388,35 @@ def test_no_results_and_bad_input_say_so(page, server):
     open_page(page, server, "?q=a+red+circle&after=2023-02-30")
     expect(message).to_have_attribute("data-state", "error")
     expect(message).to_contain_text("after: '2023-02-30' is not a real date")
+
+
+def test_a_query_with_no_good_match_says_so_and_shows_the_weak_ones_on_request(page, server):
+    from playwright.sync_api import expect
+
+    assert api(server, q="a red circle") == []  # the pictures hold red circles only beside other shapes
+    open_page(page, server, "?q=a+red+circle")
+    message = page.locator("#message")
+    expect(message).to_have_attribute("data-state", "no-match")
+    expect(message).to_contain_text("No good match")
+    assert page.locator("#results .tile").count() == 0
+    show = page.locator("#message-action")
+    expect(show).to_have_text("Show the weaker matches")
+    show.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/?q=a+red+circle&weak=1")
+    expected = api(server, q="a red circle", weak="1")
+    assert tiles(page, len(expected)) == ids(expected) and all(hit["weak"] for hit in expected)
+    expect(message).to_be_hidden()
+    expect(page.locator("#results .tile.weak")).to_have_count(len(expected))
+    expect(page.locator("#results .tile .weak-mark").first).to_have_text("weak match")
+    page.reload()  # the state is in the URL
+    page.wait_for_selector("body[data-ready]")
+    assert tiles(page, len(expected)) == ids(expected)
+    hide = page.locator("#weaker")
+    expect(hide).to_have_text("Hide the weaker matches")
+    hide.click()
+    page.wait_for_url("**/?q=a+red+circle")
+    expect(message).to_have_attribute("data-state", "no-match")
 
 
 @pytest.fixture(scope="module")
@@ -427,5 +456,5 @@ def test_an_empty_store_is_served_and_fills_without_a_restart(tmp_path):
 
     generate(tmp_path / "photos", 3, seed=1, size_range=(96, 128))
     Library(db=tmp_path / "db", model="shapes-mini").index([tmp_path / "photos"], workers=0, progress=False)
-    found = client.get("/api/search", params={"q": "a red circle"})
+    found = client.get("/api/search", params={"q": "a red circle", "threshold": "none"})
     assert found.status_code == 200 and len(found.json()["results"]) == 3

@@ -1,10 +1,11 @@
 // The page of `clipsearch serve`: a search box, a justified grid of thumbnails and a lightbox, over the JSON API
-// documented in clipsearch/web/app.py. Every search lives in the URL (q, like, upload, box, in, after, before),
-// so a search can be bookmarked, reloaded and gone back to; the page renders whatever the URL says. An optional
-// k in the URL sets how many results each request fetches.
+// documented in clipsearch/web/app.py. Every search lives in the URL (q, like, upload, box, in, after, before,
+// weak, threshold), so a search can be bookmarked, reloaded and gone back to; the page renders whatever the URL
+// says. An optional k in the URL sets how many results each request fetches. A text search is cut where its good
+// matches end (the API's calibrated "auto" threshold); weak=1 shows the weaker matches too, marked.
 
 const PAGE_SIZE = 50;
-const STATE_KEYS = ["q", "like", "upload", "box", "in", "after", "before", "k"];
+const STATE_KEYS = ["q", "like", "upload", "box", "in", "after", "before", "k", "weak", "threshold"];
 const MIN_BOX = 0.03; // a drag smaller than this (a fraction of the photo's side) is a click, not a box
 
 const $ = (id) => document.getElementById(id);
@@ -12,6 +13,8 @@ const $ = (id) => document.getElementById(id);
 const view = {
   hits: [], // the results shown, in order
   next: null, // next_offset of the last page, or null
+  cut: false, // whether the search's results are cut at a relevance cutoff (weaker ones left out or marked)
+  ranked: 0, // how many images the search ranked (total_hint)
   loading: false,
   generation: 0, // bumped by every new search, so an older search's late answer is dropped
   current: -1, // the hit shown in the lightbox
@@ -131,9 +134,11 @@ function clearResults() {
   view.generation += 1;
   view.hits = [];
   view.next = null;
+  view.cut = false;
   view.loading = false;
   $("results").replaceChildren();
   $("more").hidden = true;
+  $("weaker").hidden = true;
   showMessage(null);
 }
 
@@ -146,12 +151,17 @@ function showStart() {
   }
 }
 
-function showMessage(kind, title, text) {
+function showMessage(kind, title, text, action) {
+  // `action`, optional: { label, run }, a button under the message
   const box = $("message");
   box.hidden = !kind;
   box.dataset.state = kind || "";
   $("message-title").textContent = title || "";
   $("message-text").replaceChildren(...codeSpans(text || ""));
+  const button = $("message-action");
+  button.hidden = !action;
+  button.textContent = action ? action.label : "";
+  button.onclick = action ? action.run : null;
 }
 
 function codeSpans(text) {
@@ -176,8 +186,13 @@ async function search(state, offset) {
     const page = await api(`/api/search?${params}`);
     if (generation !== view.generation) return;
     view.next = page.next_offset;
+    view.cut = page.cutoff !== null || page.no_good_match;
+    view.ranked = page.total_hint;
     addTiles(page.results);
-    if (view.hits.length === 0) showNoResults(state);
+    if (view.hits.length === 0) {
+      if (page.no_good_match) showNoGoodMatch(state);
+      else showNoResults(state);
+    }
   } catch (error) {
     if (generation !== view.generation) return;
     if (view.images === 0 && offset === 0) {
@@ -190,8 +205,33 @@ async function search(state, offset) {
       view.loading = false;
       $("results").removeAttribute("aria-busy");
       $("more").hidden = view.next === null;
+      showWeakerToggle(state);
     }
   }
+}
+
+function showNoGoodMatch(state) {
+  showMessage(
+    "no-match",
+    "No good match",
+    `None of your photos matches “${state.q}” well enough to be sure.`,
+    { label: "Show the weaker matches", run: () => go({ ...readState(), weak: "1" }) },
+  );
+}
+
+function showWeakerToggle(state) {
+  // at the end of a cut ranking: show the weaker matches too (marked), or hide them again
+  const button = $("weaker");
+  const hidden = view.cut && !state.weak && view.hits.length > 0 && view.hits.length < view.ranked;
+  button.hidden = view.next !== null || !(hidden || (state.weak && view.hits.length > 0));
+  button.textContent = state.weak ? "Hide the weaker matches" : "Show the weaker matches";
+}
+
+function toggleWeaker() {
+  const state = readState();
+  if (state.weak) delete state.weak;
+  else state.weak = "1";
+  go(state);
 }
 
 function showNoResults(state) {
@@ -250,6 +290,14 @@ function tile(hit, index) {
   like.addEventListener("click", () => moreLike(hit.id));
 
   figure.append(open, score, like);
+  if (hit.weak) {
+    figure.classList.add("weak");
+    const mark = document.createElement("span");
+    mark.className = "weak-mark";
+    mark.textContent = "weak match";
+    img.alt = `${name(hit)} (weak match)`;
+    figure.append(mark);
+  }
   return figure;
 }
 
@@ -526,6 +574,7 @@ function wireControls() {
     document.body.classList.toggle("no-scores", !scores.checked);
   });
   $("more").addEventListener("click", loadMore);
+  $("weaker").addEventListener("click", toggleWeaker);
   new IntersectionObserver((entries) => {
     if (entries.some((entry) => entry.isIntersecting)) loadMore();
   }, { rootMargin: "800px" }).observe($("more"));
