@@ -7,6 +7,8 @@ import io
 import itertools
 import json
 import os
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -581,3 +583,99 @@ def test_status_names_a_model_given_as_a_checkpoint_path_by_its_name(tmp_path, t
     response = TestClient(create_app(library), base_url=BASE).get("/api/status")
     assert response.status_code == 200 and response.json()["model"] == "tiny"
     assert str(tmp_path) not in response.text and str(tiny) not in response.text
+
+
+def one_line_error(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error and "\n" not in error and "Traceback" not in error
+    return error
+
+
+def test_a_concept_is_learned_from_stored_ids_listed_searched_and_forgotten(world):
+    client, ids = world["client"], world["ids"]
+    reds = [str(ids[f"photos/red-circle-{i}.png"]) for i in range(4)]
+    blues = [str(ids[f"photos/blue-square-{i}.png"]) for i in range(4)]
+    assert "reds" not in [c["name"] for c in client.get("/api/concepts").json()["concepts"]]
+    learned = client.post(
+        "/api/concepts", json={"name": "reds", "positives": reds, "negatives": blues, "method": "probe"}
+    )
+    assert learned.status_code == 201, learned.text
+    concept = learned.json()["concept"]
+    assert concept["name"] == "reds" and concept["query"] == "@reds" and concept["method"] == "probe"
+    assert concept["examples"] == 4 and concept["negatives"] == 4 and 0 <= concept["accuracy"] <= 1
+    assert str(world["root"]) not in learned.text  # the examples' paths stay on the server
+    listed = client.get("/api/concepts").json()["concepts"]
+    assert [c for c in listed if c["name"] == "reds"] == [concept]
+    (stored,) = [c for c in world["library"].concepts() if c.name == "reds"]
+    assert set(stored.example_ids) == {int(i) for i in reds} and set(stored.negative_ids) == {int(i) for i in blues}
+
+    found = search(world, q="@reds", k=10)  # a probe alone ranks by its probability, shown as the score
+    expected = world["library"].search("@reds", k=10)
+    assert [h["id"] for h in found["results"]] == [str(r.metadata["id"]) for r in expected]
+    assert sum(h["id"] in reds for h in found["results"][:5]) >= 3 and found["threshold"] is None
+    assert all(0 <= h["score"] <= 1 for h in found["results"])
+    sure = search(world, q="@reds", k=52, threshold="0.5")["results"]
+    assert sure and all(h["score"] >= 0.5 for h in sure) and {h["id"] for h in sure} >= set(reds)
+    combined = search(world, q="@reds on a grey background", k=10)
+    together = world["library"].search("@reds on a grey background", k=10)
+    assert [h["id"] for h in combined["results"]] == [str(r.metadata["id"]) for r in together]
+    posted = client.post("/api/search", json={"terms": [{"text": "@reds"}, {"text": "a blue square", "weight": 0.5}]})
+    assert posted.status_code == 200 and posted.json()["results"]
+
+    unknown = one_line_error(get(world, "/api/search", q="@nope"), 400)
+    assert "unknown concept @nope" in unknown and "@reds" in unknown
+    assert client.delete("/api/concepts/reds").json() == {"removed": "reds"}
+    assert "reds" not in [c["name"] for c in client.get("/api/concepts").json()["concepts"]]
+    assert "unknown concept @reds" in one_line_error(client.delete("/api/concepts/reds"), 400)
+    assert "unknown concept @reds" in one_line_error(get(world, "/api/search", q="@reds"), 400)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"name": "2bad", "positives": ["1"]}, 400, "concept name '2bad'"),
+        ({"name": "has space", "positives": ["1"]}, 400, "concept name"),
+        ({"name": "x' OR '1'='1", "positives": ["1"]}, 400, "concept name"),
+        ({"positives": ["1"]}, 400, "concept name"),
+        ({"name": "ok", "positives": []}, 400, "positives must be a list of 1 to 1000 image ids"),
+        ({"name": "ok", "positives": "1"}, 400, "positives must be a list"),
+        ({"name": "ok", "positives": ["1"], "method": "svm"}, 400, "method must be one of probe, coop, auto"),
+        ({"name": "ok", "positives": ["1"], "steps": 0}, 400, "steps must be from 1 to 2000"),
+        ({"name": "ok", "positives": ["1"], "colour": "red"}, 400, "unknown field(s) ['colour']"),
+        ({"name": "ok", "positives": ["../../etc/passwd"]}, 404, "an image id is the digits"),
+        ({"name": "ok", "positives": ["999999999"]}, 404, "no image 999999999 in the store"),
+    ],
+)
+def test_learning_refuses_bad_input_in_one_line(world, body, status, says):
+    assert says in one_line_error(world["client"].post("/api/concepts", json=body), status)
+    assert "ok" not in [c["name"] for c in world["client"].get("/api/concepts").json()["concepts"]]
+
+
+def test_a_concept_name_in_a_url_is_checked_and_other_sites_cannot_learn_or_forget(world):
+    client = world["client"]
+    assert "concept name" in one_line_error(client.delete("/api/concepts/x' OR '1'='1"), 400)
+    evil = {"Origin": "http://evil.example"}
+    assert client.post("/api/concepts", json={"name": "evil", "positives": ["1"]}, headers=evil).status_code == 403
+    assert client.delete("/api/concepts/evil", headers=evil).status_code == 403
+
+
+def test_learning_runs_off_the_event_loop(world):
+    app = create_app(world["library"])
+    web = app.app.state.web
+    reds = [str(world["ids"][f"photos/red-circle-{i}.png"]) for i in range(4)]
+    answers = {}
+    with TestClient(app, base_url=BASE) as client:
+        body = {"name": "slow_reds", "positives": reds, "method": "coop", "steps": 400}
+        learning = threading.Thread(target=lambda: answers.update(learned=client.post("/api/concepts", json=body)))
+        learning.start()
+        deadline = time.monotonic() + 120  # a safety net: the loop ends when the learning holds the library
+        while not web.lock.locked() and learning.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert web.lock.locked(), "the learning never started"
+        page = client.get("/")  # served by the event loop while the learning runs on a worker thread
+        assert page.status_code == 200 and web.lock.locked() and learning.is_alive()
+        learning.join(timeout=600)
+    assert answers["learned"].status_code == 201, answers["learned"].text
+    assert answers["learned"].json()["concept"]["method"] == "coop"
+    assert client.delete("/api/concepts/slow_reds").status_code == 200

@@ -137,6 +137,9 @@ def browser():
 def page(browser, request, tmp_path):
     """A page in a context of its own; on failure its screenshot is saved as tmp_path/failure.png. JavaScript
     errors and Content-Security-Policy violations fail the test."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)  # `expect` waits for its condition this long, not its default 5 s
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
@@ -417,6 +420,52 @@ def test_a_query_with_no_good_match_says_so_and_shows_the_weak_ones_on_request(p
     hide.click()
     page.wait_for_url("**/?q=a+red+circle")
     expect(message).to_have_attribute("data-state", "no-match")
+
+
+def test_tiles_selected_by_keyboard_teach_a_concept_whose_chip_searches_it(page, server, world):
+    from playwright.sync_api import expect
+
+    open_page(page, server, "?q=a+square&in=shapes%2Fsquare&threshold=none")
+    squares = api(server, q="a square", threshold="none", **{"in": "shapes/square"})
+    assert tiles(page, len(squares)) == ids(squares) and len(squares) == 3
+    selection = page.locator("#selection")
+    expect(selection).to_be_hidden()
+    for hit in squares:  # a tick on each tile, by keyboard
+        page.locator(f'#results .tile[data-id="{hit["id"]}"] .pick').focus()
+        page.keyboard.press("Space")
+    expect(page.locator("#results .tile.selected")).to_have_count(3)
+    expect(page.locator("#selected-count")).to_have_text("3 photos selected")
+    name = page.get_by_label("Learn as")
+    name.fill("2 squares")  # not a name @ can take: said at once, nothing sent
+    name.press("Enter")
+    message = page.locator("#concept-message")
+    expect(message).to_have_attribute("data-state", "error")
+    expect(message).to_contain_text("A name starts with a letter")
+    expect(name).to_have_attribute("aria-invalid", "true")
+    name.fill("my_squares")
+    page.get_by_label("Method").select_option("probe")
+    page.locator("#learn").click()
+    expect(message).to_contain_text("Learned @my_squares (probe, ")
+    expect(selection).to_be_hidden()  # the selection is done with
+    (concept,) = [c for c in get_json(f"{server}/api/concepts")[1]["concepts"] if c["name"] == "my_squares"]
+    assert concept["examples"] == 3 and concept["method"] == "probe"
+
+    page.locator("#clear-filters").click()
+    page.wait_for_url("**/?q=a+square&threshold=none")
+    chip = page.locator("#concepts .concept", has_text="@my_squares")
+    expect(chip).to_be_visible()
+    chip.focus()
+    page.keyboard.press("Enter")  # searches @my_squares, the filters as they are
+    page.wait_for_url("**/?q=%40my_squares")
+    expected = api(server, q="@my_squares")
+    assert tiles(page, len(expected)) == ids(expected)
+    top = [world["shapes"][f"{hit['root']}/{hit['path']}"] for hit in expected[:3]]
+    assert sum("square" in shapes for shapes in top) >= 2, top
+    expect(chip).to_have_attribute("aria-pressed", "true")
+    page.reload()  # the concept and its search are still there
+    page.wait_for_selector("body[data-ready]")
+    assert tiles(page, len(expected)) == ids(expected)
+    expect(page.locator("#concepts .concept", has_text="@my_squares")).to_be_visible()
 
 
 @pytest.fixture(scope="module")

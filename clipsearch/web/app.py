@@ -64,6 +64,21 @@ API reference (shapes are stable; fields may be added, never renamed or removed)
   "thumb": "/upload-thumb/u..."}. The upload's vector and a copy of at most 1024 px (for boxes) are kept in
   memory, the most recent 32 uploads; an older or unknown upload id answers 404 "upload it again".
 
+`GET /api/concepts` — the personal concepts learned with the served model (`clipsearch learn`, or below):
+    {"concepts": [CONCEPT, ...]}, by name, where CONCEPT is
+    {"name": "rex", "query": "@rex", "method": "probe" or "coop", "accuracy": 0.93 or null (held out; null when
+     too few examples to hold any out), "candidates": {"probe": 0.93, "coop": 0.88} or null (method auto),
+     "examples": 12, "negatives": 36, "seed": 0, "created_at": "2026-11-30T19:00:00+00:00"}
+`POST /api/concepts` — learn a concept from stored images, as JSON, and save it (replacing one of that name):
+    {"name": "rex", "positives": ["12", "15"], "negatives": ["20"], "method": "auto", "seed": 0, "steps": 200}
+  `name`: a letter, then letters, digits or _ (at most 64); `positives`: 1 to 1000 image ids; `negatives`
+  (optional: sampled from the store, seeded, when absent); `method`: probe (linear probe), coop (learned prompt
+  context) or auto (the better held-out accuracy; default); `steps`: CoOp's, 1..2000. Answers 201
+  {"concept": CONCEPT} once learned: a probe takes about a second, CoOp seconds, on a worker thread (the event
+  loop keeps serving; calls that need the library, searches and thumbnails, wait their turn). A bad name, method or list is a 400, an id not in the
+  store a 404. Then search with `q=@rex`.
+`DELETE /api/concepts/{name}` — forget a concept: {"removed": "rex"}; an unknown one is a 400 listing the known.
+
 `GET /thumb/{id}` — a WebP of at most 256 px on the long side, EXIF orientation applied, cached on disk under the
   store; `ETag` is the content hash, `Cache-Control: private, max-age=31536000, immutable` (an id's content never
   changes); `If-None-Match` with that ETag answers 304.
@@ -120,6 +135,7 @@ from retrieval.roots import display
 
 if TYPE_CHECKING:
     from clipsearch.library import Library
+    from retrieval.concepts import Concept
     from retrieval.query import SearchResult
     from retrieval.roots import Roots
 
@@ -368,14 +384,7 @@ class WebApp:
 
     async def search_post(self, request: Request) -> Response:
         """`POST /api/search`: a weighted combination of terms, as JSON."""
-        try:
-            body = await _limited(request, MAX_JSON_BYTES).json()
-        except TooLarge:
-            return _error(413, f"the JSON body is over {MAX_JSON_BYTES >> 20} MB")
-        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the JSON parser goes
-            raise QueryError('the body must be JSON, e.g. {"terms": [{"text": "a dog"}], "k": 50}') from None
-        if not isinstance(body, dict):
-            raise QueryError('the body must be a JSON object, e.g. {"terms": [{"text": "a dog"}]}')
+        body = await _json_body(request, '{"terms": [{"text": "a dog"}], "k": 50}')
         unknown = set(body) - {"terms", "k", "offset", "in", "after", "before", "where", "threshold", "weak"}
         if unknown:
             raise QueryError(f"unknown field(s) {sorted(unknown)}; see the API reference in clipsearch/web/app.py")
@@ -441,6 +450,38 @@ class WebApp:
                 "no_good_match": no_match,
             }
         )
+
+    # ---- concepts ------------------------------------------------------------------------------
+
+    async def concepts(self, request: Request) -> Response:
+        """`GET /api/concepts`: the learned concepts of the model served."""
+        return _json({"concepts": [_concept(c) for c in await self.call(self.library.concepts)]})
+
+    async def learn(self, request: Request) -> Response:
+        """`POST /api/concepts`: learn a concept from stored images, on a worker thread (CoOp takes seconds)."""
+        from retrieval.concepts import METHODS, check_name
+
+        body = await _json_body(request, '{"name": "rex", "positives": ["12", "15"], "method": "auto"}')
+        unknown = set(body) - {"name", "positives", "negatives", "method", "seed", "steps"}
+        if unknown:
+            raise QueryError(f"unknown field(s) {sorted(unknown)}; see the API reference in clipsearch/web/app.py")
+        name = body.get("name")
+        check_name(name if isinstance(name, str) else "")
+        method = body.get("method", "auto")
+        if method not in METHODS:
+            raise QueryError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        positives, negatives = _ids(body, "positives", required=True), _ids(body, "negatives", required=False)
+        seed, steps = _int(body, "seed", 0, 0, 2**31 - 1), _int(body, "steps", 200, 1, 2000)
+        concept = await self.call(self.library.learn, name, positives, negatives, method, seed=seed, steps=steps)
+        return _json({"concept": _concept(concept)}, status=201)
+
+    async def forget(self, request: Request) -> Response:
+        """`DELETE /api/concepts/{name}`: remove a concept."""
+        from retrieval.concepts import check_name
+
+        name = check_name(request.path_params["name"])
+        await self.call(self.library.forget, name)
+        return _json({"removed": name})
 
     # ---- uploads -------------------------------------------------------------------------------
 
@@ -584,6 +625,47 @@ def _public_status(report: dict[str, Any], roots: Roots, model: str, images: int
     }
 
 
+async def _json_body(request: Request, example: str) -> dict[str, Any]:
+    """A request's JSON object body (at most MAX_JSON_BYTES; 413 beyond).
+
+    Raises:
+        QueryError: a body that is not a JSON object (the message shows `example`).
+    """
+    try:
+        body = await _limited(request, MAX_JSON_BYTES).json()
+    except TooLarge:
+        raise TooLarge(f"the JSON body is over {MAX_JSON_BYTES >> 20} MB") from None
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the JSON parser goes
+        raise QueryError(f"the body must be JSON, e.g. {example}") from None
+    if not isinstance(body, dict):
+        raise QueryError(f"the body must be a JSON object, e.g. {example}")
+    return body
+
+
+def _ids(body: dict[str, Any], name: str, required: bool) -> list[StoredImage]:
+    """A list of stored image ids (each a hit's `id`)."""
+    value = body.get(name, [])
+    if not isinstance(value, list) or len(value) > 1000 or (required and not value):
+        need = "1 to 1000" if required else "at most 1000"
+        raise QueryError(f'{name} must be a list of {need} image ids, e.g. ["12", "15"]')
+    return [StoredImage(_row_id(i)) for i in value]
+
+
+def _concept(concept: Concept) -> dict[str, Any]:
+    """A learned concept as the API shows it: no vectors, no paths."""
+    return {
+        "name": concept.name,
+        "query": f"@{concept.name}",
+        "method": concept.method,
+        "accuracy": concept.accuracy,
+        "candidates": concept.params.get("candidates"),
+        "examples": len(concept.example_ids),
+        "negatives": concept.params.get("negatives", len(concept.negative_ids)),
+        "seed": concept.seed,
+        "created_at": _iso(concept.created_at),
+    }
+
+
 def _limited(request: Request, limit: int) -> Request:
     """The request with a body that raises `TooLarge` as soon as more than `limit` bytes have streamed in."""
     declared = request.headers.get("content-length", "")
@@ -658,6 +740,9 @@ def create_app(
         Route("/api/search", web.search_post, methods=["POST"]),
         Route("/api/uploads", web.upload, methods=["POST"]),
         Route("/api/status", web.status),
+        Route("/api/concepts", web.concepts, methods=["GET"]),
+        Route("/api/concepts", web.learn, methods=["POST"]),
+        Route("/api/concepts/{name}", web.forget, methods=["DELETE"]),
         Route("/thumb/{id}", web.thumb),
         Route("/file/{id}", web.file),
         Route("/upload-thumb/{upload}", web.upload_thumb),

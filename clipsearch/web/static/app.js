@@ -7,6 +7,7 @@
 const PAGE_SIZE = 50;
 const STATE_KEYS = ["q", "like", "upload", "box", "in", "after", "before", "k", "weak", "threshold"];
 const MIN_BOX = 0.03; // a drag smaller than this (a fraction of the photo's side) is a click, not a box
+const CONCEPT_NAME = /^[A-Za-z][A-Za-z0-9_]{0,63}$/; // what can follow @ in a query (retrieval/concepts.py)
 
 const $ = (id) => document.getElementById(id);
 
@@ -20,6 +21,7 @@ const view = {
   current: -1, // the hit shown in the lightbox
   opener: null, // the element to give focus back to when the lightbox closes
   images: null, // how many images the store holds (from /api/status)
+  selected: new Map(), // id -> hit: the tiles ticked to learn a concept from (kept across searches)
 };
 
 // ---- the URL is the state ----------------------------------------------------------------------
@@ -114,6 +116,10 @@ function syncControls(state) {
   const filtered = Boolean(state.in || state.after || state.before);
   $("clear-filters").hidden = !filtered;
   for (const id of ["in", "after", "before"]) $(id).closest(".chip").classList.toggle("active", Boolean(state[id]));
+  for (const chip of document.querySelectorAll("#concepts .concept")) {
+    chip.setAttribute("aria-pressed", String(chip.textContent === state.q));
+    chip.classList.toggle("active", chip.textContent === state.q);
+  }
 }
 
 function showQuery(state) {
@@ -289,7 +295,15 @@ function tile(hit, index) {
   like.setAttribute("aria-label", `More like ${name(hit)}`);
   like.addEventListener("click", () => moreLike(hit.id));
 
-  figure.append(open, score, like);
+  const pick = document.createElement("input");
+  pick.type = "checkbox";
+  pick.className = "pick";
+  pick.checked = view.selected.has(hit.id);
+  pick.setAttribute("aria-label", `Select ${name(hit)}`);
+  pick.addEventListener("change", () => select(hit, pick.checked));
+
+  figure.classList.toggle("selected", pick.checked);
+  figure.append(open, score, like, pick);
   if (hit.weak) {
     figure.classList.add("weak");
     const mark = document.createElement("span");
@@ -310,6 +324,90 @@ function moreLike(id, box) {
   if (box) state.box = box;
   go(state);
   window.scrollTo({ top: 0 });
+}
+
+// ---- personal concepts: select tiles, learn, search with @name ------------------------------------
+
+function select(hit, on) {
+  if (on) view.selected.set(hit.id, hit);
+  else view.selected.delete(hit.id);
+  for (const figure of document.querySelectorAll(`#results .tile[data-id="${CSS.escape(hit.id)}"]`)) {
+    figure.classList.toggle("selected", on);
+    figure.querySelector(".pick").checked = on;
+  }
+  showSelection();
+}
+
+function showSelection() {
+  const count = view.selected.size;
+  $("selection").hidden = count === 0;
+  document.body.classList.toggle("selecting", count > 0);
+  $("selected-count").textContent = `${count} photo${count === 1 ? "" : "s"} selected`;
+}
+
+function clearSelection() {
+  for (const hit of [...view.selected.values()]) select(hit, false);
+  $("concept-message").textContent = "";
+}
+
+function conceptMessage(kind, text) {
+  const message = $("concept-message");
+  message.dataset.state = kind;
+  message.textContent = text;
+}
+
+async function learnConcept(event) {
+  event.preventDefault();
+  const input = $("concept-name");
+  const name = input.value.trim();
+  if (!CONCEPT_NAME.test(name)) {
+    input.setAttribute("aria-invalid", "true");
+    conceptMessage("error", "A name starts with a letter, then letters, digits or _ (e.g. rex or grandmas_kitchen).");
+    input.focus();
+    return;
+  }
+  input.removeAttribute("aria-invalid");
+  const method = $("concept-method").value;
+  $("learn").disabled = true;
+  conceptMessage("busy", `Learning @${name} from ${view.selected.size} photos…`);
+  try {
+    const body = JSON.stringify({ name, method, positives: [...view.selected.keys()] });
+    const answer = await api("/api/concepts", { method: "POST", headers: { "Content-Type": "application/json" }, body });
+    const concept = answer.concept;
+    const accuracy = concept.accuracy === null ? "too few photos to hold any out" : `held-out accuracy ${concept.accuracy.toFixed(2)}`;
+    clearSelection();
+    input.value = "";
+    conceptMessage("done", `Learned @${concept.name} (${concept.method}, ${accuracy}).`);
+    await loadConcepts();
+  } catch (error) {
+    conceptMessage("error", error.message);
+  } finally {
+    $("learn").disabled = false;
+  }
+}
+
+async function loadConcepts() {
+  try {
+    showConcepts((await api("/api/concepts")).concepts);
+  } catch {
+    showConcepts([]);
+  }
+}
+
+function showConcepts(concepts) {
+  const nav = $("concepts");
+  nav.hidden = concepts.length === 0;
+  nav.querySelectorAll(".concept").forEach((chip) => chip.remove());
+  for (const concept of concepts) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "chip concept";
+    chip.textContent = concept.query;
+    chip.title = `Search for ${concept.query} (${concept.method}, ${concept.examples} example photos)`;
+    chip.addEventListener("click", () => go({ ...filtersOf(readState()), q: concept.query }));
+    nav.append(chip);
+  }
+  syncControls(readState());
 }
 
 // ---- the lightbox ------------------------------------------------------------------------------
@@ -575,6 +673,8 @@ function wireControls() {
   });
   $("more").addEventListener("click", loadMore);
   $("weaker").addEventListener("click", toggleWeaker);
+  $("selection").addEventListener("submit", learnConcept);
+  $("unselect").addEventListener("click", clearSelection);
   new IntersectionObserver((entries) => {
     if (entries.some((entry) => entry.isIntersecting)) loadMore();
   }, { rootMargin: "800px" }).observe($("more"));
@@ -614,7 +714,7 @@ async function start() {
     render();
   });
   showMessage("busy", "Opening the store…", "The model and the search index are loading.");
-  await loadStatus();
+  await Promise.all([loadStatus(), loadConcepts()]);
   render();
   document.body.dataset.ready = "true";
 }
