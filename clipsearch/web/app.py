@@ -75,8 +75,8 @@ API reference (shapes are stable; fields may be added, never renamed or removed)
   (optional: sampled from the store, seeded, when absent); `method`: probe (linear probe), coop (learned prompt
   context) or auto (the better held-out accuracy; default); `steps`: CoOp's, 1..2000. Answers 201
   {"concept": CONCEPT} once learned: a probe takes about a second, CoOp seconds, on a worker thread (the event
-  loop keeps serving; calls that need the library, searches and thumbnails, wait their turn). A bad name, method or list is a 400, an id not in the
-  store a 404. Then search with `q=@rex`.
+  loop keeps serving; calls that need the library, searches and thumbnails, wait their turn). A bad name, method
+  or list is a 400, an id not in the store a 404. Then search with `q=@rex`.
 `DELETE /api/concepts/{name}` — forget a concept: {"removed": "rex"}; an unknown one is a 400 listing the known.
 
 `GET /thumb/{id}` — a WebP of at most 256 px on the long side, EXIF orientation applied, cached on disk under the
