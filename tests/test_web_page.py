@@ -317,6 +317,43 @@ def test_a_box_dragged_in_the_lightbox_searches_for_that_region(page, server, wo
         expect(page.locator("#query-box")).to_be_visible()  # the query shows the boxed part of the photo
 
 
+def test_a_box_drawn_with_the_keyboard_searches_for_that_region(page, server, world):
+    from playwright.sync_api import expect
+
+    hits = api(server, q="a red circle and a blue square", threshold="none")
+    [pair] = [hit["id"] for hit in hits if hit["path"] == "pair.png"]
+    open_page(page, server, "?q=a+red+circle+and+a+blue+square&threshold=none")
+    tiles(page, len(hits))
+    page.locator(f'#results .tile[data-id="{pair}"] .open').focus()
+    page.keyboard.press("Enter")  # opens the lightbox
+    lightbox, mark, said = page.locator("#lightbox"), page.locator("#lb-box"), page.locator("#lb-announce")
+    expect(lightbox).to_have_attribute("data-id", pair)
+    page.keyboard.press("b")
+    expect(mark).to_be_visible()
+    expect(said).to_contain_text("Arrow keys move it, Shift and arrow keys resize it, Enter searches")
+    page.keyboard.press("Escape")  # cancels the box, not the lightbox
+    expect(mark).to_be_hidden()
+    expect(said).to_have_text("Box cancelled.")
+    expect(lightbox).to_be_visible()
+
+    page.keyboard.press("b")  # a box from 35 to 65 % each way, moved to the left half around the circle
+    for key, times in (("ArrowLeft", 6), ("ArrowUp", 6), ("Shift+ArrowRight", 2), ("Shift+ArrowDown", 12)):
+        for _ in range(times):
+            page.keyboard.press(key)
+    expect(lightbox).to_have_attribute("data-id", pair)  # the arrows moved the box, not to another photo
+    expect(said).to_have_text("Box from 5 to 45 percent across, 5 to 95 percent down.")
+    frame, drawn = page.locator("#lb-img").bounding_box(), mark.bounding_box()
+    assert (drawn["x"] - frame["x"]) / frame["width"] == pytest.approx(0.05, abs=0.01)
+    assert (drawn["y"] + drawn["height"] - frame["y"]) / frame["height"] == pytest.approx(0.95, abs=0.01)
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/?like={pair}&box=*")
+    assert [float(v) for v in params_of(page)["box"].split(",")] == pytest.approx([0.05, 0.05, 0.45, 0.95], abs=1e-4)
+    expected = api(server, like=pair, box=params_of(page)["box"])
+    assert tiles(page, len(expected)) == ids(expected)
+    top = [world["shapes"][f"{hit['root']}/{hit['path']}"] for hit in expected[:3]]
+    assert "circle" in top[0] and sum("circle" in s for s in top) >= 2 and not any("square" in s for s in top), top
+
+
 def test_filtering_by_folder(page, server, world):
     open_page(page, server, "?q=a+yellow+star&threshold=none")
     tiles(page, len(api(server, q="a yellow star", threshold="none")))

@@ -7,6 +7,7 @@
 const PAGE_SIZE = 50;
 const STATE_KEYS = ["q", "like", "upload", "box", "in", "after", "before", "k", "weak", "threshold"];
 const MIN_BOX = 0.03; // a drag smaller than this (a fraction of the photo's side) is a click, not a box
+const BOX_STEP = 0.05; // how far an arrow key moves or resizes the keyboard's box (a fraction of the photo's side)
 const CONCEPT_NAME = /^[A-Za-z][A-Za-z0-9_]{0,63}$/; // what can follow @ in a query (retrieval/concepts.py)
 
 const $ = (id) => document.getElementById(id);
@@ -20,6 +21,7 @@ const view = {
   generation: 0, // bumped by every new search, so an older search's late answer is dropped
   current: -1, // the hit shown in the lightbox
   opener: null, // the element to give focus back to when the lightbox closes
+  keyBox: null, // [x0, y0, x1, y1] of the box being drawn with the keyboard, or null
   images: null, // how many images the store holds (from /api/status)
   selected: new Map(), // id -> hit: the tiles ticked to learn a concept from (kept across searches)
 };
@@ -428,6 +430,8 @@ function showInLightbox(index) {
   img.alt = name(hit);
   $("lightbox").dataset.id = hit.id;
   $("lb-box").hidden = true;
+  view.keyBox = null;
+  delete $("lightbox").dataset.drawing;
   $("lb-file").href = hit.file;
   $("lb-prev").disabled = index === 0;
   $("lb-next").disabled = index === view.hits.length - 1 && view.next === null;
@@ -489,13 +493,27 @@ function closeLightbox() {
 }
 
 function onLightboxKey(event) {
-  if (event.key === "ArrowLeft") showInLightbox(view.current - 1);
+  if (view.keyBox) {
+    onBoxKey(event);
+    return;
+  }
+  if ((event.key === "b" || event.key === "B") && !event.ctrlKey && !event.metaKey && !event.altKey) startKeyBox();
+  else if (event.key === "ArrowLeft") showInLightbox(view.current - 1);
   else if (event.key === "ArrowRight") showInLightbox(view.current + 1);
   else return;
   event.preventDefault();
 }
 
+function onLightboxCancel(event) {
+  // Esc while drawing a box cancels the box, not the lightbox
+  if (!view.keyBox) return;
+  event.preventDefault();
+  cancelKeyBox();
+}
+
 function onLightboxClosed() {
+  view.keyBox = null;
+  delete $("lightbox").dataset.drawing;
   const opener = view.opener;
   view.opener = null;
   $("lb-img").removeAttribute("src");
@@ -542,6 +560,65 @@ function startBox(event) {
   frame.addEventListener("pointermove", move);
   frame.addEventListener("pointerup", end);
   frame.addEventListener("pointercancel", end);
+}
+
+// ---- drawing a box with the keyboard: B starts one, arrows move, Shift+arrows resize, Enter, Esc ----
+
+function startKeyBox() {
+  view.keyBox = [0.35, 0.35, 0.65, 0.65];
+  placeBox($("lb-box"), view.keyBox);
+  $("lb-box").hidden = false;
+  $("lightbox").dataset.drawing = "true";
+  announce(`Drawing a box. Arrow keys move it, Shift and arrow keys resize it, Enter searches for what is inside, Escape cancels. ${whereBox(view.keyBox)}`);
+}
+
+function onBoxKey(event) {
+  const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  if (event.key in moves) {
+    const [dx, dy] = moves[event.key].map((v) => v * BOX_STEP);
+    view.keyBox = event.shiftKey ? resizedBox(view.keyBox, dx, dy) : movedBox(view.keyBox, dx, dy);
+    placeBox($("lb-box"), view.keyBox);
+    announce(whereBox(view.keyBox));
+  } else if (event.key === "Enter") {
+    const box = view.keyBox;
+    const id = view.hits[view.current].id;
+    view.keyBox = null;
+    closeLightbox();
+    moreLike(id, box.map((v) => v.toFixed(4)).join(","));
+  } else {
+    return; // Esc goes on to the dialog, whose cancel event then cancels the box (onLightboxCancel)
+  }
+  event.preventDefault();
+}
+
+function movedBox([x0, y0, x1, y1], dx, dy) {
+  // the whole box moves, stopping at the photo's edges
+  const mx = Math.min(Math.max(dx, -x0), 1 - x1);
+  const my = Math.min(Math.max(dy, -y0), 1 - y1);
+  return [x0 + mx, y0 + my, x1 + mx, y1 + my];
+}
+
+function resizedBox([x0, y0, x1, y1], dx, dy) {
+  // the right and bottom edges move: right/down grow the box, left/up shrink it, never below two steps
+  const right = Math.min(1, Math.max(x0 + 2 * BOX_STEP, x1 + dx));
+  const bottom = Math.min(1, Math.max(y0 + 2 * BOX_STEP, y1 + dy));
+  return [x0, y0, right, bottom];
+}
+
+function whereBox([x0, y0, x1, y1]) {
+  const pct = (v) => Math.round(v * 100);
+  return `Box from ${pct(x0)} to ${pct(x1)} percent across, ${pct(y0)} to ${pct(y1)} percent down.`;
+}
+
+function cancelKeyBox() {
+  view.keyBox = null;
+  $("lb-box").hidden = true;
+  delete $("lightbox").dataset.drawing;
+  announce("Box cancelled.");
+}
+
+function announce(text) {
+  $("lb-announce").textContent = text;
 }
 
 function parseBox(text) {
@@ -691,6 +768,7 @@ function wireLightbox() {
   const dialog = $("lightbox");
   dialog.addEventListener("keydown", onLightboxKey);
   dialog.addEventListener("close", onLightboxClosed);
+  dialog.addEventListener("cancel", onLightboxCancel);
   dialog.addEventListener("click", (event) => {
     if (event.target === dialog) closeLightbox(); // a click on the backdrop
   });
