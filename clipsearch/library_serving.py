@@ -19,7 +19,9 @@ from retrieval.roots import Roots
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from retrieval.query import Term
     from retrieval.row_cache import RowCache
+    from retrieval.store import Store
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -75,12 +77,35 @@ class ServingMethods:
                 unknown concept, or terms that cancel out.
         """
         from clipsearch.library import _is_auto
-        from clipsearch.library_concepts import as_probability
 
         terms = as_terms(query)
         auto = _is_auto(threshold, terms)
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
-        store = self._searchable_store()
+        store = self.store()
+        with store.pinned_version():  # one version read for the index, the views and the rows alike
+            return self._search_page(
+                store, terms, k, offset, condition, threshold, auto, show_weak, ensemble, templates
+            )
+
+    def _search_page(
+        self,
+        store: Store,
+        terms: list[Term],
+        k: int,
+        offset: int,
+        condition: str | None,
+        threshold: float | str | None,
+        auto: bool,
+        show_weak: bool,
+        ensemble: bool,
+        templates: Sequence[str],
+    ) -> SearchPage:
+        """`search_page` within one pinned store version."""
+        from clipsearch.library_concepts import as_probability
+
+        index = self.ann_index()
+        if not len(index):
+            self._searchable_store()  # says how to fill an empty store
         probe = None
         if any(term.kind == "concept" for term in terms):
             vector, threshold, probe = self._concept_query(store, terms, threshold, ensemble, templates)
@@ -93,7 +118,7 @@ class ServingMethods:
             cutoff = _constant(float(threshold))
         exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
         page = search_page(
-            store, self.ann_index(), vector, k, offset, condition, None if auto or show_weak else threshold, exclude,
+            store, index, vector, k, offset, condition, None if auto or show_weak else threshold, exclude,
             self._rows(), self.view_matrix(), cutoff, show_weak,
         )  # fmt: skip
         bar = page.cutoff if page.cutoff is not None or threshold is None or auto else float(threshold)

@@ -560,11 +560,13 @@ def search_page(
     else:
         total = max(len(index) - len(exclude), 0)
     want = offset + k + 1
-    fetch = want + (len(exclude) if allowed is None else 0)
+    # one more than wanted, so that one search usually shows the last one wanted is not tied with the next
+    fetch = want + 1 + (len(exclude) if allowed is None else 0)
+    excluded = set(exclude.tolist())
     while True:
         scores, ids = index.search(vector.reshape(1, -1), fetch, allowed=allowed)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        hits = [(i, s) for i, s in found if i not in exclude and (threshold is None or s >= threshold)]
+        found = [(i, s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0]
+        hits = [(i, s) for i, s in found if i not in excluded and (threshold is None or s >= threshold)]
         if len(found) < fetch or (threshold is not None and found[-1][1] < threshold):
             break  # nothing more to find
         if len(hits) >= want and found[-1][1] < hits[want - 1][1]:

@@ -679,3 +679,54 @@ def test_learning_runs_off_the_event_loop(world):
     assert answers["learned"].status_code == 201, answers["learned"].text
     assert answers["learned"].json()["concept"]["method"] == "coop"
     assert client.delete("/api/concepts/slow_reds").status_code == 200
+
+
+class CountingTable:
+    """A store's real LanceDB table, counting how often its version is asked for."""
+
+    def __init__(self, table) -> None:
+        self.table, self.version_reads = table, 0
+
+    def __getattr__(self, name):
+        return getattr(self.table, name)
+
+    @property
+    def version(self):
+        self.version_reads += 1
+        return self.table.version
+
+
+def test_a_search_page_reads_the_store_version_once_and_searches_the_index_once(world, monkeypatch):
+    library = world["library"]
+    store, index = library.store(), library.ann_index()
+    counting = CountingTable(store._table)
+    monkeypatch.setattr(store, "_table", counting)
+    searches = []
+    search_index = index.search
+    monkeypatch.setattr(index, "search", lambda *args, **kw: searches.append(args[1]) or search_index(*args, **kw))
+    page = library.search_page("a red circle", k=5, threshold="auto")
+    assert page.results and counting.version_reads == 1 and len(searches) == 1
+    assert store.version == counting.table.version  # unpinned again after the page
+
+
+def test_auto_without_a_calibration_measures_the_spread_on_a_seeded_sample_kept_per_version(
+    tmp_path, tiny, monkeypatch
+):
+    import clipsearch.library as library_module
+    from retrieval.relevance import auto_cutoff
+
+    generate(tmp_path / "photos", 12, seed=3, size_range=(64, 96))
+    library = Library(db=tmp_path / "db", model=tiny)
+    library.index([tmp_path / "photos"], workers=0, progress=False)
+    monkeypatch.setattr(library_module, "SPREAD_SAMPLE", 5)
+    store = library.store()
+    sample = library._score_sample(store)
+    assert sample.shape == (5, store.embed_dim) and library._score_sample(store) is sample  # read once per version
+    ids, vectors = store.all_vectors()
+    assert any(np.array_equal(sample[0], v) for v in vectors)  # stored vectors, drawn with a fixed seed
+    again = Library(db=tmp_path / "db", model=tiny)
+    assert np.array_equal(again._score_sample(again.store()), sample)
+    vector = library.encode("a red circle")
+    best = float((vectors @ vector).max())
+    temperature = float(library._model("text")[0].logit_scale.detach().exp())
+    assert library._auto_cutoff(best, vector, store) == auto_cutoff(best, temperature, None, sample @ vector)
