@@ -1,14 +1,18 @@
-"""What identifies a model's embedding space: a store records it and refuses vectors from any other."""
+"""What identifies a model's embedding space: a store records it and refuses vectors from any other.
+
+Imports no torch at module level: the ONNX Runtime path reads identities in processes that never load torch.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -24,12 +28,16 @@ class ModelInfo:
     # Added with SigLIP; the defaults are what every model recorded before, so old stores keep their identity.
     resize_mode: str = "shortest"  # how images become squares ("shortest" + centre crop, or "squash")
     tokenizer: str = "clip-bpe"  # the text tokenizer: CLIP's BPE, or "hf:<sha256[:16] of tokenizer.json>"
+    # Added with ONNX Runtime encoders: "int8" (dynamically quantised weights) gives vectors of another space.
+    precision: str = "float32"
 
     @property
     def table_name(self) -> str:
-        """A LanceDB table name unique to this model's weights: `images_<name>_<sha[:12]>`."""
+        """A LanceDB table name unique to this model's weights: `images_<name>_<sha[:12]>`, plus `_<precision>`
+        for encoders that are not float32 (a float32 table keeps the name it had before precisions existed)."""
         slug = re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_").lower() or "model"
-        return f"images_{slug}_{self.weights_sha256[:12]}"
+        suffix = "" if self.precision == "float32" else f"_{self.precision}"
+        return f"images_{slug}_{self.weights_sha256[:12]}{suffix}"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -47,6 +55,7 @@ class ModelInfo:
             std=tuple(float(x) for x in d["std"]),
             resize_mode=str(d.get("resize_mode", "shortest")),
             tokenizer=str(d.get("tokenizer", "clip-bpe")),
+            precision=str(d.get("precision", "float32")),
         )
 
     @classmethod
@@ -85,6 +94,8 @@ def tokenizer_identity(model: nn.Module) -> str:
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of a state dict's tensors, in key order."""
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
