@@ -506,6 +506,71 @@ def test_tiles_selected_by_keyboard_teach_a_concept_whose_chip_searches_it(page,
 
 
 @pytest.fixture(scope="module")
+def views_server(tmp_path_factory):
+    """A store indexed with --views 5: two copies of a 360x240 scene with a small shape in its top left corner,
+    and four plain ones; serves it."""
+    root = tmp_path_factory.mktemp("views")
+    photos = root / "photos"
+    photos.mkdir()
+    picture = Image.new("RGB", (360, 240), (128, 128, 128))
+    picture.paste(scene("star", "yellow", 3).resize((96, 96)), (20, 16))
+    for name in ("first.png", "copy.png"):
+        picture.save(photos / name)
+    for i in range(4):
+        Image.new("RGB", (360, 240), (30 * i, 60, 200 - 30 * i)).save(photos / f"plain{i}.png")
+    Library(db=root / "db", model="shapes-mini").index([photos], workers=0, progress=False, views=5)
+    process, url = start_server(root / "db", root / "serve.log")
+    yield url
+    stop(process)
+
+
+def relative(inner: dict, outer: dict) -> list[float]:
+    """A bounding box as fractions of another: x0, y0, x1, y1."""
+    return [
+        (inner["x"] - outer["x"]) / outer["width"],
+        (inner["y"] - outer["y"]) / outer["height"],
+        (inner["x"] + inner["width"] - outer["x"]) / outer["width"],
+        (inner["y"] + inner["height"] - outer["y"]) / outer["height"],
+    ]
+
+
+def test_the_part_of_a_photo_that_matched_is_outlined_on_its_tile_and_in_the_lightbox(page, views_server):
+    from playwright.sync_api import expect
+
+    everything = api(views_server, q="a shape", threshold="none")
+    [first] = [hit["id"] for hit in everything if hit["path"] == "first.png"]
+    [copy] = [hit["id"] for hit in everything if hit["path"] == "copy.png"]
+    box = "0,0,0.6667,0.6667"  # the top left sub-view of the first picture: the copy's same view matches it
+    hits = api(views_server, like=first, box=box)
+    assert hits[0]["id"] == copy and hits[0]["view"] == pytest.approx([0, 0, 2 / 3, 2 / 3], abs=1e-4)
+    open_page(page, views_server, f"?like={first}&box={box}")
+    assert tiles(page, len(hits)) == ids(hits)
+    outlines = page.locator("#results .tile .view-box")
+    expect(outlines).to_have_count(sum("view" in hit for hit in hits))
+    tile = page.locator(f'#results .tile[data-id="{copy}"]')
+    outline = tile.locator(".view-box")
+    expect(outline).to_be_visible()
+    shown = relative(outline.bounding_box(), tile.locator("img").bounding_box())
+    assert shown == pytest.approx(hits[0]["view"], abs=0.03)
+
+    tile.locator(".open").click()
+    marked = page.locator("#lb-view")
+    expect(marked).to_be_visible()
+    expect(marked).to_contain_text("matched here")
+    expect(page.locator("#lb-meta")).to_contain_text("the outlined part of the photo")
+    page.wait_for_function("() => document.getElementById('lb-img').naturalWidth === 360")
+    assert relative(marked.bounding_box(), page.locator("#lb-img").bounding_box()) == pytest.approx(
+        hits[0]["view"], abs=0.02
+    )
+    without = next((i for i, hit in enumerate(hits) if "view" not in hit), None)
+    if without is not None:  # a photo matched as a whole has no outline
+        page.keyboard.press("Escape")
+        page.locator("#results .tile .open").nth(without).click()
+        expect(page.locator("#lightbox")).to_have_attribute("data-id", hits[without]["id"])
+        expect(marked).to_be_hidden()
+
+
+@pytest.fixture(scope="module")
 def empty_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("empty")
     (root / "photos").mkdir()

@@ -266,7 +266,8 @@ function addTiles(hits) {
 }
 
 function tile(hit, index) {
-  const ratio = Math.min(2.5, Math.max(0.5, (hit.width || 1) / (hit.height || 1)));
+  const natural = (hit.width || 1) / (hit.height || 1);
+  const ratio = Math.min(2.5, Math.max(0.5, natural));
   const figure = document.createElement("figure");
   figure.className = "tile";
   figure.dataset.id = hit.id;
@@ -283,6 +284,7 @@ function tile(hit, index) {
   img.src = hit.thumb;
   img.alt = name(hit);
   open.append(img);
+  if (hit.view) open.append(viewOutline(coverBox(hit.view, natural, ratio)));
   open.addEventListener("click", () => openLightbox(index, open));
 
   const score = document.createElement("span");
@@ -315,6 +317,24 @@ function tile(hit, index) {
     figure.append(mark);
   }
   return figure;
+}
+
+function viewOutline(box) {
+  // the part of the photo (one of its sub-views) that matched better than the whole photo
+  const outline = document.createElement("span");
+  outline.className = "view-box";
+  outline.title = "The part of the photo that matched";
+  placeBox(outline, box);
+  return outline;
+}
+
+function coverBox([x0, y0, x1, y1], natural, shown) {
+  // a box of the photo in the tile's coordinates, where the photo covers a tile of another aspect ratio (cropped)
+  const keepX = natural > shown ? shown / natural : 1; // the share of the photo's width the tile shows
+  const keepY = natural < shown ? natural / shown : 1;
+  const x = (v) => Math.min(1, Math.max(0, (v - (1 - keepX) / 2) / keepX));
+  const y = (v) => Math.min(1, Math.max(0, (v - (1 - keepY) / 2) / keepY));
+  return [x(x0), y(y0), x(x1), y(y1)];
 }
 
 function name(hit) {
@@ -430,6 +450,8 @@ function showInLightbox(index) {
   img.alt = name(hit);
   $("lightbox").dataset.id = hit.id;
   $("lb-box").hidden = true;
+  $("lb-view").hidden = !hit.view;
+  if (hit.view) placeBox($("lb-view"), hit.view);
   view.keyBox = null;
   delete $("lightbox").dataset.drawing;
   $("lb-file").href = hit.file;
@@ -474,6 +496,7 @@ function showMeta(hit) {
     ["Format", hit.format],
     ["Taken", hit.taken_at ? hit.taken_at.replace("T", " ") : null],
     ["Camera", hit.camera],
+    ["Matched", hit.view ? "the outlined part of the photo" : null],
   ];
   const list = $("lb-meta");
   list.replaceChildren();
