@@ -312,7 +312,8 @@ function tile(hit, index) {
     figure.classList.add("weak");
     const mark = document.createElement("span");
     mark.className = "weak-mark";
-    mark.textContent = "weak match";
+    mark.textContent = "weak";
+    mark.title = "A weak match: below where this search's good matches end";
     img.alt = `${name(hit)} (weak match)`;
     figure.append(mark);
   }
