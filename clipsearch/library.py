@@ -516,7 +516,9 @@ class Library(ConceptMethods, ServingMethods):
         scores = None
         if calibration is None:
             logger.info("model %s ships no relevance calibration; cutting at its scores' spread", self.model_name)
-            scores = self._score_sample(store or self._searchable_store()) @ vector
+            # einsum, not @: a matrix-vector product this small on BLAS's threads took 47 ms instead of 0.5 on 2
+            # busy cores (and burned 6 ms of CPU where einsum's one thread takes 0.6)
+            scores = np.einsum("ij,j->i", self._score_sample(store or self._searchable_store()), vector)
         return auto_cutoff(best, temperature, calibration, scores)
 
     def _score_sample(self, store: Store) -> Embeddings:
