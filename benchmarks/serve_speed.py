@@ -282,7 +282,7 @@ def main() -> None:
             client = Client(port)  # a new connection: the idle one was closed while the encoder was timed
             summary["like"] = latencies(client, likes, WARMUP, process.pid)
             status = json.loads(client.get("/api/status")[1])
-            photo_ids = json.loads(client.get("/api/search?q=photo&k=500&in=photos")[1])["results"]
+            photo_ids = json.loads(client.get("/api/search?q=photo&k=500&in=photos&threshold=none")[1])["results"]
             summary["thumbs"] = thumbnails(port, [int(h["id"]) for h in photo_ids])
             summary["index"] = status["models"][0]["ann"].get("type")
         finally:
