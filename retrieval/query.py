@@ -508,6 +508,7 @@ class SearchPage(NamedTuple):
     offset: int  # results of the ranking skipped before this page
     next_offset: int | None  # the next page's offset; None on the last page
     total: int  # images the search ranked: those the filter lets through (or all), less the excluded ones
+    cutoff: float | None = None  # the score below which results are weak (left out, or marked); inf: no good match
 
 
 def search_page(
@@ -521,6 +522,8 @@ def search_page(
     exclude: Sequence[int] | RowIds = (),
     row_cache: RowCache | None = None,
     views: ViewMatrix | None = None,
+    cutoff: Callable[[float], float] | None = None,
+    show_weak: bool = False,
 ) -> SearchPage:
     """Results `offset + 1 .. offset + k` of the ranking `search` makes, for paging through it.
 
@@ -540,6 +543,9 @@ def search_page(
         exclude: ids never to return.
         row_cache: where to read the hits' metadata (a long-lived reader's copy); None reads the store.
         views: the store's sub-views, as for `search`.
+        cutoff: the relevance cutoff as a function of the ranking's best score (`threshold="auto"` of
+            `clipsearch.Library`): results below it are left out, so every page is cut at the same score.
+        show_weak: keep the results below `cutoff`, marked `weak`.
 
     Raises:
         QueryError: k or offset out of range, or an invalid filter.
@@ -554,11 +560,13 @@ def search_page(
     else:
         total = max(len(index) - len(exclude), 0)
     want = offset + k + 1
-    fetch = want + (len(exclude) if allowed is None else 0)
+    # one more than wanted, so that one search usually shows the last one wanted is not tied with the next
+    fetch = want + 1 + (len(exclude) if allowed is None else 0)
+    excluded = set(exclude.tolist())
     while True:
         scores, ids = index.search(vector.reshape(1, -1), fetch, allowed=allowed)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        hits = [(i, s) for i, s in found if i not in exclude and (threshold is None or s >= threshold)]
+        found = [(i, s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0]
+        hits = [(i, s) for i, s in found if i not in excluded and (threshold is None or s >= threshold)]
         if len(found) < fetch or (threshold is not None and found[-1][1] < threshold):
             break  # nothing more to find
         if len(hits) >= want and found[-1][1] < hits[want - 1][1]:
@@ -568,6 +576,9 @@ def search_page(
     won: dict[int, Any] = {}
     if views is not None:
         hits, won = _with_views(store, index, views, vector, hits, want, allowed, exclude, threshold)
+    bar = cutoff(hits[0][1]) if cutoff is not None and hits else None
+    if bar is not None and not show_weak:
+        hits = [(i, s) for i, s in hits if s >= bar]
     page = hits[offset : offset + k]
     next_offset = offset + k if len(hits) > offset + k else None
     page_ids = [i for i, _ in page]
@@ -578,8 +589,9 @@ def search_page(
         if row is not None:  # None: deleted by a concurrent indexer after the index was synced
             if i in won:
                 row = {**row, "view": list(won[i])}
-            results.append(SearchResult(path=row.pop("path"), score=score, rank=position, metadata=row))
-    return SearchPage(results, offset, next_offset, total)
+            weak = bar is not None and score < bar
+            results.append(SearchResult(path=row.pop("path"), score=score, rank=position, metadata=row, weak=weak))
+    return SearchPage(results, offset, next_offset, total, bar)
 
 
 def search_saved(
