@@ -188,8 +188,10 @@ class _Run:
         unsupported: Counter[str] = Counter()
         found = list(walk(self.roots, self.options.exclude, unsupported))
         self.summary.unsupported = dict(sorted(unsupported.items()))
+        self.store.add_missing_columns()  # a table from an older version: its rows get the new columns filled
+        refresh = frozenset(self.store.missing_fingerprints().tolist())
         self.plan: Plan = plan_sync(
-            found, self.store.catalog(), self.roots, self.store.state.failures(), self.options.retry_failed
+            found, self.store.catalog(), self.roots, self.store.state.failures(), self.options.retry_failed, refresh
         )
         self.stages["scan"] = time.perf_counter() - start
         self.hash_to_ids = self.plan.hash_to_ids
@@ -273,7 +275,7 @@ class _Run:
     def _process(self, items: list[WorkItem], check_known: bool) -> None:
         """Decode `items` (in workers or here) and feed the results to the batcher."""
         by_path = {item.path: item for item in items}
-        tasks = (DecodeTask(i.path, check_known and i.size in self.plan.stored_sizes) for i in items)
+        tasks = (DecodeTask(i.path, check_known and not i.refresh and i.size in self.plan.stored_sizes) for i in items)
         decoder = dataclasses.replace(self.decoder, known=self.plan.known, views=self.view_count)
         with contextlib.closing(self._results(decoder, tasks, len(items))) as results:
             for task, result in results:
