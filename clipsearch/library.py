@@ -43,7 +43,15 @@ from retrieval.query import (
     search_saved,
 )
 from retrieval.regions import Box, Region, StoredImage, crop
-from retrieval.relevance import SORTS, Calibration, apply_cutoff, auto_cutoff, calibration_for, sort_by_date
+from retrieval.relevance import (
+    PRESENT_HITS,
+    SORTS,
+    Calibration,
+    apply_cutoff,
+    auto_cutoff,
+    calibration_for,
+    sort_by_date,
+)
 from retrieval.types import Embeddings, RowIds
 
 if TYPE_CHECKING:
@@ -451,18 +459,19 @@ class Library(ConceptMethods, ServingMethods):
             return sort_by_date(results) if sort == "date" else results
         calibrated = not auto or self._calibration() is not None
         fetch_threshold = None if auto or show_weak else threshold
+        fetch_k = max(k, PRESENT_HITS) if auto else k  # "auto" weighs the best few hits, however few are wanted
         plain = not metadata and condition is None and sort == "score" and not collapse_duplicates
         if plain and calibrated and not self._has_views():
             saved = self._saved_index()
             if saved is not None:
                 vector = self.encode(terms, ensemble=ensemble, templates=templates)
-                results = search_saved(saved, vector, k, threshold=fetch_threshold)
-                return self._relevant(results, threshold, vector, None, show_weak, sort)
+                results = search_saved(saved, vector, fetch_k, threshold=fetch_threshold)
+                return self._relevant(results, threshold, vector, None, show_weak, sort)[:k]
         store = self._searchable_store()
         vector = self.encode(terms, ensemble=ensemble, templates=templates)
         hidden = self._hidden_duplicates() if collapse_duplicates else []
-        results = self._ranked(store, vector, k, condition, fetch_threshold, hidden, in_dir)
-        return self._relevant(results, threshold, vector, store, show_weak, sort)
+        results = self._ranked(store, vector, fetch_k, condition, fetch_threshold, hidden, in_dir)
+        return self._relevant(results, threshold, vector, store, show_weak, sort, k)
 
     def _ranked(
         self,
@@ -496,18 +505,20 @@ class Library(ConceptMethods, ServingMethods):
         store: Store | None,
         show_weak: bool,
         sort: str,
+        k: int | None = None,
     ) -> list[SearchResult]:
-        """The results cut at the threshold (weak ones kept and marked with `show_weak`), in the order asked."""
+        """The first k results at the threshold (weak ones kept and marked with `show_weak`), in the order asked."""
         if results and threshold is not None:
             if threshold == "auto":
-                cutoff = self._auto_cutoff(results[0].score, vector, store)
+                cutoff = self._auto_cutoff([r.score for r in results[:PRESENT_HITS]], vector, store)
             else:
                 cutoff = float(threshold)
             results = apply_cutoff(results, cutoff, show_weak)
+        results = results[:k]
         return sort_by_date(results) if sort == "date" else results
 
-    def _auto_cutoff(self, best: float, vector: np.ndarray, store: Store | None) -> float:
-        """The per-query cutoff of `threshold="auto"` (`retrieval.relevance.auto_cutoff`)."""
+    def _auto_cutoff(self, top: float | Sequence[float], vector: np.ndarray, store: Store | None) -> float:
+        """The per-query cutoff of `threshold="auto"` (`retrieval.relevance.auto_cutoff`) from its best score(s)."""
         temperature = float(self._model("text")[0].logit_scale.detach().exp())  # float32, not the bfloat16 copy
         calibration = self._calibration()
         scores = None
@@ -515,7 +526,7 @@ class Library(ConceptMethods, ServingMethods):
             logger.info("model %s ships no relevance calibration; cutting at its scores' spread", self.model_name)
             _, vectors = (store or self._searchable_store()).all_vectors()
             scores = vectors @ vector
-        return auto_cutoff(best, temperature, calibration, scores)
+        return auto_cutoff(top, temperature, calibration, scores)
 
     def _hidden_duplicates(self) -> list[int]:
         """Ids of every near-duplicate that is not its group's best member."""
