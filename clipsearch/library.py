@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from retrieval.model.preprocess import Preprocess
     from retrieval.row_cache import RowCache
     from retrieval.store import Store
-    from retrieval.views import ViewMatrix
+    from retrieval.views import ViewIndex
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,9 @@ class Library(ConceptMethods, ServingMethods):
         self._query_text_model: CLIP | None = None
         self._store_checked = False
         self._duplicates: tuple[tuple[int, float], list[DuplicateGroup]] | None = None
-        self._views: tuple[int, ViewMatrix | None] | None = None  # (store version, the store's sub-views)
+        self._views: tuple[int, ViewIndex | None] | None = None  # (store version, the sub-views' index)
+        self._saved_views: ViewIndex | None = None
+        self._saved_views_fingerprint: str | None = None
 
     # ---- parts, loaded on first use ------------------------------------------------------------
 
@@ -286,15 +288,14 @@ class Library(ConceptMethods, ServingMethods):
             self._index_version = version
         return self._index
 
-    def view_matrix(self) -> ViewMatrix | None:
-        """The store's sub-views (`retrieval.views`), read again whenever the store has changed; None when the
-        store was indexed without them."""
-        from retrieval.views import ViewStore
+    def view_index(self) -> ViewIndex | None:
+        """The sub-views' FAISS index (`retrieval.views.open_view_index`), brought up to date whenever the store
+        has changed; None when the store was indexed without views."""
+        from retrieval.views import open_view_index
 
         store = self.store()
         if self._views is None or self._views[0] != store.version:
-            table = ViewStore.open(store)
-            self._views = (store.version, table.matrix() if table is not None else None)
+            self._views = (store.version, open_view_index(store))
         return self._views[1]
 
     def _has_views(self) -> bool:
@@ -302,6 +303,19 @@ class Library(ConceptMethods, ServingMethods):
         from retrieval.views import views_table_name
 
         return (self.db / f"{views_table_name(self.model_info.table_name)}.lance").is_dir()
+
+    def _saved_view_index(self) -> ViewIndex | None:
+        """The saved index of the sub-views if it reflects their table as it is now, read without opening the
+        store (`retrieval.views.open_saved_view_index`); kept while that table's fingerprint stays the same."""
+        from retrieval.ann import table_fingerprint
+        from retrieval.views import open_saved_view_index, views_table_name
+
+        info = self.model_info
+        fingerprint = table_fingerprint(self.db / f"{views_table_name(info.table_name)}.lance")
+        if self._saved_views is None or fingerprint is None or self._saved_views_fingerprint != fingerprint:
+            self._saved_views = open_saved_view_index(self.db, info)
+            self._saved_views_fingerprint = fingerprint
+        return self._saved_views
 
     def _saved_index(self) -> SavedIndex | None:
         """The saved index with its paths if it reflects the table as it is now, read without opening the
@@ -461,11 +475,12 @@ class Library(ConceptMethods, ServingMethods):
         fetch_threshold = None if auto or show_weak else threshold
         fetch_k = max(k, PRESENT_HITS) if auto else k  # "auto" weighs the best few hits, however few are wanted
         plain = not metadata and condition is None and sort == "score" and not collapse_duplicates
-        if plain and calibrated and not self._has_views():
+        if plain and calibrated:
             saved = self._saved_index()
-            if saved is not None:
+            views = self._saved_view_index() if saved is not None and self._has_views() else None
+            if saved is not None and (views is not None or not self._has_views()):
                 vector = self.encode(terms, ensemble=ensemble, templates=templates)
-                results = search_saved(saved, vector, fetch_k, threshold=fetch_threshold)
+                results = search_saved(saved, vector, fetch_k, threshold=fetch_threshold, views=views)
                 return self._relevant(results, threshold, vector, None, show_weak, sort)[:k]
         store = self._searchable_store()
         vector = self.encode(terms, ensemble=ensemble, templates=templates)
@@ -487,7 +502,7 @@ class Library(ConceptMethods, ServingMethods):
         names no folder and nothing was found."""
         results = search(
             store, self.ann_index(), vector, k, where=condition, threshold=threshold, exclude=exclude,
-            views=self.view_matrix(),
+            views=self.view_index(),
         )  # fmt: skip
         if not results and in_dir is not None:
             _check_folder(store, in_dir)

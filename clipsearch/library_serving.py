@@ -75,7 +75,7 @@ class ServingMethods:
         vector = self.encode(terms, ensemble=ensemble, templates=templates)
         exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
         rows = self._rows()
-        views = self.view_matrix()
+        views = self.view_index()
         return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude, rows, views)
 
     def similar_to_id(

@@ -43,7 +43,7 @@ from retrieval.regions import view_boxes
 from retrieval.store import ImageRow, Store, utc_now
 from retrieval.store_state import Failure
 from retrieval.types import ImageMetadata
-from retrieval.views import ViewStore, check_views_setting
+from retrieval.views import ViewStore, check_views_setting, open_view_index
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,8 @@ class _Run:
         self.stages["write"] += time.perf_counter() - write_start
         ann_start = time.perf_counter()
         open_index(self.store)  # brought up to date here, so the first query after indexing does not build it
+        if self.views is not None:
+            open_view_index(self.store)  # and the views' index likewise
         self.stages["ann"] = time.perf_counter() - ann_start
         self.summary.stage_seconds = {k: round(v, 3) for k, v in self.stages.items()}
         self.summary.seconds = time.perf_counter() - start
