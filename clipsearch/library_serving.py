@@ -119,7 +119,7 @@ class ServingMethods:
         exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
         page = search_page(
             store, index, vector, k, offset, condition, None if auto or show_weak else threshold, exclude,
-            self._rows(), self.view_matrix(), cutoff, show_weak,
+            self._rows(), self.view_index(), cutoff, show_weak,
         )  # fmt: skip
         bar = page.cutoff if page.cutoff is not None or threshold is None or auto else float(threshold)
         if probe is not None:  # the score shown is the probe's probability, the bar too

@@ -251,7 +251,7 @@ def load_index(json_path: Path, mmap: bool = False) -> tuple[AnnIndex, dict[str,
 
 
 def open_saved_index(
-    db_dir: str | os.PathLike[str], model_info: ModelInfo, kind: str | None = None
+    db_dir: str | os.PathLike[str], model_info: ModelInfo, kind: str | None = None, table: str | None = None
 ) -> SavedIndex | None:
     """The saved index and paths of a model's table, if they reflect the table as it is now; read without
     opening the store.
@@ -261,6 +261,7 @@ def open_saved_index(
         model_info: the model whose table to use (its own table name; a table shared under another name
             is only reached through the store).
         kind: the index type wanted; a saved index of another type gives None.
+        table: another table of the model's vectors to read the index of (its sub-views, `retrieval.views`).
 
     Returns:
         The index (memory-mapped, read-only) with its paths; None when there is no such saved index, it
@@ -268,7 +269,8 @@ def open_saved_index(
         caller then opens the store and uses `open_index`, which also reports what is wrong.
     """
     db_dir = Path(db_dir)
-    json_path = db_dir / f"{model_info.table_name}.faiss.json"
+    table = table or model_info.table_name
+    json_path = db_dir / f"{table}.faiss.json"
     meta = _read_meta(json_path)
     if meta is None or meta.get("format") != _FORMAT or not meta.get("fingerprint") or not meta.get("paths_file"):
         return None
@@ -276,7 +278,7 @@ def open_saved_index(
         return None
     if int(meta["ntotal"]) - len(meta.get("tombstones", [])) <= 0:
         return None
-    fingerprint = table_fingerprint(db_dir / f"{model_info.table_name}.lance")
+    fingerprint = table_fingerprint(db_dir / f"{table}.lance")
     if fingerprint != meta["fingerprint"]:
         return None
     try:
@@ -285,7 +287,7 @@ def open_saved_index(
             return None
         paths = PathMap.load(db_dir / meta["paths_file"])
     except (StoreError, OSError, ValueError, KeyError) as e:  # e.g. replaced by a writer between two reads
-        logger.debug("saved index of %s not usable: %s", model_info.table_name, e)
+        logger.debug("saved index of %s not usable: %s", table, e)
         return None
     return SavedIndex(index, paths, fingerprint)
 
