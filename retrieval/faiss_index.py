@@ -59,6 +59,7 @@ class IndexParams:
     ef_search: int = 0  # hnsw: candidate list size while searching (calibrated)
     pq_m: int = 0  # ivfpq: sub-quantizers (bytes per vector at 8 bits)
     trained_on: int = 0  # ivf/ivfpq: vectors held when the centroids were trained
+    rerank: int = 0  # ivfpq-disk: PQ candidates re-ranked exactly per result wanted (calibrated)
 
 
 def choose_kind(n: int) -> str:

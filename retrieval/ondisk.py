@@ -3,9 +3,9 @@
 The way large deployments build it (autofaiss, clip-retrieval): the coarse centroids and the product quantizer
 are trained on a sample; each shard of the collection is added to a copy of that trained, empty index in its own
 process (or Ray task: `build` takes a `map` callable); the shards' inverted lists are merged into one
-`.ivfdata` file (`faiss.OnDiskInvertedLists`) that queries memory-map. A query takes `RERANK_FACTOR * k`
-candidates from the compressed codes and re-ranks them with their exact vectors, taken from the store by row
-(`VectorReader`), so no process that searches ever holds the vector matrix, and recall is the IVF's, not PQ's.
+`.ivfdata` file (`faiss.OnDiskInvertedLists`) that queries memory-map. A query takes `rerank * k` candidates
+(calibrated, at least 10 k) from the compressed codes and re-ranks them with their exact vectors, taken from the
+store by row (`VectorReader`), so no process that searches ever holds the vector matrix.
 
 Incremental updates never touch the merged files (they are mapped by readers and never rewritten in place): new
 ids go to a small in-memory delta, an IVF-PQ sharing the trained centroids, searched beside the main lists;
@@ -49,8 +49,10 @@ from retrieval.types import Embeddings, RowIds
 
 logger = logging.getLogger(__name__)
 
-# Candidates taken from the PQ codes per result wanted; the exact re-ranking restores the order PQ blurs.
+# Candidates taken from the PQ codes per result wanted, at least; the exact re-ranking restores the order PQ
+# blurs. Calibration doubles it up to `_RERANK_STEPS - 1` times where more probes alone stop raising recall.
 RERANK_FACTOR = 10
+_RERANK_STEPS = 4
 # The delta index and the tombstones may grow to this share of the merged lists before a rebuild.
 MAX_DELTA_FRACTION = 0.1
 # PQ bytes per vector: dim / 8 (64 B for 512-d); the re-ranking makes finer codes unnecessary.
@@ -433,7 +435,7 @@ class DiskIndex(AnnIndex):
         self._tombstones = np.union1d(self._tombstones, as_ids(ids))
 
     def search(self, queries: Embeddings, k: int, allowed: RowIds | None = None) -> tuple[np.ndarray, RowIds]:
-        """The k nearest rows of each query: `RERANK_FACTOR * k` PQ candidates re-ranked by exact inner product.
+        """The k nearest rows of each query: `params.rerank * k` PQ candidates re-ranked by exact inner product.
 
         Args and returns as `AnnIndex.search`.
         """
@@ -452,9 +454,10 @@ class DiskIndex(AnnIndex):
         want = min(k, len(self) if allowed is None else len(allowed))
         share = 1.0 if allowed is None else max(len(allowed) / max(len(self), 1), 1e-9)
         with _omp_threads(_search_threads(nq)):
-            candidates = self._candidates(queries, RERANK_FACTOR * k, allowed, widen=share**-2)
+            depth = (self.params.rerank or RERANK_FACTOR) * k
+            candidates = self._candidates(queries, depth, allowed, widen=share**-2)
             if (candidates[:, :want] < 0).any():
-                candidates = self._candidates(queries, RERANK_FACTOR * k, allowed, widen=math.inf)
+                candidates = self._candidates(queries, depth, allowed, widen=math.inf)
         return self._rerank(queries, candidates, k)
 
     def range_search(self, queries: Embeddings, threshold: float) -> tuple[np.ndarray, RowIds]:
@@ -530,29 +533,37 @@ class DiskIndex(AnnIndex):
         return out_scores, out_ids
 
     def _calibrate(self, queries: np.ndarray, query_ids: RowIds, truth: RowIds) -> None:
-        """Raise nprobe until recall@10 after re-ranking, against the shards' exact top 10 (each query's own id
-        left out), reaches `TARGET_RECALL` or stops rising."""
+        """Raise nprobe, and the re-ranking depth once more probes stop helping (the PQ order is then the limit),
+        until recall@10 after re-ranking, against the shards' exact top 10 (each query's own id left out), reaches
+        `TARGET_RECALL`; else keep the best setting seen."""
         own = query_ids.tolist()
         exact = [set([i for i in row.tolist() if i >= 0 and i != q][:10]) for row, q in zip(truth, own, strict=True)]
-        choices = [min(2**i, self.params.nlist) for i in range(int(math.log2(self.params.nlist)) + 1)]
-        chosen, previous = choices[-1], -1.0
-        for i, nprobe in enumerate(choices):
-            self.params = replace(self.params, nprobe=nprobe)
+        nprobes = [min(2**i, self.params.nlist) for i in range(int(math.log2(self.params.nlist)) + 1)]
+        reranks = [RERANK_FACTOR * 2**i for i in range(_RERANK_STEPS)]
+        p = r = 0
+        previous, best = -1.0, (-1.0, nprobes[-1], reranks[-1])
+        while True:
+            self.params = replace(self.params, nprobe=nprobes[p], rerank=reranks[r])
             _, found = self.search(queries, 11)
             hits = [
                 len(t & (set(f.tolist()) - {q})) / max(len(t), 1) for t, f, q in zip(exact, found, own, strict=True)
             ]
             recall = float(np.mean(hits))
-            logger.debug("calibrating %s: nprobe=%d recall@10=%.3f", LARGE_KIND, nprobe, recall)
+            logger.debug("calibrating: nprobe=%d rerank=%d recall@10=%.3f", nprobes[p], reranks[r], recall)
+            if recall > best[0]:
+                best = (recall, nprobes[p], reranks[r])
             if recall >= TARGET_RECALL:
-                chosen = nprobe
-                break
-            if recall - previous < 0.002:
-                chosen = choices[max(i - 1, 0)]
-                logger.warning("%s reaches recall@10 %.3f at most (target %.2f)", LARGE_KIND, recall, TARGET_RECALL)
-                break
+                return
+            stalled = recall - previous < 0.005 or p == len(nprobes) - 1
             previous = recall
-        self.params = replace(self.params, nprobe=chosen)
+            if not stalled:
+                p += 1
+            elif r < len(reranks) - 1:
+                r += 1
+            else:
+                logger.warning("%s reaches recall@10 %.3f at most (target %.2f)", LARGE_KIND, best[0], TARGET_RECALL)
+                self.params = replace(self.params, nprobe=best[1], rerank=best[2])
+                return
 
     def _move_to_gpu(self) -> None:
         """On-disk lists stay on the CPU (faiss-gpu cannot map them)."""
