@@ -250,7 +250,7 @@ def run_index_part(sizes: list[int], workdir: Path, workers: int, flat_max: int)
                 "build_s": round(build.report["build_s"], 1),
                 "build_cpu_s": round(build.report["cpu_s"], 1),
                 "stages_s": {k: round(v, 1) for k, v in build.report["stages_s"].items()},
-                "params": {k: build.report["params"][k] for k in ("nlist", "nprobe", "pq_m")},
+                "params": {k: build.report["params"][k] for k in ("nlist", "nprobe", "pq_m", "rerank")},
                 "index_bytes": _size_on_disk(out),
                 "raw_bytes": n * DIM * 4,
                 "build_driver_rss_mb": round(build.report["driver_rss_mb"]),
