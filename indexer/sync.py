@@ -8,7 +8,7 @@ has is a move (its vector is kept) or a copy (its vector is reused).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -53,6 +53,7 @@ def plan_sync(
     roots: Sequence[str],
     failed: Iterable[Failure] = (),
     retry_failed: bool = False,
+    exists: Callable[[str | bytes], bool] = os.path.exists,
 ) -> Plan:
     """Decide what an index run has to do.
 
@@ -64,6 +65,7 @@ def plan_sync(
         failed: the failures recorded by earlier runs; a file with the size and mtime it failed with is not read
             again (it would only fail again), unless `retry_failed`.
         retry_failed: read every earlier failure again.
+        exists: whether a root or a stored file exists (a distributed run's roots may be object-store URIs).
     """
     by_path = {p: i for i, p in enumerate(catalog.paths)}
     earlier = {} if retry_failed else {f.path: f for f in failed if f.size is not None}
@@ -90,11 +92,11 @@ def plan_sync(
         else:
             work.append(WorkItem(entry.path, entry.size, entry.mtime_ns, int(catalog.ids[row]), catalog.hashes[row]))
 
-    present_roots = [os.fsencode(r) for r in roots if os.path.exists(r)]
+    present_roots = [os.fsencode(r) for r in roots if exists(r)]
     vanished = {
         int(catalog.ids[i]): catalog.hashes[i]
         for i, p in enumerate(catalog.paths)
-        if p not in seen and is_under(p, present_roots) and not os.path.exists(p)
+        if p not in seen and is_under(p, present_roots) and not exists(p)
     }
     stored_sizes = frozenset(catalog.sizes.tolist())
     wanted_sizes = {item.size for item in work} & stored_sizes
