@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ from retrieval.store import FragmentTarget, ImageRow, Store, WrittenFragment, ro
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'clipsearch[distributed]'"
-DECODE_MEMORY = 256 * 2**20  # bytes reserved per decode task: a 24-megapixel PNG decodes to ~70 MB, plus its batch
+# Bytes reserved per decode task: its worker process holds torch and Pillow (~240 MB measured by Ray Data), plus a
+# full-size photo while decoding it (a 24-megapixel PNG: ~70 MB) and the batch's pixels.
+DECODE_MEMORY = 512 * 2**20
 
 
 class DistributedError(ClipsearchError):
@@ -119,7 +122,7 @@ def index_with_ray(
         if not ray.is_initialized():
             _connect(ray, ray_options.address)
             started = True
-        _quiet_ray_data(ray, options.progress)
+        _quiet_ray_data(ray)
         return _RayRun(sources, model, preprocess, store, options, decoder, ray_options).run()
     finally:
         if started:
@@ -145,7 +148,12 @@ def import_ray() -> Any:
 def _connect(ray: Any, address: str | None) -> None:
     """Join the cluster at `address`, or start one on this machine."""
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        with warnings.catch_warnings():
+            # Starting a cluster forks and at once execs Ray's processes, which run no lance code: lance's and
+            # LanceDB's warnings about forking a process that uses them do not apply.
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"at {address}" if address else "on this machine"
         raise DistributedError(
@@ -154,12 +162,12 @@ def _connect(ray: Any, address: str | None) -> None:
         ) from e
 
 
-def _quiet_ray_data(ray: Any, progress: bool) -> None:
+def _quiet_ray_data(ray: Any) -> None:
     """Our own progress bar only: no Ray Data bars or execution banners on the terminal."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING if progress else logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its warnings are about its bars and execution plans
 
 
 class _RayRun(_Run):
@@ -208,8 +216,8 @@ class _RayRun(_Run):
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
         dataset = (
             ray.data.from_items(units, override_num_blocks=max(1, math.ceil(len(units) / ro.decode_batch)))
-            # The memory a decode task may hold (a full-size photo while it decodes it) is also what keeps Ray from
-            # fusing the decode tasks into the encoder actors, where decoding would get only the actors' CPUs.
+            # The memory a decode task reserves is also what keeps Ray from fusing the decode tasks into the encoder
+            # actors (operators with different resources stay apart), where decoding would get only their CPUs.
             .map_batches(
                 _decode, fn_kwargs={"decoder": decoder}, batch_size=ro.decode_batch, num_cpus=1, memory=DECODE_MEMORY
             )
