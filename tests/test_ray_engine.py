@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -113,6 +114,34 @@ def test_same_rows_and_sync_as_the_local_engine(tmp_path, cluster, model):
     assert_same_store(distributed, local)
     assert distributed.state.failures() == local.state.failures() == []
     assert counts(run_ray(model, distributed, photos))["unchanged"] == N_IMAGES + 3 + 1
+
+
+def test_a_fragment_committed_twice_is_stored_once_with_its_deletions(tmp_path, model):
+    """What a retried batch or a retried commit does: the same ids come in again and replace their rows."""
+    from lance_ray.fragment import write_fragment
+
+    from retrieval.store import ImageRow, WrittenFragment, rows_to_arrow, utc_now
+    from retrieval.types import ImageMetadata
+
+    store = Store.open(tmp_path / "db", model[0].info, create=True)
+    rng = np.random.default_rng(0)
+
+    def rows(ids):
+        vectors = rng.normal(size=(len(ids), store.embed_dim)).astype(np.float32)
+        meta = [ImageMetadata(f"hash{i}", 4, 3, "PNG", None, None, None) for i in ids]
+        return [ImageRow(i, f"/p/{i}.png", 10, 5, m, utc_now(), v) for i, m, v in zip(ids, meta, vectors, strict=True)]
+
+    store.apply(rows([1, 2, 3]))
+    target = store.fragment_target()
+    new = rows([4, 5])
+    [(metadata, _)] = write_fragment(iter([rows_to_arrow(new, target.schema, store.embed_dim)]), target.uri,
+                                     schema=target.schema, data_storage_version=target.storage_version)  # fmt: skip
+    fragment = WrittenFragment(metadata, [4, 5])
+    store.apply_fragments([fragment], rows([6]), delete_ids=[2])
+    store.apply_fragments([fragment], delete_ids=[2])
+    assert store.ids().tolist() == [1, 3, 4, 5, 6]
+    np.testing.assert_array_equal(store.vectors_for([4, 5]), np.stack([r.vector for r in new]))
+    assert [r["path"] for r in store.rows([4, 5, 6])] == ["/p/4.png", "/p/5.png", "/p/6.png"]
 
 
 @dataclass(frozen=True)
