@@ -12,7 +12,12 @@ photo-sized JPEGs and the same ViT-B/32 random weights. Reported, as medians:
 On one machine the Ray engine cannot be faster: the same cores decode and encode, plus Ray's scheduling, object
 store copies and start-up. What it buys is the ability to add machines and GPUs (README, "Scaling out").
 
+Overhead part (`--part overhead`): both engines in one process on thumbnails with a tiny model, so that what is
+left is each engine's fixed cost: Ray's cluster start-up (once), and per run its actor start, the model shipped to
+the actor and Ray Data's pipeline start.
+
     python -m benchmarks.distributed_speed --photos 200 --repeats 3
+    python -m benchmarks.distributed_speed --part overhead --photos 200 --repeats 3
 """
 
 from __future__ import annotations
@@ -93,15 +98,65 @@ def engines(args: argparse.Namespace) -> dict:
     }
 
 
+def overhead(args: argparse.Namespace) -> dict:
+    """Ray's fixed cost: both engines in this process on `args.photos` thumbnail-sized JPEGs with a tiny model, where
+    decoding and encoding take almost nothing; the cluster is started once, its start-up timed apart."""
+    import ray
+    from PIL import Image
+
+    from indexer.options import IndexOptions
+    from indexer.pipeline import index_folders
+    from indexer.ray_engine import RayOptions, index_with_ray
+    from retrieval.model.loading import load_model
+    from retrieval.store import Store
+
+    model, preprocess = load_model(checkpoint(args.cache, "tiny-vit", "tiny-random"), device="cpu", towers="image")
+    options = IndexOptions(batch_size=BATCH, progress=False)
+    local, ray_runs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "thumbs"
+        folder.mkdir()
+        for i in range(args.photos):
+            Image.new("RGB", (64, 48), (i % 256, (7 * i) % 256, (13 * i) % 256)).save(folder / f"{i:04d}.jpg")
+        start = time.perf_counter()
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        startup = time.perf_counter() - start
+        try:
+            for r in range(args.repeats):
+                local_store = Store.open(Path(tmp) / f"local{r}", model.info, create=True)
+                local.append(index_folders([folder], model, preprocess, local_store, options).seconds)
+                ray_store = Store.open(Path(tmp) / f"ray{r}", model.info, create=True)
+                ray_options = RayOptions(actors=args.actors)
+                ray_runs.append(index_with_ray([folder], model, preprocess, ray_store, options, ray_options).seconds)
+        finally:
+            ray.shutdown()
+    return {
+        "thumbnails": args.photos,
+        "ray_cluster_startup_s": round(startup, 3),
+        "local_run_s": round(statistics.median(local), 3),
+        "ray_run_s": round(statistics.median(ray_runs), 3),
+        # per run, on a running cluster: actor start, the model shipped to it, Ray Data's pipeline start and hand-offs
+        "ray_overhead_per_run_s": round(statistics.median(r - lo for r, lo in zip(ray_runs, local, strict=True)), 3),
+        "runs": {"local": local, "ray": ray_runs},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("engines",), default="engines", help="what to measure [engines]")
+    parts = "engines: both engines on photos; overhead: Ray's fixed cost on thumbnails [engines]"
+    parser.add_argument("--part", choices=("engines", "overhead"), default="engines", help=parts)
     parser.add_argument("--photos", type=int, default=PHOTOS, help=f"photo-sized JPEGs [{PHOTOS}]")
     parser.add_argument("--repeats", type=int, default=REPEATS, help=f"interleaved repetitions [{REPEATS}]")
     parser.add_argument("--actors", type=int, default=ACTORS, help=f"Ray encoder actors [{ACTORS}]")
     parser.add_argument("--cache", type=Path, default=CACHE, help=f"where generated data is kept [{CACHE}]")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
+    if args.part == "overhead":
+        result = overhead(args)
+        print(f"Ray cluster start-up {result['ray_cluster_startup_s']:.1f} s; per run on {result['thumbnails']} "
+              f"thumbnails: local {result['local_run_s']:.2f} s, Ray {result['ray_run_s']:.2f} s")  # fmt: skip
+        print(json.dumps(result))
+        return
     result = engines(args)
     print(f"{result['photos']} photos, {result['arch']} on {result['cpu_cores']} cores")
     print(f"local engine {result['local_images_per_s']:8.2f} images/s  wall {result['local_wall_s']:.1f} s  "
