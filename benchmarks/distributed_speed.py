@@ -1,24 +1,28 @@
-"""Distributed speed. `--part index`: the sharded on-disk IVF-PQ (`retrieval.ondisk`) over 1M-10M synthetic vectors.
+"""Scaling out, measured on one machine: the Ray engine against the local engine on the same photos.
 
-Index part: for each size, synthetic 512-d vectors are generated in streamed chunks (10M x 512 float32 is
-20 GB: never held) into a Lance dataset (`id`, `vector`: the store's columns) that stands for the store. Then,
-each in its own process so their peak RSS is theirs alone:
-- the build (`ondisk.build_from_lance`: train on a sample, add in shard processes, merge into on-disk lists,
-  calibrate nprobe): wall time split by stage, index size on disk, peak RSS of the driver and of the largest
-  shard worker;
-- a query process that maps the index and searches single queries (re-ranking `RERANK_FACTOR * k` candidates
-  with exact vectors taken from the Lance dataset): p50 latency after a warm-up (page cache warm: the files
-  were just written), recall@10 against the exact top 10 found by a streamed exact scan, peak RSS;
-- where the vectors fit in RAM (`--flat-max`, default 1M), a flat (exact) FAISS index in the same run: build
-  time, p50 latency, peak RSS.
+Engines part (`--part engines`): `clipsearch index PHOTOS --json` in a subprocess on a fresh store, once with the
+local engine (decoder processes + the model in the main process) and once with `--engine ray` (a Ray cluster
+started by the command on this machine, decode tasks, one encoder actor), interleaved `--repeats` times on the same
+photo-sized JPEGs and the same ViT-B/32 random weights. Reported, as medians:
+- images/s of each engine over its own run time (`seconds` of the summary: after the model is loaded, and for Ray
+  after the cluster has started), and the ratio Ray / local: what the engine costs when it cannot add machines;
+- the wall time of each command, and Ray's extra start-up (cluster start, actor start, model shipped to it);
+- each engine's stage split (decode, encode, write, and for Ray `wait`: the driver waiting on the pipeline).
 
-The vectors are clustered like image embeddings: unit vectors around 4096 random centres on the sphere plus
-isotropic noise (cosine ~0.8 to the centre); uniformly random vectors would be a pathological case for any IVF.
+On one machine the Ray engine cannot be faster: the same cores decode and encode, plus Ray's scheduling, object
+store copies and start-up. What it buys is the ability to add machines and GPUs (README, "Scaling out").
 
-    python benchmarks/distributed_speed.py --part index                    # 1M (~10 min on 2 quiet cores)
-    nice -n 19 python benchmarks/distributed_speed.py --part index --sizes 1000000 2000000 5000000
+Overhead part (`--part overhead`): both engines in one process on thumbnails with a tiny model, so that what is
+left is each engine's fixed cost: Ray's cluster start-up (once), and per run its actor start, the model shipped to
+the actor and Ray Data's pipeline start.
 
-The last line printed is one JSON object per size (`{"part": "index", ...}`) for scripts.
+    python -m benchmarks.distributed_speed --photos 200 --repeats 3
+    python -m benchmarks.distributed_speed --part overhead --photos 200 --repeats 3
+
+Index part (`--part index`): the sharded on-disk IVF-PQ built and queried at 1M-10M synthetic vectors; it runs
+`benchmarks/ondisk_index.py` with the other arguments (see its `--help`: `--sizes`, `--workers`, `--flat-max`).
+
+    python benchmarks/distributed_speed.py --part index --sizes 1000000
 """
 
 from __future__ import annotations
@@ -26,298 +30,155 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from benchmarks.index_speed import CACHE, checkpoint, photos_folder
 
-SIZES = (1_000_000,)  # vectors per index-part run
-DIM = 512  # ViT-B/32's embedding width
-CENTRES, NOISE = 4096, 0.75  # the clustered data's shape: centres on the sphere, isotropic noise norm
-CHUNK = 100_000  # rows generated (and written) at a time
-QUERIES = 200  # held-out query vectors for recall@10 and latency
-WARMUP = 20  # untimed queries first
-K = 10
-FLAT_MAX = 1_000_000  # sizes up to this also get a flat index (it holds all vectors: 2 GB at 1M)
-SEED = 0
+# ---- knobs ----------------------------------------------------------------------------------------------
+PHOTOS = 200  # photo-sized JPEGs (4000x3000, EXIF) indexed by both engines
+REPEATS = 3  # interleaved repetitions (medians reported)
+ARCH = "ViT-B/32"  # random weights: the speed is the architecture's
+BATCH = 32  # encoder batch, both engines
+ACTORS = 1  # Ray encoder actors; with 2 cores, one encodes while Ray's decode tasks take the other
 
 
-# ---- index part ----------------------------------------------------------------------------------
+def run_index(folder: Path, db: Path, model: Path, extra: list[str]) -> tuple[dict, float]:
+    """`clipsearch index --json` in a subprocess: (its summary, wall seconds)."""
+    command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "index", str(folder), "--db", str(db),
+               "--model", str(model), "--json", "--quiet", "--batch-size", str(BATCH), *extra]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"clipsearch index {' '.join(extra)} failed ({done.returncode}):\n{done.stderr}")
+    return json.loads(done.stdout), wall
 
 
-def _centres() -> np.ndarray:
-    centres = np.random.default_rng(SEED).standard_normal((CENTRES, DIM), dtype=np.float32)
-    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
+def engines(args: argparse.Namespace) -> dict:
+    """The Ray engine against the local engine on the same photos (see the module docstring)."""
+    folder = photos_folder(args.cache, args.photos)
+    photos = len(sorted(folder.glob("*.jpg"))[: args.photos])
+    if photos != args.photos:
+        raise SystemExit(f"{folder} has {photos} photos, not {args.photos}")
+    model = checkpoint(args.cache, ARCH, "vit-b-32-random")
+    local, ray, local_walls, ray_walls, local_stages, ray_stages, loads = [], [], [], [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):  # interleaved, so drifts in machine load hit both engines alike
+            loads.append(os.getloadavg()[0])
+            for name, extra, speeds, walls, stages in (
+                ("local", [], local, local_walls, local_stages),
+                ("ray", ["--engine", "ray", "--actors", str(args.actors)], ray, ray_walls, ray_stages),
+            ):
+                summary, wall = run_index(folder, Path(tmp) / f"{name}{r}", model, extra)
+                if summary["indexed"] != photos:
+                    raise SystemExit(f"the {name} engine indexed {summary['indexed']} of {photos}: {summary}")
+                speeds.append(photos / summary["seconds"])
+                walls.append(wall)
+                stages.append(summary["stage_seconds"])
 
+    def med(values):
+        return round(statistics.median(values), 3)
 
-def synthetic_chunk(start: int, stop: int, seed: int = 1) -> np.ndarray:
-    """Rows [start, stop) of the synthetic collection: the same rows whoever generates them (seeded per chunk)."""
-    assert start % CHUNK == 0 and stop - start <= CHUNK
-    rng = np.random.default_rng([seed, start // CHUNK])
-    m = stop - start
-    x = _centres()[rng.integers(0, CENTRES, m)]
-    x += rng.standard_normal((m, DIM), dtype=np.float32) * (NOISE / np.sqrt(DIM))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _batches(n: int) -> Iterator[object]:
-    import pyarrow as pa
-
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        vectors = synthetic_chunk(start, stop)
-        yield pa.record_batch(
-            [
-                pa.array(np.arange(start, stop, dtype=np.int64)),
-                pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
-            ],
-            names=["id", "vector"],
-        )
-
-
-def write_dataset(uri: str, n: int) -> float:
-    """Stream n synthetic rows into a Lance dataset; returns seconds."""
-    import lance
-    import pyarrow as pa
-
-    started = time.perf_counter()
-    schema = pa.schema([pa.field("id", pa.int64()), pa.field("vector", pa.list_(pa.float32(), DIM))])
-    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, _batches(n)), uri, schema=schema)
-    return time.perf_counter() - started
-
-
-def exact_truth(n: int, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k ids of each query by a streamed scan over the regenerated collection."""
-    best_scores = np.full((len(queries), k), -np.inf, np.float32)
-    best_ids = np.full((len(queries), k), -1, np.int64)
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        scores = np.concatenate([best_scores, queries @ synthetic_chunk(start, stop).T], axis=1)
-        ids = np.concatenate([best_ids, np.broadcast_to(np.arange(start, stop), (len(queries), stop - start))], axis=1)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        best_scores, best_ids = np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
-    return best_ids
-
-
-def held_out_queries() -> np.ndarray:
-    """Query vectors from the collection's distribution but not in it (another seed)."""
-    return synthetic_chunk(0, QUERIES, seed=2)
-
-
-@dataclass(frozen=True)
-class _Child:
-    """What a measuring child process prints: its JSON line and peak RSS."""
-
-    report: dict
-    seconds: float
-
-
-def _run_child(args: list[str]) -> _Child:
-    started = time.perf_counter()
-    command = [sys.executable, __file__, *args]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return _Child(json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - started)
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over an exec from the forked parent."""
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
-
-
-def _children_rss_mb() -> float:
-    """The largest finished child's ru_maxrss: an upper bound (it includes this process's RSS when it forked)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: kilobytes
-
-
-def child_build(uri: str, out: str, workers: int) -> dict:
-    """(Child) build the on-disk index over the dataset; save what a query process needs."""
-    import lance
-
-    from retrieval import ondisk
-
-    version = lance.dataset(uri).version
-    started = time.perf_counter()
-    index = ondisk.build_from_lance(uri, version, Path(out), "bench", workers=workers)
-    seconds = time.perf_counter() - started
-    index.write(Path(out) / "bench.delta.faiss")
-    np.save(Path(out) / "bench.rows.npy", index.reader.row_map)
-    with open(Path(out) / "bench.json", "w") as f:
-        json.dump({"params": index.params.__dict__, "version": version, "written_as": index.written_as}, f)
     return {
-        "build_s": seconds,
-        "stages_s": index.stage_seconds,
-        "params": index.params.__dict__,
-        # CPU time of the driver and its shard processes: what the build costs, whatever else shares the cores
-        "cpu_s": sum(
-            getattr(resource.getrusage(who), field)
-            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-            for field in ("ru_utime", "ru_stime")
-        ),
-        "driver_rss_mb": _peak_rss_mb(),
-        "worker_rss_mb": _children_rss_mb(),
+        "photos": photos,
+        "arch": ARCH,
+        "cpu_cores": os.cpu_count(),
+        "ray_actors": args.actors,
+        "local_images_per_s": med(local),
+        "ray_images_per_s": med(ray),
+        "ray_over_local": round(statistics.median(r / lo for r, lo in zip(ray, local, strict=True)), 3),
+        "local_wall_s": med(local_walls),
+        "ray_wall_s": med(ray_walls),
+        # what Ray adds before and around the run: cluster start-up, actor start, the model shipped to the actor
+        "ray_extra_wall_s": med([rw - lw for rw, lw in zip(ray_walls, local_walls, strict=True)]),
+        "local_stage_seconds": {k: med([s[k] for s in local_stages]) for k in local_stages[0]},
+        "ray_stage_seconds": {k: med([s[k] for s in ray_stages]) for k in ray_stages[0]},
+        "load_average_1min": loads + [os.getloadavg()[0]],
+        "runs": {"local": local, "ray": ray, "local_wall": local_walls, "ray_wall": ray_walls},
     }
 
 
-def child_query(uri: str, out: str, n: int) -> dict:
-    """(Child) map the saved index, search single queries: latencies and the found ids."""
-    from retrieval import ondisk
-    from retrieval.faiss_index import IndexParams
+def overhead(args: argparse.Namespace) -> dict:
+    """Ray's fixed cost: both engines in this process on `args.photos` thumbnail-sized JPEGs with a tiny model, where
+    decoding and encoding take almost nothing; the cluster is started once, its start-up timed apart."""
+    import ray
+    from PIL import Image
 
-    out_dir = Path(out)
-    meta = json.loads((out_dir / "bench.json").read_text())
-    reader = ondisk.LanceRows(uri, meta["version"], np.load(out_dir / "bench.rows.npy", mmap_mode="r"))
-    index = ondisk.DiskIndex.open(
-        out_dir / "bench.faiss",
-        out_dir / "bench.ivfdata",
-        IndexParams(**meta["params"]),
-        out_dir / "bench.delta.faiss",
-        None,
-        reader,
-        written_as=meta["written_as"],
-    )
-    return _time_queries(index.search)
+    from indexer.options import IndexOptions
+    from indexer.pipeline import index_folders
+    from indexer.ray_engine import RayOptions, index_with_ray
+    from retrieval.model.loading import load_model
+    from retrieval.store import Store
 
-
-def child_flat(n: int) -> dict:
-    """(Child) a flat index over the whole collection, built from streamed chunks, and its query latency."""
-    import faiss
-
-    started = time.perf_counter()
-    flat = faiss.IndexFlatIP(DIM)
-    for start in range(0, n, CHUNK):
-        flat.add(synthetic_chunk(start, min(start + CHUNK, n)))
-    build = time.perf_counter() - started
-    return {"build_s": build, **_time_queries(lambda q, k: flat.search(q, k))}
-
-
-def _time_queries(search) -> dict:
-    import faiss
-
-    faiss.omp_set_num_threads(1)  # one query at a time on one thread, as `AnnIndex` searches a single query
-    queries = held_out_queries()
-    for q in queries[:WARMUP]:
-        search(q[None, :], K)
-    times, found = [], []
-    for q in queries:
-        started = time.perf_counter()
-        _, ids = search(q[None, :], K)
-        times.append(time.perf_counter() - started)
-        found.append(ids[0])
-    return {
-        "p50_ms": 1000 * statistics.median(times),
-        "p95_ms": 1000 * float(np.percentile(times, 95)),
-        "found": np.asarray(found).tolist(),
-        "rss_mb": _peak_rss_mb(),
-    }
-
-
-def _recall(found: list[list[int]], truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)]))
-
-
-def _size_on_disk(out: Path) -> int:
-    return sum(p.stat().st_size for p in out.glob("bench.*") if p.suffix in (".faiss", ".ivfdata"))
-
-
-def run_index_part(sizes: list[int], workdir: Path, workers: int, flat_max: int) -> list[dict]:
-    """The index part: one result dict per size (also printed as a table)."""
-    results = []
-    for n in sizes:
-        root = Path(tempfile.mkdtemp(prefix=f"ondisk-{n}-", dir=workdir))
+    model, preprocess = load_model(checkpoint(args.cache, "tiny-vit", "tiny-random"), device="cpu", towers="image")
+    options = IndexOptions(batch_size=BATCH, progress=False)
+    local, ray_runs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "thumbs"
+        folder.mkdir()
+        for i in range(args.photos):
+            Image.new("RGB", (64, 48), (i % 256, (7 * i) % 256, (13 * i) % 256)).save(folder / f"{i:04d}.jpg")
+        start = time.perf_counter()
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        startup = time.perf_counter() - start
         try:
-            uri = str(root / "vectors.lance")
-            write_s = write_dataset(uri, n)
-            truth = exact_truth(n, held_out_queries(), K)
-            out = root / "index"
-            out.mkdir()
-            build = _run_child(["--child", "build", uri, str(out), str(workers)])
-            query = _run_child(["--child", "query", uri, str(out), str(n)]).report
-            result = {
-                "part": "index",
-                "vectors": n,
-                "write_dataset_s": round(write_s, 1),
-                "build_s": round(build.report["build_s"], 1),
-                "build_cpu_s": round(build.report["cpu_s"], 1),
-                "stages_s": {k: round(v, 1) for k, v in build.report["stages_s"].items()},
-                "params": {k: build.report["params"][k] for k in ("nlist", "nprobe", "pq_m", "rerank")},
-                "index_bytes": _size_on_disk(out),
-                "raw_bytes": n * DIM * 4,
-                "build_driver_rss_mb": round(build.report["driver_rss_mb"]),
-                "build_worker_rss_mb": round(build.report["worker_rss_mb"]),
-                "query_rss_mb": round(query["rss_mb"]),
-                "recall_at_10": round(_recall(query["found"], truth), 4),
-                "p50_ms": round(query["p50_ms"], 2),
-                "p95_ms": round(query["p95_ms"], 2),
-                "flat": None,
-            }
-            if n <= flat_max:
-                flat = _run_child(["--child", "flat", str(n)]).report
-                result["flat"] = {
-                    "build_s": round(flat["build_s"], 1),
-                    "p50_ms": round(flat["p50_ms"], 2),
-                    "rss_mb": round(flat["rss_mb"]),
-                    "recall_at_10": round(_recall(flat["found"], truth), 4),
-                }
-            results.append(result)
-            _print_index_result(result)
+            for r in range(args.repeats):
+                local_store = Store.open(Path(tmp) / f"local{r}", model.info, create=True)
+                local.append(index_folders([folder], model, preprocess, local_store, options).seconds)
+                ray_store = Store.open(Path(tmp) / f"ray{r}", model.info, create=True)
+                ray_options = RayOptions(actors=args.actors)
+                ray_runs.append(index_with_ray([folder], model, preprocess, ray_store, options, ray_options).seconds)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
-    return results
-
-
-def _print_index_result(r: dict) -> None:
-    gb = 1024**3
-    print(
-        f"{r['vectors']:>11,} vectors  build {r['build_s']:7.1f} s ({r['build_cpu_s']:.0f} CPU s) {r['stages_s']}  "
-        f"index {r['index_bytes'] / gb:.2f} GB (raw {r['raw_bytes'] / gb:.1f} GB)  "
-        f"RSS build {r['build_driver_rss_mb']} MB driver / {r['build_worker_rss_mb']} MB worker, "
-        f"query {r['query_rss_mb']} MB  recall@10 {r['recall_at_10']:.3f}  p50 {r['p50_ms']:.1f} ms  {r['params']}",
-        file=sys.stderr,
-    )
-    if r["flat"]:
-        f = r["flat"]
-        print(
-            f"{'':>11}  flat: build {f['build_s']:.1f} s  p50 {f['p50_ms']:.1f} ms  RSS {f['rss_mb']} MB  "
-            f"recall@10 {f['recall_at_10']:.3f}",
-            file=sys.stderr,
-        )
-    else:
-        print(f"{'':>11}  flat: not run (the vectors do not fit in RAM; raise --flat-max to force)", file=sys.stderr)
+            ray.shutdown()
+    return {
+        "thumbnails": args.photos,
+        "ray_cluster_startup_s": round(startup, 3),
+        "local_run_s": round(statistics.median(local), 3),
+        "ray_run_s": round(statistics.median(ray_runs), 3),
+        # per run, on a running cluster: actor start, the model shipped to it, Ray Data's pipeline start and hand-offs
+        "ray_overhead_per_run_s": round(statistics.median(r - lo for r, lo in zip(ray_runs, local, strict=True)), 3),
+        "runs": {"local": local, "ray": ray_runs},
+    }
 
 
 def main() -> None:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--part")
+    known, rest = first.parse_known_args()
+    if known.part == "index":  # its own script and options (its --help too)
+        script = Path(__file__).with_name("ondisk_index.py")
+        os.execv(sys.executable, [sys.executable, str(script), "--part", "index", *rest])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["index"], default="index", help="which half of the benchmark to run")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="vectors per index-part run")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shard processes")
-    parser.add_argument("--flat-max", type=int, default=FLAT_MAX, help="largest size that also gets a flat index")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where the data goes")
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parts = (
+        "engines: both engines on photos; overhead: Ray's fixed cost on thumbnails; index: the sharded on-disk "
+        "IVF-PQ (benchmarks/ondisk_index.py) [engines]"
+    )
+    parser.add_argument("--part", choices=("engines", "overhead", "index"), default="engines", help=parts)
+    parser.add_argument("--photos", type=int, default=PHOTOS, help=f"photo-sized JPEGs [{PHOTOS}]")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"interleaved repetitions [{REPEATS}]")
+    parser.add_argument("--actors", type=int, default=ACTORS, help=f"Ray encoder actors [{ACTORS}]")
+    parser.add_argument("--cache", type=Path, default=CACHE, help=f"where generated data is kept [{CACHE}]")
     args = parser.parse_args()
-    if args.child:
-        kind, *rest = args.child
-        if kind == "build":
-            report = child_build(rest[0], rest[1], int(rest[2]))
-        elif kind == "query":
-            report = child_query(rest[0], rest[1], int(rest[2]))
-        else:
-            report = child_flat(int(rest[0]))
-        print(json.dumps(report))
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if args.part == "overhead":
+        result = overhead(args)
+        print(f"Ray cluster start-up {result['ray_cluster_startup_s']:.1f} s; per run on {result['thumbnails']} "
+              f"thumbnails: local {result['local_run_s']:.2f} s, Ray {result['ray_run_s']:.2f} s")  # fmt: skip
+        print(json.dumps(result))
         return
-    if args.part == "index":
-        for result in run_index_part(args.sizes, args.workdir, args.workers, args.flat_max):
-            print(json.dumps(result))
+    result = engines(args)
+    print(f"{result['photos']} photos, {result['arch']} on {result['cpu_cores']} cores")
+    print(f"local engine {result['local_images_per_s']:8.2f} images/s  wall {result['local_wall_s']:.1f} s  "
+          f"(stages {result['local_stage_seconds']})")  # fmt: skip
+    print(f"ray engine   {result['ray_images_per_s']:8.2f} images/s  wall {result['ray_wall_s']:.1f} s  "
+          f"(stages {result['ray_stage_seconds']})")  # fmt: skip
+    print(f"ray / local {result['ray_over_local']:.2f}; Ray adds {result['ray_extra_wall_s']:.1f} s of wall time")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -98,8 +98,7 @@ class Decoder:
         """Read, hash, decode and transform one file; every problem becomes a `Failed`."""
         start = time.perf_counter()
         try:
-            with open(task.path, "rb") as f:
-                data = f.read()
+            data = read_bytes(task.path)
         except FileNotFoundError:
             return Failed("read", "the file vanished during the run")
         except OSError as e:
@@ -146,6 +145,26 @@ class Decoder:
             return Failed("preprocess", f"cannot transform ({e})")
         seconds = (read_seconds, decode_done - start, time.perf_counter() - decode_done)
         return Decoded(pixels, metadata, seconds, views=views)
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of a local file, or of an object-store URI (`s3://bucket/key`) through pyarrow's file systems.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        OSError: it cannot be read.
+    """
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    from pyarrow import fs
+
+    try:
+        filesystem, inner = fs.FileSystem.from_uri(path)
+    except ValueError as e:
+        raise OSError(f"unknown file system ({e})") from e
+    with filesystem.open_input_stream(inner) as f:  # raises FileNotFoundError / OSError like open()
+        return f.read()
 
 
 @contextlib.contextmanager

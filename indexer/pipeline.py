@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -33,7 +33,7 @@ from indexer.options import IndexOptions
 from indexer.pool import DecoderPool
 from indexer.progress import Progress
 from indexer.sync import Plan, WorkItem, is_under, plan_sync
-from indexer.walk import walk
+from indexer.walk import Found, walk
 from indexer.workers import start_worker_server
 from retrieval.ann import open_index
 from retrieval.errors import StoreError, StoreWriteError
@@ -151,6 +151,7 @@ class _Run:
         decoder: Decoder | None,
     ) -> None:
         self.roots = [os.path.abspath(os.fsdecode(r)) for r in roots]
+        self.exists: Callable[[str | bytes], bool] = os.path.exists  # whether a root or a stored file still exists
         self.model = model
         self.store = store
         self.options = options
@@ -186,12 +187,18 @@ class _Run:
             self.views = ViewStore.open(self.store, self.view_count)
             self.views.delete_orphans(self.store.ids())  # left by a run interrupted between its two writes
         unsupported: Counter[str] = Counter()
-        found = list(walk(self.roots, self.options.exclude, unsupported))
+        found = self._list(unsupported)
         self.summary.unsupported = dict(sorted(unsupported.items()))
         self.store.add_missing_columns()  # a table from an older version: its rows get the new columns filled
         refresh = frozenset(self.store.missing_fingerprints().tolist())
         self.plan: Plan = plan_sync(
-            found, self.store.catalog(), self.roots, self.store.state.failures(), self.options.retry_failed, refresh
+            found,
+            self.store.catalog(),
+            self.roots,
+            self.store.state.failures(),
+            self.options.retry_failed,
+            refresh=refresh,
+            exists=self.exists,
         )
         self.stages["scan"] = time.perf_counter() - start
         self.hash_to_ids = self.plan.hash_to_ids
@@ -262,6 +269,10 @@ class _Run:
         self.summary.seconds = time.perf_counter() - start
         return self.summary
 
+    def _list(self, unsupported: Counter[str]) -> list[Found]:
+        """The image files under the roots."""
+        return list(walk(self.roots, self.options.exclude, unsupported))
+
     def _salvage(self, error: BaseException) -> None:
         """On Ctrl-C or an error, commit the rows already encoded so the work is not lost."""
         try:
@@ -290,10 +301,19 @@ class _Run:
         self._show_counts(refresh=False)
         if len(self.batch) >= self.options.batch_size:
             self._encode_batch()
-        if len(self.pending) >= self.options.commit_every or (
-            self.pending and time.monotonic() - self.last_commit >= self.options.commit_seconds
+        self._commit_when_due()
+
+    def _commit_when_due(self) -> None:
+        """Commit once the chunk is full or the last commit is `commit_seconds` old."""
+        waiting = self._waiting()
+        if waiting >= self.options.commit_every or (
+            waiting and time.monotonic() - self.last_commit >= self.options.commit_seconds
         ):
             self._commit()
+
+    def _waiting(self) -> int:
+        """Rows waiting for the next commit."""
+        return len(self.pending)
 
     def _show_counts(self, refresh: bool) -> None:
         """The new / changed / unchanged / failed counts beside the progress bar."""
@@ -446,9 +466,29 @@ class _Run:
 
     def _commit(self) -> None:
         """Write the pending rows and deletions as one atomic commit, then record progress."""
-        if not self.pending and not self.pending_deletes:
+        if not self._waiting() and not self.pending_deletes:
             return
         start = time.perf_counter()
+        rows = self._pending_rows()
+        written = self._write(rows)
+        self.saved += len(written)
+        if self.views is not None and self.pending_deletes:
+            self.views.delete_for(sorted(self.pending_deletes))
+        deleted = dict(self.pending_deletes)
+        self.pending.clear()
+        self.pending_deletes.clear()
+        self.pending_by_hash.clear()
+        for row_id, content_hash in deleted.items():
+            self.hash_to_ids.get(content_hash, set()).discard(row_id)
+        for row_id, content_hash in written:
+            self.hash_to_ids.setdefault(content_hash, set()).add(row_id)
+        self.summary.commits += 1
+        self.stages["write"] += time.perf_counter() - start
+        self.last_commit = time.monotonic()
+        self._record("running")
+
+    def _pending_rows(self) -> list[ImageRow]:
+        """The pending rows as `ImageRow`s: new ones given ids, copies given their source row's vector and metadata."""
         # Ids are fixed before the write, so retrying a commit that was interrupted after LanceDB had applied it
         # (Ctrl-C inside `apply`) upserts the same rows again instead of adding them twice.
         new_ids = iter(self.store.allocate_ids(sum(p.id is None for p in self.pending)).tolist())
@@ -463,24 +503,14 @@ class _Run:
             metadata = _complete(p.metadata, source)
             vector = p.vector if p.vector is not None else source["vector"]
             rows.append(_row(p.id, p.item, metadata, vector, now))
+        return rows
+
+    def _write(self, rows: list[ImageRow]) -> list[tuple[int, str]]:
+        """Upsert `rows` and delete the pending deletions in one commit; returns the (id, content hash) written."""
         if self.views is not None:
             self._write_views()  # first: a crash before the image rows land leaves views the next run deletes
         self.store.apply(rows, sorted(self.pending_deletes))
-        self.saved += len(rows)
-        if self.views is not None and self.pending_deletes:
-            self.views.delete_for(sorted(self.pending_deletes))
-        deleted = dict(self.pending_deletes)
-        self.pending.clear()
-        self.pending_deletes.clear()
-        self.pending_by_hash.clear()
-        for row_id, content_hash in deleted.items():
-            self.hash_to_ids.get(content_hash, set()).discard(row_id)
-        for row in rows:
-            self.hash_to_ids.setdefault(row.metadata.content_hash, set()).add(row.id)
-        self.summary.commits += 1
-        self.stages["write"] += time.perf_counter() - start
-        self.last_commit = time.monotonic()
-        self._record("running")
+        return [(row.id, row.metadata.content_hash) for row in rows]
 
     def _write_views(self) -> None:
         """Store the sub-views of the chunk's new rows: encoded ones, or the views of the row a copy takes its

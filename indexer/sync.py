@@ -8,7 +8,7 @@ has is a move (its vector is kept) or a copy (its vector is reused).
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -55,6 +55,7 @@ def plan_sync(
     failed: Iterable[Failure] = (),
     retry_failed: bool = False,
     refresh: Collection[int] = frozenset(),
+    exists: Callable[[str | bytes], bool] = os.path.exists,
 ) -> Plan:
     """Decide what an index run has to do.
 
@@ -68,6 +69,7 @@ def plan_sync(
         retry_failed: read every earlier failure again.
         refresh: ids of rows to read again even when their file is unchanged (rows an older version wrote
             without a fingerprint); their vectors are kept, nothing is encoded.
+        exists: whether a root or a stored file exists (a distributed run's roots may be object-store URIs).
     """
     by_path = {p: i for i, p in enumerate(catalog.paths)}
     earlier = {} if retry_failed else {f.path: f for f in failed if f.size is not None}
@@ -99,11 +101,11 @@ def plan_sync(
         else:
             work.append(WorkItem(entry.path, entry.size, entry.mtime_ns, int(catalog.ids[row]), catalog.hashes[row]))
 
-    present_roots = [os.fsencode(r) for r in roots if os.path.exists(r)]
+    present_roots = [os.fsencode(r) for r in roots if exists(r)]
     vanished = {
         int(catalog.ids[i]): catalog.hashes[i]
         for i, p in enumerate(catalog.paths)
-        if p not in seen and is_under(p, present_roots) and not os.path.exists(p)
+        if p not in seen and is_under(p, present_roots) and not exists(p)
     }
     stored_sizes = frozenset(catalog.sizes.tolist())
     wanted_sizes = {item.size for item in work} & stored_sizes

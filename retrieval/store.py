@@ -124,6 +124,21 @@ class Catalog(NamedTuple):
     hashes: list[str]
 
 
+class FragmentTarget(NamedTuple):
+    """Where a worker writes fragments for `Store.apply_fragments`."""
+
+    uri: str  # the table's Lance dataset
+    schema: pa.Schema  # its full schema, columns added after indexing included
+    storage_version: str  # its file format version, which new data files must have
+
+
+class WrittenFragment(NamedTuple):
+    """A fragment a worker wrote for `Store.apply_fragments`, not part of the table until committed."""
+
+    metadata: Any  # lance.fragment.FragmentMetadata
+    ids: list[int]  # the ids of its rows
+
+
 class StoredModel(NamedTuple):
     """A model table present in a store directory."""
 
@@ -480,6 +495,62 @@ class Store:
         with _writing(self.path):
             self._table.optimize(cleanup_older_than=timedelta(hours=1))
 
+    def fragment_target(self) -> FragmentTarget:
+        """Where and how other processes write fragments for `apply_fragments`: the table's Lance URI, its full
+        schema and its file format version."""
+        dataset = self._table.to_lance()
+        return FragmentTarget(dataset.uri, dataset.schema, dataset.data_storage_version)
+
+    def apply_fragments(
+        self, fragments: Sequence[WrittenFragment], rows: Sequence[ImageRow] = (), delete_ids: Iterable[int] = ()
+    ) -> None:
+        """Add Lance fragments written elsewhere (`fragment_target`) plus `rows`, and delete `delete_ids`, as one
+        atomic commit; rows already stored under an id that comes in again are replaced (an upsert, as `apply`).
+
+        This is how a distributed indexer commits: its workers write the fragments, this process commits them, so
+        a fragment no commit names (a killed worker's, a retried task's first attempt) is never part of the table.
+
+        Args:
+            fragments: fragments written with `fragment_target()`'s schema, with the ids they hold.
+            rows: rows written here, into one more fragment.
+            delete_ids: ids to delete.
+
+        Raises:
+            StoreWriteError: the disk is full or read-only.
+        """
+        import lance
+
+        delete_ids = [int(i) for i in delete_ids]
+        if not fragments and not rows and not delete_ids:
+            return
+        new = [f.metadata for f in fragments]
+        if rows:
+            target = self.fragment_target()
+            data = rows_to_arrow(rows, target.schema, self.embed_dim)
+            with _writing(self.path):
+                new += lance.fragment.write_fragments(
+                    data, target.uri, schema=target.schema, data_storage_version=target.storage_version
+                )
+        incoming = [r.id for r in rows] + [i for f in fragments for i in f.ids]
+        # An id coming in is deleted first in the same commit: committing the same chunk again replaces its rows.
+        gone = list(dict.fromkeys([*incoming, *delete_ids]))
+        clauses = _id_list(gone)
+        with _writing(self.path):
+            for clause in clauses[1:]:  # bounded statements, as `apply` does: all but the first go as plain deletes
+                self._table.delete(clause)
+            dataset = self._table.to_lance()
+            updated, removed = [], []
+            for fragment in dataset.get_fragments() if clauses else ():
+                changed = fragment.delete(clauses[0])
+                if changed is None:  # every row of it deleted
+                    removed.append(fragment.fragment_id)
+                elif changed.num_deletions != fragment.metadata.num_deletions:
+                    updated.append(changed)
+            operation = lance.LanceOperation.Update(
+                removed_fragment_ids=removed, updated_fragments=updated, new_fragments=new
+            )
+            lance.LanceDataset.commit(dataset.uri, operation, read_version=dataset.version)
+
     # ---- helpers -------------------------------------------------------------------------------
 
     def _scan(self, columns: list[str]) -> pa.Table:
@@ -513,25 +584,33 @@ class Store:
         """Rows as an Arrow table of this store's schema."""
         # Only the store's own columns: a partial merge-insert leaves added ones (e.g. `tag` labels) as they are.
         own = set(image_schema(self.embed_dim).names)
-        schema = pa.schema([f for f in self._table.schema if f.name in own])
-        vectors = np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, self.embed_dim))
-        columns = {
-            "id": [r.id for r in rows],
-            "path": [display_path(r.path) for r in rows],
-            "path_bytes": [os.fsencode(r.path) for r in rows],
-            "size": [r.size for r in rows],
-            "mtime": pa.array([r.mtime_ns for r in rows], pa.int64()).cast(schema.field("mtime").type),
-            **{name: [getattr(r.metadata, name) for r in rows] for name in ImageMetadata._fields},
-            "indexed_at": [r.indexed_at for r in rows],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), self.embed_dim),
-        }
-        return pa.table(
-            [
-                pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], pa.Array) else columns[f.name]
-                for f in schema
-            ],
-            schema=schema,
-        )
+        return rows_to_arrow(rows, pa.schema([f for f in self._table.schema if f.name in own]), self.embed_dim)
+
+
+def rows_to_arrow(rows: Sequence[ImageRow], schema: pa.Schema, embed_dim: int) -> pa.Table:
+    """`rows` as an Arrow table of `schema` (the image schema, perhaps with added columns, which are left null).
+
+    The vector column is a fixed-size list of `embed_dim` float32, the type Lance searches.
+    """
+    vectors = np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, embed_dim))
+    columns = {
+        "id": [r.id for r in rows],
+        "path": [display_path(r.path) for r in rows],
+        "path_bytes": [os.fsencode(r.path) for r in rows],
+        "size": [r.size for r in rows],
+        "mtime": pa.array([r.mtime_ns for r in rows], pa.int64()).cast(schema.field("mtime").type),
+        **{name: [getattr(r.metadata, name) for r in rows] for name in ImageMetadata._fields},
+        "indexed_at": [r.indexed_at for r in rows],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), embed_dim),
+    }
+    arrays = []
+    for f in schema:
+        column = columns.get(f.name)
+        if column is None:
+            arrays.append(pa.nulls(len(rows), f.type))
+        else:
+            arrays.append(column if isinstance(column, pa.Array) else pa.array(column, f.type))
+    return pa.table(arrays, schema=schema)
 
 
 @contextlib.contextmanager

@@ -65,8 +65,22 @@ def _stops_like_ctrl_c(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+class _Source(click.ParamType):
+    """A folder or file that must exist, or a URI (`s3://...`, `file://...`), passed on as text."""
+
+    name = "source"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from indexer.sources import is_uri
+
+        text = os.fsdecode(value)
+        if is_uri(text):
+            return text
+        return click.Path(exists=True, path_type=str).convert(text, param, ctx)
+
+
 @click.command("index")
-@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, path_type=str))
+@click.argument("folders", nargs=-1, required=True, type=_Source(), metavar="SOURCE...")
 @click.option("--db", "db_dir", envvar="CLIPSEARCH_HOME", default=None, type=click.Path(file_okay=False), help=_DB_HELP)
 @click.option("--model", "model_name", envvar="CLIPSEARCH_MODEL", default=None,
               help="Model name or checkpoint path [env CLIPSEARCH_MODEL; default ViT-B/32].")  # fmt: skip
@@ -93,6 +107,18 @@ def _stops_like_ctrl_c(command: Callable[..., None]) -> Callable[..., None]:
               help="Read files that failed before again, even when they have not changed since.")  # fmt: skip
 @click.option("--strict", is_flag=True,
               help="Exit with status 1 when any file failed (in this run, or before and unchanged since).")  # fmt: skip
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: decoder processes and the model on this machine. ray: decode tasks and encoder actors on a Ray "
+    "cluster (pip install 'clipsearch[distributed]'); SOURCE may then be a URI or a manifest (Parquet/CSV/JSONL).",
+)
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --engine ray: the cluster to join (auto, ray://HEAD:10001) [default: start one].")  # fmt: skip
+@click.option("--actors", default=None, type=click.IntRange(min=1),
+              help="With --engine ray: encoder actors (one GPU each where there are GPUs) [default: 1].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_stops_like_ctrl_c
@@ -111,10 +137,13 @@ def index(
     views: int | None,
     retry_failed: bool,
     strict: bool,
+    engine: str,
+    ray_address: str | None,
+    actors: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Index the images under FOLDERS into the store, or bring the store up to date with them.
+    """Index the images under SOURCE (folders or files) into the store, or bring the store up to date with them.
 
     New and changed files are embedded; unchanged files are skipped without being read; moved or renamed
     files keep their vectors; files deleted from FOLDERS leave the store. A file that cannot be read is
@@ -131,6 +160,7 @@ def index(
       clipsearch index ~/Pictures /mnt/nas/photos --exclude '*/thumbnails/*' --workers 4
       clipsearch index ./photos --model shapes-mini --db ./demo-store --json
       clipsearch index ./photos --views 5     # small objects: also index 5 crops of each photo
+      clipsearch index s3://bucket/photos manifest.parquet --engine ray --ray-address auto --actors 4
     """
     from retrieval.model.registry import check_model_name
 
@@ -145,15 +175,21 @@ def index(
         from retrieval.regions import view_boxes
 
         view_boxes(views)  # a count that is no grid fails now, not after loading the model
+    _check_engine_options(folders, engine, ray_address, actors, workers, device)
+    if engine == "ray":
+        from indexer.ray_engine import import_ray
+
+        import_ray()  # a missing extra fails now, not after loading the model
     workers = default_workers() if workers is None else workers
-    if workers:
+    if workers and engine == "local":
         start_worker_server()  # the decoder workers' server imports torch while this process loads the model
     from indexer.options import IndexOptions
     from indexer.pipeline import index_folders
     from retrieval.model.loading import load_model
     from retrieval.store import Store
 
-    model, preprocess = load_model(model_name, device=device, towers="image")
+    # the Ray engine's actors take the model to their own GPUs
+    model, preprocess = load_model(model_name, device="cpu" if engine == "ray" else device, towers="image")
     store = Store.open(db_dir, model.info, create=True)
     options = IndexOptions(
         workers=workers,
@@ -168,7 +204,13 @@ def index(
         progress=not (quiet or as_json),
     )
     try:
-        summary = index_folders(folders, model, preprocess, store, options)
+        if engine == "ray":
+            from indexer.ray_engine import RayOptions, index_with_ray
+
+            ray_options = RayOptions(address=ray_address, actors=actors or 1, model_source=model_name)
+            summary = index_with_ray(folders, model, preprocess, store, options, ray_options)
+        else:
+            summary = index_folders(folders, model, preprocess, store, options)
     except KeyboardInterrupt as e:  # the run has committed what it had encoded
         _interrupted(e, _saved_by_this_process(store))
     if as_json:
@@ -180,6 +222,25 @@ def index(
         click.echo(f"Store: {store.path} ({_count(store.count(), 'image')}, model {model.info.name})")
     if strict and (summary.failed or summary.failed_unchanged):
         raise SystemExit(1)
+
+
+def _check_engine_options(
+    sources: tuple[str, ...], engine: str, address: str | None, actors: int | None, workers: int | None, device: str
+) -> None:
+    """Refuse options of the other engine, and sources only the Ray engine reads."""
+    if engine == "ray":
+        if workers is not None:
+            raise click.UsageError("--workers is for --engine local; with --engine ray, decoding runs as Ray tasks")
+        if device != "auto":
+            raise click.UsageError("--device is for --engine local; Ray's encoder actors use a GPU where they have one")
+        return
+    if address is not None or actors is not None:
+        raise click.UsageError("--ray-address and --actors need --engine ray")
+    from indexer.sources import is_manifest, is_uri
+
+    special = [s for s in sources if is_uri(s) or is_manifest(s)]
+    if special:
+        raise click.UsageError(f"{special[0]} is a URI or a manifest: index it with --engine ray")
 
 
 @click.command("status")
