@@ -11,8 +11,10 @@ stored image is encoded again:
   vectors stand where the first words of a prompt would be, in front of the class name ("[V1]..[V4] rex.",
   class token at the end), initialised from the embeddings of "a photo of a" (the paper's best variant).
   The text tower runs on those embeddings with every weight frozen; only the context is trained, with
-  cross-entropy over the classes' `logit_scale x cosine`. The result is a text-side unit vector, stored with
-  the concept, which a query combines like the vector of a text.
+  cross-entropy over the classes' `logit_scale x cosine`. Given the classes' prompt-ensembled zero-shot vectors
+  (class names the model knows, as in `benchmarks/few_shot.py`), it starts from them and is kept near them
+  (KgCoOp, see `coop`), so that a few examples refine the zero-shot classifier instead of replacing it. The
+  result is a text-side unit vector, stored with the concept, which a query combines like the vector of a text.
 
 One concept from positives against negatives ("rex" against everything else) is a two-class problem. Its
 background class is a second learned prompt, with its own context and the class token "thing" (CoOp's
@@ -20,7 +22,9 @@ class-specific context). Both prompts are trained; the two-way softmax over them
 `sigmoid(logit_scale x (prompt - background) . v)`, so the concept keeps `w = logit_scale x (prompt -
 background)`, a difference of two text-side vectors, as its vector: a search ranking by its direction ranks by
 the probability the concept was trained to give (ranking by the prompt's vector alone does not: it was
-only ever compared with the background's). Both prompts' unit vectors are kept in its parameters.
+only ever compared with the background's). Both prompts' unit vectors are kept in its parameters. Its CoOp is
+not kept near zero-shot: neither a personal name nor "thing" has zero-shot knowledge worth keeping (kept near
+them, a concept learned as "reds" from 4 red images put no red image in its top 3, against 2 without).
 
 Without given negatives, `NEGATIVES_PER_POSITIVE` times as many negatives (at least
 `MIN_SAMPLED_NEGATIVES`) are drawn from the store at random with the concept's seed, never among the
@@ -29,8 +33,8 @@ positives.
 Held-out accuracy: a seeded stratified split keeps `HOLDOUT_SHARE` of each class (at least one example)
 out of training; a model fitted on the rest is scored on it (balanced accuracy: the mean of the classes'
 recalls, since sampled negatives outnumber positives). The concept itself is then fitted on every example.
-`auto` fits both methods and keeps the one with the better held-out accuracy (CoOp when no class has two
-examples to split, as CoOp does better than a probe at one shot in the paper).
+`auto` fits both methods and keeps the one with the better held-out accuracy, CoOp on a tie and when no class
+has two examples to split (CoOp does better than a probe with one or two shots).
 
 Concepts live in the store directory, in a LanceDB table of their own beside the model's image table
 (`ConceptBook`), with the model identity recorded in each row: a concept is never applied to another
@@ -43,6 +47,8 @@ Modules: `concept` (the record), `probe`, `coop`, `learn` (one concept: split, a
 from retrieval.concepts.book import ConceptBook, resolve_terms, tag_concept
 from retrieval.concepts.concept import METHODS, NAME_PATTERN, Concept, Method, check_name
 from retrieval.concepts.coop import (
+    ANCHOR_TEMPLATES,
+    ANCHOR_WEIGHT,
     CONTEXT_INIT,
     DEFAULT_LR,
     DEFAULT_N_CTX,
@@ -50,15 +56,18 @@ from retrieval.concepts.coop import (
     CoopFit,
     prompt_vectors,
     train_coop,
+    zero_shot_anchor,
 )
 from retrieval.concepts.learn import (
     BACKGROUND_TOKEN,
     HOLDOUT_SHARE,
     MIN_SAMPLED_NEGATIVES,
     NEGATIVES_PER_POSITIVE,
+    held_out_accuracies,
     holdout_split,
     learn_concept,
     negatives_wanted,
+    pick_method,
     sample_negatives,
 )
 from retrieval.concepts.probe import (
@@ -74,6 +83,8 @@ from retrieval.concepts.probe import (
 )
 
 __all__ = [
+    "ANCHOR_TEMPLATES",
+    "ANCHOR_WEIGHT",
     "BACKGROUND_TOKEN",
     "CONTEXT_INIT",
     "CV_FOLDS",
@@ -97,13 +108,16 @@ __all__ = [
     "check_name",
     "choose_c",
     "fit_logistic",
+    "held_out_accuracies",
     "holdout_split",
     "learn_concept",
     "negatives_wanted",
+    "pick_method",
     "prompt_vectors",
     "resolve_terms",
     "sample_negatives",
     "tag_concept",
     "train_coop",
     "train_probe",
+    "zero_shot_anchor",
 ]

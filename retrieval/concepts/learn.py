@@ -3,7 +3,8 @@ negatives."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +38,39 @@ def holdout_split(labels: npt.ArrayLike, seed: int) -> np.ndarray | None:
         members = rng.permutation(np.flatnonzero(labels == c))
         held[members[: max(1, int(len(members) * HOLDOUT_SHARE))]] = True
     return held
+
+
+Fitter = Callable[[Embeddings, np.ndarray], tuple[Callable[[Embeddings], np.ndarray], Any]]
+
+
+def held_out_accuracies(
+    features: Embeddings, labels: npt.ArrayLike, fitters: Mapping[str, Fitter], seed: int
+) -> dict[str, float | None]:
+    """Each method's balanced accuracy on the `holdout_split` of the examples, fitted on the rest (None for all
+    when a class has fewer than two examples).
+
+    Args:
+        features: [N, D] image vectors.
+        labels: [N] class indices.
+        fitters: method name -> fit(features, labels) returning (predict, anything).
+        seed: seeds the split.
+    """
+    labels = np.asarray(labels)
+    held = holdout_split(labels, seed)
+    if held is None:
+        return dict.fromkeys(fitters)
+    accuracies: dict[str, float | None] = {}
+    for kind, fit in fitters.items():
+        predict, _ = fit(features[~held], labels[~held])
+        accuracies[kind] = balanced_accuracy(predict(features[held]), labels[held])
+    return accuracies
+
+
+def pick_method(accuracies: Mapping[str, float | None]) -> str:
+    """`auto`'s choice from the held-out accuracies of "probe" and "coop": CoOp unless the probe did better (CoOp
+    on a tie and when nothing could be held out, as CoOp beats a probe with one or two shots)."""
+    probe, coop = accuracies["probe"], accuracies["coop"]
+    return "probe" if probe is not None and coop is not None and probe > coop else "coop"
 
 
 def learn_concept(
@@ -106,18 +140,8 @@ def learn_concept(
         coop = train_coop(model(), [BACKGROUND_TOKEN, name], x, y, n_ctx, True, steps, lr, seed)
         return coop.predict, {"text": coop.text, "logit_scale": coop.logit_scale}
 
-    held = holdout_split(labels, seed)
-    accuracies: dict[str, float | None] = {}
-    for kind in wanted:
-        if held is None:
-            accuracies[kind] = None
-            continue
-        predict, _ = fit(kind, features[~held], labels[~held])
-        accuracies[kind] = balanced_accuracy(predict(features[held]), labels[held])
-    chosen = wanted[0]
-    if method == "auto":
-        probe_acc, coop_acc = accuracies["probe"], accuracies["coop"]
-        chosen = "coop" if probe_acc is None or (coop_acc is not None and coop_acc >= probe_acc) else "probe"
+    accuracies = held_out_accuracies(features, labels, {kind: partial(fit, kind) for kind in wanted}, seed)
+    chosen = pick_method(accuracies) if method == "auto" else method
     _, fitted = fit(chosen, features, labels)
     params: dict[str, Any] = {"positives": len(positives), "negatives": len(negatives), **(extra or {})}
     if chosen == "probe":
