@@ -21,13 +21,16 @@ from retrieval.concepts import (
     ConceptBook,
     fit_logistic,
     learn_concept,
+    pick_method,
     resolve_terms,
     sample_negatives,
     train_coop,
+    zero_shot_anchor,
 )
 from retrieval.errors import ModelMismatchError, QueryError
 from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS
+from retrieval.model.encode import encode_texts
 from retrieval.model.loading import load_model
 from retrieval.model.tokenizer import tokenize
 from retrieval.query import Term, as_terms, encode_query, parse_terms
@@ -121,7 +124,8 @@ def test_coop_gradients_reach_only_the_context_and_the_towers_stay_bit_identical
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     rng = np.random.default_rng(0)
     x = _unit(rng.normal(size=(12, model.config.embed_dim)))
-    fit = train_coop(model, ["thing", "rex"], x, np.arange(12) % 2, steps=5, seed=0)
+    anchor = zero_shot_anchor(model, ["thing", "rex"])
+    fit = train_coop(model, ["thing", "rex"], x, np.arange(12) % 2, steps=5, seed=0, anchor=anchor)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())  # nothing of the model was differentiated into
@@ -130,6 +134,37 @@ def test_coop_gradients_reach_only_the_context_and_the_towers_stay_bit_identical
     assert fit.context.shape == (1, 4, model.config.text.width)
     assert not np.allclose(fit.context[0], init)  # the context did learn, starting from "a photo of a"
     np.testing.assert_allclose(np.linalg.norm(fit.text, axis=1), 1, atol=1e-5)
+
+
+def test_coop_is_kept_near_the_zero_shot_class_vectors():
+    model = load_model("shapes-mini", device="cpu", towers="text")[0]
+    classes = ["circle", "square", "triangle"]
+    anchor = zero_shot_anchor(model, classes, ("a photo of a red {}", "a photo of a blue {}"))
+    expected = _unit(
+        encode_texts(model, [f"a photo of a {c} {s}" for s in classes for c in ("red", "blue")])
+        .reshape(3, 2, -1)
+        .mean(1)
+    )
+    np.testing.assert_allclose(anchor, expected, atol=1e-6)  # the prompt-ensembled zero-shot vectors
+    rng = np.random.default_rng(2)
+    x = _unit(rng.normal(size=(6, model.config.embed_dim)))  # images that look like none of the classes
+    y = np.arange(6) % 3
+    start = train_coop(model, classes, x, y, steps=0, anchor=anchor)
+    np.testing.assert_allclose(start.text, anchor, atol=1e-6)  # before any step, CoOp is the zero-shot classifier
+    plain = train_coop(model, classes, x, y, steps=40, seed=0)
+    kept = train_coop(model, classes, x, y, steps=40, seed=0, anchor=anchor)
+    assert not np.allclose(kept.context, start.context)  # it did learn
+    drift = [float(np.min(np.sum(fit.text * anchor, axis=1))) for fit in (plain, kept)]
+    assert drift[1] > 0.9 > drift[0], drift  # plain CoOp leaves the zero-shot classes; KgCoOp stays near them
+    with pytest.raises(QueryError, match=r"anchor must be \[3, 64\]"):
+        train_coop(model, classes, x, y, steps=1, anchor=anchor[:2])
+
+
+def test_auto_keeps_coop_unless_the_probe_did_better_on_held_out_examples():
+    assert pick_method({"probe": 0.9, "coop": 0.8}) == "probe"
+    assert pick_method({"probe": 0.8, "coop": 0.8}) == "coop"
+    assert pick_method({"probe": 0.7, "coop": 0.8}) == "coop"
+    assert pick_method({"probe": None, "coop": None}) == "coop"  # one example: nothing to hold out
 
 
 def test_negatives_are_sampled_with_the_seed_and_never_among_the_positives():
