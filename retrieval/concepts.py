@@ -292,7 +292,8 @@ def _prompt_parts(model: CLIP, class_names: Sequence[str], n_ctx: int) -> tuple[
     from retrieval.model.tokenizer import tokenize
 
     prompts = [" ".join(["X"] * n_ctx) + f" {name}." for name in class_names]
-    tokens = tokenize(prompts, context_length=model.config.text.context_length, truncate=True)  # [K, 77]
+    context_length = model.config.text.context_length
+    tokens = torch.from_numpy(tokenize(prompts, context_length=context_length, truncate=True))  # [K, 77]
     eot = tokens.argmax(dim=-1)  # [K]
     device = model.token_embedding.weight.device
     with torch.no_grad():
@@ -307,7 +308,7 @@ def _initial_context(model: CLIP, n_ctx: int, rows: int, generator: torch.Genera
     from retrieval.model.tokenizer import tokenize
 
     width = model.config.text.width
-    init = tokenize(CONTEXT_INIT)[0]
+    init = torch.from_numpy(tokenize(CONTEXT_INIT)[0])
     words = init[1 : int(init.argmax())]  # without start and end tokens
     if len(words) == n_ctx:
         with torch.no_grad():

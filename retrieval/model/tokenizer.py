@@ -4,7 +4,8 @@ Text is cleaned the way the reference cleans it (ftfy, HTML unescaping twice, wh
 lowercased), split into words with the same pattern, each word's UTF-8 bytes mapped to printable
 characters, and the characters merged by the 48,894 ranked BPE merges shipped in
 `assets/bpe_simple_vocab_16e6.txt.gz` (OpenAI's file, MIT licence, see `assets/LICENSE-CLIP-VOCAB.txt`).
-The vocabulary is read only when the first text is tokenized.
+The vocabulary is read only when the first text is tokenized. Token ids come out as numpy arrays: a text query
+run through ONNX Runtime never imports torch (the model's own `tokenize` wraps them in a tensor).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import os
 from collections.abc import Iterable, Sequence
 
 import ftfy
+import numpy as np
 import regex
-import torch
 
 from retrieval.errors import TokenizerError
 
@@ -222,7 +223,7 @@ class Tokenizer:
         texts: str | Sequence[str],
         context_length: int = DEFAULT_CONTEXT_LENGTH,
         truncate: bool = False,
-    ) -> torch.LongTensor:
+    ) -> np.ndarray:
         """Token ids of texts laid out for CLIP's text encoder.
 
         Each row is `<|startoftext|>`, the text's ids, `<|endoftext|>`, then zeros up to `context_length`.
@@ -233,7 +234,7 @@ class Tokenizer:
             truncate: Cut over-long texts so that `<|endoftext|>` is still the last id, instead of raising.
 
         Returns:
-            int64 tensor of shape [N, context_length] (N = 1 for a single string).
+            int64 array of shape [N, context_length] (N = 1 for a single string).
 
         Raises:
             TokenizerError: A text is too long and `truncate` is False, or an input is not a string.
@@ -242,7 +243,7 @@ class Tokenizer:
             raise TokenizerError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         if isinstance(texts, str):
             texts = [texts]
-        result = torch.zeros(len(texts), context_length, dtype=torch.long)
+        result = np.zeros((len(texts), context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             ids = self.encode(text)
             if len(ids) + 2 > context_length:
@@ -252,7 +253,7 @@ class Tokenizer:
                         f" context length of {context_length}; pass truncate=True or shorten it"
                     )
                 ids = ids[: context_length - 2]
-            result[row, : len(ids) + 2] = torch.tensor([self.sot_token, *ids, self.eot_token], dtype=torch.long)
+            result[row, : len(ids) + 2] = [self.sot_token, *ids, self.eot_token]
         return result
 
 
@@ -276,7 +277,7 @@ def tokenize(
     texts: str | Sequence[str],
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     truncate: bool = False,
-) -> torch.LongTensor:
+) -> np.ndarray:
     """Token ids of texts for CLIP's text encoder, with the packaged vocabulary.
 
     Args:
@@ -285,14 +286,14 @@ def tokenize(
         truncate: Cut over-long texts so that `<|endoftext|>` is still the last id, instead of raising.
 
     Returns:
-        int64 tensor of shape [N, context_length]: start token, text ids, end token, zero padding.
+        int64 array of shape [N, context_length]: start token, text ids, end token, zero padding.
 
     Raises:
         TokenizerError: A text is too long and `truncate` is False.
 
     Example:
         >>> tokenize(["a photo of a cat", "a dog"]).shape
-        torch.Size([2, 77])
+        (2, 77)
     """
     return default_tokenizer().tokenize(texts, context_length=context_length, truncate=truncate)
 
