@@ -135,11 +135,10 @@ class Decoder:
             return Failed("decode", decode_error_reason(e))
         decode_done = time.perf_counter()
         try:
-            pixels = self.preprocess.transform(rgb).numpy()
+            pixels = self.preprocess.transform_array(rgb)
             views = None
             if self.views:
-                crops = [self.preprocess.transform(crop(rgb, box)) for box in view_boxes(self.views)]
-                views = np.stack([c.numpy() for c in crops])  # [V, 3, S, S]
+                views = np.stack([self.preprocess.transform_array(crop(rgb, box)) for box in view_boxes(self.views)])
         except (OSError, ValueError) as e:
             return Failed("preprocess", f"cannot transform ({e})")
         seconds = (read_seconds, decode_done - start, time.perf_counter() - decode_done)

@@ -147,7 +147,7 @@ def index(
         view_boxes(views)  # a count that is no grid fails now, not after loading the model
     workers = default_workers() if workers is None else workers
     if workers:
-        start_worker_server()  # the decoder workers' server imports torch while this process loads the model
+        start_worker_server()  # the decoder workers' server boots while this process loads the model
     from indexer.options import IndexOptions
     from indexer.pipeline import index_folders
     from retrieval.model.loading import load_model
