@@ -28,6 +28,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from indexer.formats import register_plugins
+from retrieval.catalog import hash_key
 from retrieval.errors import ImageLoadError
 from retrieval.model.preprocess import Preprocess, decode_error_reason
 from retrieval.regions import crop, view_boxes, views_min_size
@@ -205,11 +206,6 @@ def _flush_stderr() -> None:
     """Flush Python's buffered stderr, if there is one (pythonw has none)."""
     with contextlib.suppress(AttributeError, OSError, ValueError):
         sys.stderr.flush()
-
-
-def hash_key(content_hash: str) -> np.uint64:
-    """The first 64 bits of a hex content hash: a compact key for the known-content lookup."""
-    return np.uint64(int(content_hash[:16], 16))
 
 
 def _contains(sorted_keys: np.ndarray, key: np.uint64) -> bool:

@@ -1,14 +1,18 @@
-"""What identifies a model's embedding space: a store records it and refuses vectors from any other."""
+"""What identifies a model's embedding space: a store records it and refuses vectors from any other.
+
+Imports no torch at module level: the ONNX Runtime path reads identities in processes that never load torch.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ def tokenizer_identity(model: nn.Module) -> str:
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of a state dict's tensors, in key order."""
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
