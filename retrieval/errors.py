@@ -96,3 +96,7 @@ class NotFoundError(ClipsearchError, LookupError):
 
     def __str__(self) -> str:  # LookupError's KeyError cousins would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class ExportError(ClipsearchError):
+    """An ONNX export of a model's encoders that cannot be made, or is missing or stale where it is needed."""

@@ -142,15 +142,8 @@ def _read_identity(schema: pa.Schema, table_name: str) -> tuple[ModelInfo, int]:
 
 def _same_space(a: ModelInfo, b: ModelInfo) -> bool:
     """Whether two models produce interchangeable vectors (the name alone does not matter)."""
-    return (a.weights_sha256, a.embed_dim, a.image_size, a.mean, a.std, a.resize_mode, a.tokenizer) == (
-        b.weights_sha256,
-        b.embed_dim,
-        b.image_size,
-        b.mean,
-        b.std,
-        b.resize_mode,
-        b.tokenizer,
-    )
+    fields = ("weights_sha256", "embed_dim", "image_size", "mean", "std", "resize_mode", "tokenizer", "precision")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
 def _id_list(ids: Iterable[int]) -> list[str]:

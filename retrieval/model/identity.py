@@ -28,12 +28,16 @@ class ModelInfo:
     # Added with SigLIP; the defaults are what every model recorded before, so old stores keep their identity.
     resize_mode: str = "shortest"  # how images become squares ("shortest" + centre crop, or "squash")
     tokenizer: str = "clip-bpe"  # the text tokenizer: CLIP's BPE, or "hf:<sha256[:16] of tokenizer.json>"
+    # Added with ONNX Runtime encoders: "int8" (dynamically quantised weights) gives vectors of another space.
+    precision: str = "float32"
 
     @property
     def table_name(self) -> str:
-        """A LanceDB table name unique to this model's weights: `images_<name>_<sha[:12]>`."""
+        """A LanceDB table name unique to this model's weights: `images_<name>_<sha[:12]>`, plus `_<precision>`
+        for encoders that are not float32 (a float32 table keeps the name it had before precisions existed)."""
         slug = re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_").lower() or "model"
-        return f"images_{slug}_{self.weights_sha256[:12]}"
+        suffix = "" if self.precision == "float32" else f"_{self.precision}"
+        return f"images_{slug}_{self.weights_sha256[:12]}{suffix}"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -51,6 +55,7 @@ class ModelInfo:
             std=tuple(float(x) for x in d["std"]),
             resize_mode=str(d.get("resize_mode", "shortest")),
             tokenizer=str(d.get("tokenizer", "clip-bpe")),
+            precision=str(d.get("precision", "float32")),
         )
 
     @classmethod

@@ -1,0 +1,223 @@
+"""Export a loaded model's encoders to ONNX once, for `onnx_runtime.OnnxEncoder`: float32, or int8 by dynamic
+quantisation of the float32 export's MatMul/Gemm weights.
+
+Each tower goes through the family-independent seam (`encode_image`, `encode_text`), traced by the TorchScript
+exporter (`dynamo=False`: it needs nothing beyond torch and onnx, and traces these graphs in seconds), with a
+dynamic batch axis; the text tower takes exactly the model's context length. Every export is checked against
+the torch model on fresh inputs before it is put in place, and written to a temporary folder renamed into
+place, so concurrent processes and crashes never leave a half-written tower under its final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from retrieval.errors import ExportError
+from retrieval.model.download import file_sha256
+from retrieval.model.family import EmbeddingModel
+from retrieval.model.onnx_runtime import (
+    EXPORT_FORMAT,
+    MODEL_FILE,
+    RECORD_FILE,
+    OnnxEncoder,
+    export_root,
+    stale_reason,
+)
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is one op from 17 on; onnxruntime >= 1.14 runs it
+# An export whose vectors fall below this cosine to the torch model's on the check inputs is refused. int8 is
+# another embedding space on purpose (measured >= 0.99 on random and trained weights), so only gross breakage
+# fails it.
+MIN_COSINE = {"float32": 0.9999, "int8": 0.95}
+
+
+class _Tower(nn.Module):
+    """One tower of a model as a module of its own: what the exporter traces."""
+
+    def __init__(self, model: EmbeddingModel, tower: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tower = tower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x) if self.tower == "image" else self.model.encode_text(x)
+
+
+def model_towers(model: EmbeddingModel) -> tuple[str, ...]:
+    """The towers a loaded model has."""
+    return {"both": ("image", "text"), "image": ("image",), "text": ("text",)}[model.towers]
+
+
+def ensure_export(model: EmbeddingModel, precision: str = "float32") -> Path:
+    """Export each tower of `model` at `precision` unless a fresh export is in the cache already.
+
+    Args:
+        model: a loaded model with `.info` (`load_model`, or `ModelInfo.for_model`), float32 weights.
+        precision: "float32", or "int8" (dynamically quantised from the float32 export, made first if missing).
+
+    Returns:
+        The export folder, for `OnnxEncoder.open`.
+
+    Raises:
+        ExportError: the model cannot be exported, or its export does not reproduce the torch model.
+    """
+    info = getattr(model, "info", None)
+    if info is None:
+        raise ExportError("the model has no `.info`: load it with `load_model`, or set `ModelInfo.for_model`")
+    root = export_root(info, precision)
+    for tower in model_towers(model):
+        reason = stale_reason(root / tower, info, precision, tower)
+        if reason is None:
+            continue
+        logger.info("exporting the %s encoder of %s to ONNX (%s): %s", tower, info.name, precision, reason)
+        _publish(root, tower, lambda staging, t=tower: _make(model, t, precision, staging))
+    return root
+
+
+def _make(model: EmbeddingModel, tower: str, precision: str, staging: Path) -> dict:
+    """Write one tower's `model.onnx` into `staging`; returns its record (less the file's hash)."""
+    info = dataclasses.replace(model.info, precision=precision)
+    weights = next(p for n, p in model.named_parameters() if n.startswith("visual" if tower == "image" else "t"))
+    if weights.dtype != torch.float32:
+        raise ExportError(f"only float32 models are exported, this one is {weights.dtype}: load it with load_model")
+    start = time.perf_counter()
+    if precision == "float32":
+        _trace(model, tower, staging / MODEL_FILE)
+    else:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        source = ensure_export(model, "float32") / tower / MODEL_FILE
+        # Only the MatMul/Gemm weights (~all of a ViT's FLOPs) become int8; the patch convolution, LayerNorms,
+        # softmax and activations stay float32. Per-channel scales keep each output's own weight range.
+        quantize_dynamic(
+            source,
+            staging / MODEL_FILE,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    cosine, max_abs = _check(model, tower, staging / MODEL_FILE)
+    if cosine < MIN_COSINE[precision]:
+        raise ExportError(
+            f"the {precision} ONNX export of the {tower} encoder of {info.name} does not reproduce the torch model "
+            f"(cosine {cosine:.6f}, max abs diff {max_abs:.2e}); use the torch encoders (--runtime torch)"
+        )
+    logger.info(
+        "exported the %s encoder (%s) in %.1f s, cosine to torch %.7f",
+        tower,
+        precision,
+        time.perf_counter() - start,
+        cosine,
+    )
+    return {
+        "format": EXPORT_FORMAT,
+        "identity": info.to_dict(),
+        "precision": precision,
+        "tower": tower,
+        "context_length": model.config.text.context_length,
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "check": {"cosine_min": cosine, "max_abs_diff": max_abs},
+    }
+
+
+def _trace(model: EmbeddingModel, tower: str, path: Path) -> None:
+    """Export one tower in float32 with a dynamic batch axis."""
+    example = _inputs(model, tower, batch=2, seed=0, trace=True)
+    name = "pixels" if tower == "image" else "tokens"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings about the constant above, and the exporter's notices
+        torch.onnx.export(
+            _Tower(model, tower).eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[name],
+            output_names=["embeddings"],
+            dynamic_axes={name: {0: "batch"}, "embeddings": {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
+
+
+def _inputs(model: EmbeddingModel, tower: str, batch: int, seed: int, trace: bool = False) -> torch.Tensor:
+    """Inputs for tracing and checking: random pixels, or random token ids with the largest id at varied ends.
+
+    For tracing, the largest id is the last token of every row: CLIP's `encode_text` runs the first max(eot)+1
+    positions, which the trace fixes, and with the end-of-text last that is every position (exact for any input,
+    the causal mask hides the padding).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    if tower == "image":
+        size = config.vision.image_size
+        return torch.randn(batch, 3, size, size, generator=generator)
+    length, vocab = config.text.context_length, config.text.vocab_size
+    tokens = torch.randint(1, vocab - 1, (batch, length), generator=generator)
+    if trace:
+        tokens[:, -1] = vocab - 1
+    elif config.family == "clip":  # end-of-text (the largest id) at varied places, padding after it
+        for row, end in enumerate(torch.randint(1, length, (batch,), generator=generator).tolist()):
+            tokens[row, end] = vocab - 1
+            tokens[row, end + 1 :] = 0
+    return tokens
+
+
+def _check(model: EmbeddingModel, tower: str, path: Path) -> tuple[float, float]:
+    """The export against the torch model on inputs it was not traced with: (min cosine, max abs diff)."""
+    inputs = _inputs(model, tower, batch=3, seed=1)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        expected = _Tower(model, tower)(inputs.to(device)).float().cpu().numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+    cosine = float(
+        np.min(np.sum(got * expected, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1))
+    )
+    return cosine, float(np.max(np.abs(got - expected)))
+
+
+def _publish(root: Path, tower: str, make) -> None:
+    """Make a tower in a staging folder, then rename it into place (another process's fresh one wins)."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{tower}.", suffix=".part"))
+    try:
+        record = make(staging)
+        record["file"] = {"size": (staging / MODEL_FILE).stat().st_size, "sha256": file_sha256(staging / MODEL_FILE)}
+        (staging / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        final = root / tower
+        if final.exists():  # stale (or made meanwhile by another process: then either copy is as good)
+            old = Path(tempfile.mkdtemp(dir=root, prefix=f".{tower}.", suffix=".old"))
+            try:
+                os.replace(final, old / tower)
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if not (final / RECORD_FILE).is_file():  # not another process's finished export
+                raise
+        file_sha256(final / MODEL_FILE)  # remembered under its final path, so opening it does not hash it again
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+__all__ = ["OnnxEncoder", "ensure_export", "model_towers"]
