@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import importlib.resources
 import json
 import os
@@ -183,6 +184,7 @@ def test_tokenizing_never_imports_torch(tmp_path):
         "from retrieval.model.tokenizer import tokenize, token_count\n"
         "out = tokenize(['a photo of a cat'], context_length=8)\n"
         "print(out.dtype, out.tolist(), token_count('a photo of a cat'), 'torch' in sys.modules)\n"
+        "print('ftfy' in sys.modules, 'regex' in sys.modules)\n"
         "from retrieval.model.hub_tokenizer import HubTokenizer\n"
         f"hub = HubTokenizer({str(HUB_TOKENIZER)!r}, 16)(['a photo of a cat'])\n"
         "print(type(hub).__name__, hub.dtype, hub.shape, 'torch' in sys.modules)\n"
@@ -190,6 +192,30 @@ def test_tokenizing_never_imports_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    clip_line, hub_line = result.stdout.splitlines()
+    clip_line, plain_line, hub_line = result.stdout.splitlines()
     assert clip_line == "int64 [[49406, 320, 1125, 539, 320, 2368, 49407, 0]] 7 False"
+    assert plain_line == "False False"  # plain ASCII needs neither ftfy nor regex (~0.2 s of a query's start-up)
     assert hub_line == "ndarray int64 (1, 16) False"
+
+
+def test_the_plain_ascii_lane_splits_and_cleans_as_the_reference_pattern_does():
+    # Printable ASCII without "&" skips ftfy and `regex`; it must give exactly the words of the full path.
+    import ftfy
+
+    from retrieval.model.tokenizer import _ASCII_WORDS, _is_plain, _unicode_patterns, clean_text
+
+    words, spaces = _unicode_patterns()
+    alphabet = [chr(c) for c in range(32, 127)] + ["'s", "'ll", "'T", "<|startoftext|>", "<|endoftext|>", "  ", "A1"]
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(alphabet, size=rng.integers(0, 40))) for _ in range(20000)]
+    texts += [record["text"] for record in ENCODE_CASES]
+    checked = 0
+    for text in texts:
+        if not _is_plain(text):
+            continue
+        reference = spaces.sub(" ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip().lower()
+        assert clean_text(text) == reference, text
+        assert _ASCII_WORDS.findall(reference) == words.findall(reference), text
+        checked += 1
+    assert checked > 15000
+    assert not _is_plain("a &amp; b") and not _is_plain("caf\u00e9") and not _is_plain("tab\there")

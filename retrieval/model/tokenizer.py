@@ -17,13 +17,16 @@ import importlib.resources
 import itertools
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import ftfy
 import numpy as np
-import regex
 
 from retrieval.errors import TokenizerError
+
+if TYPE_CHECKING:
+    import regex
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +41,11 @@ WORD_SUFFIX = "</w>"
 # The reference pattern: the two specials, English contractions, runs of letters, single digits, and
 # runs of anything else that is not whitespace. IGNORECASE is kept: it makes the letter class match
 # U+0345 (a combining mark whose case folding is a letter), so dropping it would change ids.
-_WORD_PATTERN = regex.compile(
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-    regex.IGNORECASE,
-)
-# `regex`'s \s is Unicode White_Space, which differs from `re`'s (e.g. U+001C-U+001F); the reference
-# collapses with `regex`, so must we.
-_WHITESPACE = regex.compile(r"\s+")
+_WORD_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+# The same pattern for lowercase printable ASCII, where letters are a-z, digits 0-9 and the only whitespace is the
+# space, in the standard library's `re`: `regex` (and ftfy, see `_is_plain`) cost ~0.2 s to import, a good part of
+# a one-shot query's start-up, and most queries are plain ASCII.
+_ASCII_WORDS = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^ a-z0-9]+")
 # Words are short and prompts repeat them; a bounded cache keeps memory flat on huge inputs.
 _WORD_CACHE_SIZE = 1 << 16
 
@@ -69,6 +70,21 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+@functools.cache
+def _unicode_patterns() -> tuple[regex.Pattern, regex.Pattern]:
+    """The reference's word pattern and `regex`'s \\s+ (Unicode White_Space, which differs from `re`'s, e.g. at
+    U+001C-U+001F: the reference collapses with `regex`, so must we), compiled on first use."""
+    import regex
+
+    return regex.compile(_WORD_PATTERN, regex.IGNORECASE), regex.compile(r"\s+")
+
+
+def _is_plain(text: str) -> bool:
+    """Printable ASCII without `&`: text that ftfy's fixes and HTML unescaping leave as it is (every fix needs a
+    non-ASCII or control character, HTML entities an ampersand), so the ASCII path gives the same ids."""
+    return text.isascii() and text.isprintable() and "&" not in text
+
+
 def clean_text(text: str) -> str:
     """Normalise text exactly as CLIP's reference tokenizer does before splitting it into words.
 
@@ -79,8 +95,20 @@ def clean_text(text: str) -> str:
         The text after ftfy's fixes, two rounds of HTML unescaping, whitespace runs collapsed to one
         space, stripped, and lowercased.
     """
+    if _is_plain(text):
+        return " ".join(text.split()).lower()  # the only whitespace in printable ASCII is the space
+    import ftfy  # ~0.1 s to import: only for text that may need its fixes
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _WHITESPACE.sub(" ", text).strip().lower()
+    return _unicode_patterns()[1].sub(" ", text).strip().lower()
+
+
+def _words(text: str) -> list[str]:
+    """The words of a text as the reference pattern splits its cleaned form."""
+    cleaned = clean_text(text)
+    if _is_plain(text):
+        return _ASCII_WORDS.findall(cleaned)
+    return _unicode_patterns()[0].findall(cleaned)
 
 
 def _read_vocab(path: str | os.PathLike[str] | None) -> list[tuple[str, str]]:
@@ -194,7 +222,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"can only tokenize str, got {type(text).__name__}; convert it to text first")
         ids: list[int] = []
-        for word in _WORD_PATTERN.findall(clean_text(text)):
+        for word in _words(text):
             ids.extend(self._word_ids(word))
         return ids
 
