@@ -5,7 +5,7 @@ Run it in an environment with the reference implementations (open_clip_torch, ti
 
     /work/refenv/bin/python benchmarks/make_family_fixtures.py
 
-For each family it builds the model with open_clip (timm image towers for SigLIP2, reduced to width 64 by
+For each family it builds the model with open_clip (timm image towers for SigLIP2 and MobileCLIP2, reduced by
 passing smaller sizes to timm's own model functions), perturbs every parameter so no tensor keeps a trivial
 init, rounds the weights to float16 (to keep the files small) and saves them as open_clip's hub does:
 `open_clip_model.safetensors` + `open_clip_config.json` (`save_config_for_hf`), plus the Gemma-style
@@ -49,6 +49,8 @@ EXTRA_TEXTS = [
     "word " * 200,
 ]
 TIMM_OVERRIDES = {"embed_dim": WIDTH, "depth": 2, "num_heads": 1, "img_size": 64}
+# FastViT-MCi0's layout at an eighth of its width (8..64, so the attention stage keeps 32-channel heads).
+MOBILECLIP_OVERRIDES = {"layers": (2, 1, 1, 2), "embed_dims": (8, 16, 32, 64)}
 
 
 def corpus_texts() -> list[str]:
@@ -181,15 +183,141 @@ def write_fixture(out: Path, name: str, model_cfg: dict, pretrained_pp: dict, te
     print(f"wrote {folder}: {sum(f.stat().st_size for f in folder.iterdir()) / 1024:.0f} KiB")
 
 
+def perturb_buffers(model: torch.nn.Module, seed: int) -> None:
+    """Give every BatchNorm non-trivial running statistics (rounded to float16), so fusing them is really tested."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_((torch.randn(buffer.shape, generator=gen) * 0.2).half().float())
+            elif name.endswith("running_var"):
+                buffer.copy_((0.5 + torch.rand(buffer.shape, generator=gen)).half().float())
+
+
+def write_mobileclip_fixture(out: Path) -> None:
+    """A reduced MobileCLIP2 (FastViT-MCi0 layout at stem width 8, 64 px; 2-layer text tower) in open_clip's hub
+    layout, train-time form, with open_clip's outputs before and after timm's `reparameterize_model`, timm's
+    re-parameterised state dict, and the full-size S0/S2 shapes and parameter counts of both forms."""
+    import open_clip
+    import timm
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+    from timm.utils.model import reparameterize_model
+
+    create = timm.create_model
+
+    def create_small(name: str, **kwargs):
+        return create(name, **{**kwargs, **MOBILECLIP_OVERRIDES}) if name == "fastvit_mci0" else create(name, **kwargs)
+
+    sizes = {}
+    for full in ("MobileCLIP2-S0", "MobileCLIP2-S2"):
+        model = open_clip.create_model(full, pretrained=None).eval()
+        fused = reparameterize_model(model)
+        sizes[full] = {
+            "visual_params_train": sum(p.numel() for p in model.visual.parameters()),
+            "visual_params_reparam": sum(p.numel() for p in fused.visual.parameters()),
+            "text_params": sum(p.numel() for p in model.text.parameters()),
+            "train_shapes": {k: list(v.shape) for k, v in model.state_dict().items() if k.startswith("visual.")},
+            "reparam_shapes": {k: list(v.shape) for k, v in fused.state_dict().items() if k.startswith("visual.")},
+        }
+    (out / "mobileclip2-full-shapes.json").write_text(json.dumps(sizes) + "\n")
+
+    timm.create_model = create_small
+    name = "mobileclip2-s0-tiny"
+    model_cfg = {
+        "embed_dim": WIDTH,
+        "vision_cfg": {
+            "timm_model_name": "fastvit_mci0",
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": None,
+            "timm_drop": 0.0,
+            "timm_drop_path": 0.0,
+            "image_size": 64,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 500,
+            "width": WIDTH,
+            "heads": 1,
+            "layers": 2,
+            "no_causal_mask": True,
+        },
+        "custom_text": True,
+    }
+    # open_clip's MobileCLIP2-S0/S2 pretrained preprocessing (_mccfg): no normalisation, bilinear, shortest side.
+    pp = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "interpolation": "bilinear", "resize_mode": "shortest"}
+    cfg_dir = Path(tempfile.mkdtemp())
+    (cfg_dir / f"{name}.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(cfg_dir)
+    torch.manual_seed(SEED)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name,
+        image_mean=pp["mean"],
+        image_std=pp["std"],
+        image_interpolation=pp["interpolation"],
+        image_resize_mode=pp["resize_mode"],
+    )
+    model.eval()
+    perturb(model, SEED)
+    perturb_buffers(model, SEED)
+    folder = out / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    # Train-time form as open_clip saves it, BatchNorm's num_batches_tracked included.
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / "open_clip_model.safetensors"))
+    save_config_for_hf(model, folder / "open_clip_config.json", model_cfg)
+
+    gen = torch.Generator().manual_seed(SEED)
+    vocab, length = 500, 77
+    tokens = torch.zeros(5, length, dtype=torch.long)
+    for row in range(5):
+        n = 1 + row * 13 % (length - 2)
+        tokens[row, : n + 1] = torch.cat([torch.randint(1, vocab - 1, (n,), generator=gen), torch.tensor([vocab - 1])])
+    image = sample_image()
+    pixels = torch.stack(
+        [preprocess(image), torch.rand(3, *preprocess(image).shape[1:], generator=torch.Generator().manual_seed(1))]
+    )
+    fused = reparameterize_model(model)
+    with torch.no_grad():
+        image_features = model.encode_image(pixels, normalize=True)
+        image_features_reparam = fused.encode_image(pixels, normalize=True)
+        text_features = model.encode_text(tokens, normalize=True)
+    fused_tensors = {
+        k: (v.contiguous() if k.startswith("visual.") or not v.is_floating_point() else v.half().contiguous())
+        for k, v in fused.state_dict().items()
+    }
+    save_file(fused_tensors, str(folder / "timm_reparameterized.safetensors"))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    np.savez_compressed(
+        folder / "reference.npz",
+        image_png=np.frombuffer(buffer.getvalue(), dtype=np.uint8),
+        pixels=pixels.numpy(),
+        image_features=image_features.numpy(),
+        image_features_reparam=image_features_reparam.numpy(),
+        tokens=tokens.numpy(),
+        text_features=text_features.numpy(),
+        texts=np.array([], dtype=str),
+    )
+    timm.create_model = create
+    print(f"wrote {folder}: {sum(f.stat().st_size for f in folder.iterdir()) / 1024:.0f} KiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--only", choices=("mobileclip",), help="write only these fixtures")
     args = parser.parse_args()
     import open_clip
     import timm
     import transformers
 
     args.out.mkdir(parents=True, exist_ok=True)
+    write_mobileclip_fixture(args.out)
+    if args.only:
+        return
     texts = corpus_texts()
     tokenizer_dir = Path(tempfile.mkdtemp())
     make_tokenizer(tokenizer_dir, texts)

@@ -20,7 +20,9 @@ Run it from the repository root:
     python -m benchmarks.relevance --calibrate          # refit shapes-mini's calibration on seed 2
 
 Seeds: shapes-mini trained on 1 and 3-14 and validated on 2; its calibration was fitted on seed 2; the method's
-constants were chosen on 101 and 102. Report any other seeds as held out.
+constants were chosen on 101 and 102, and the presence rule's (`PRESENT_HITS`, `PRESENT_P`) on 2, 101 and 102.
+201-203 were held out for the first version of the method and have been looked at since; 301-303 were held out for
+the presence rule. Report any other seeds as held out.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
   text search (which waits for them), interleaved run by run with `python -c "import torch"`. Target: the first
   page byte at most 2 s after importing torch would have taken.
 - Warm latency: a real uvicorn on 127.0.0.1 and one keep-alive HTTP client: `GET /api/search?q=TEXT&k=50` (every
-  text different: each one goes through the text tower) and `GET /api/search?like=ID&k=50` ("more like this", a
+  text different: each one goes through the text tower; cut at the API's default threshold, "auto", as the page
+  searches, unless --threshold says otherwise) and `GET /api/search?like=ID&k=50` ("more like this", a
   random stored id). p50/p95 of the client's wall time and of the app's own time (its `Server-Timing` header),
   and the server process's CPU time per request (what a request costs on an idle core: on shared cores the wall
   times include waiting for a turn); for reference, encoding a query text alone in the benchmark's process, right
@@ -254,6 +255,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=QUERIES, help="timed searches of each kind")
     parser.add_argument("--cold-runs", type=int, default=COLD_RUNS, help="timed cold starts (0: skip)")
     parser.add_argument("--photos", type=int, default=PHOTOS, help="4000x3000 JPEGs to thumbnail (>= 2)")
+    parser.add_argument("--threshold", default=None, help="the text searches' threshold (default: the API's, auto)")
     args = parser.parse_args()
     from benchmarks.query_speed import TEXTS  # the same queries as the query benchmark's
 
@@ -263,7 +265,7 @@ def main() -> None:
         env = {**os.environ, "CLIPSEARCH_CACHE": str(root / "cache"), "CLIPSEARCH_HOME": str(root / "db")}
         os.environ["CLIPSEARCH_CACHE"] = env["CLIPSEARCH_CACHE"]  # the weights hash is remembered there
         checkpoint, db = build(root, args.size, args.photos)
-        summary: dict = {"benchmark": "serve_speed", "size": args.size, "k": K}
+        summary: dict = {"benchmark": "serve_speed", "size": args.size, "k": K, "threshold": args.threshold or "auto"}
         if args.cold_runs:
             summary["cold"] = cold(checkpoint, db, env, args.cold_runs)
         process, port, _, _ = start_server(checkpoint, db, env)
@@ -271,7 +273,8 @@ def main() -> None:
             client = Client(port)
             n = args.queries + WARMUP
             texts = [TEXTS[i % len(TEXTS)] + f" {i}" for i in range(n)]
-            text_paths = [f"/api/search?{urlencode({'q': t, 'k': K})}" for t in texts]
+            cut = {} if args.threshold is None else {"threshold": args.threshold}
+            text_paths = [f"/api/search?{urlencode({'q': t, 'k': K, **cut})}" for t in texts]
             summary["text"] = latencies(client, text_paths, WARMUP, process.pid)
             summary["text"].update(encode_reference(checkpoint, [t + " again" for t in texts], WARMUP))
             rng = random.Random(SEED)
@@ -279,7 +282,7 @@ def main() -> None:
             client = Client(port)  # a new connection: the idle one was closed while the encoder was timed
             summary["like"] = latencies(client, likes, WARMUP, process.pid)
             status = json.loads(client.get("/api/status")[1])
-            photo_ids = json.loads(client.get("/api/search?q=photo&k=500&in=photos")[1])["results"]
+            photo_ids = json.loads(client.get("/api/search?q=photo&k=500&in=photos&threshold=none")[1])["results"]
             summary["thumbs"] = thumbnails(port, [int(h["id"]) for h in photo_ids])
             summary["index"] = status["models"][0]["ann"].get("type")
         finally:

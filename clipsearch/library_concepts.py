@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.errors import ImageLoadError, QueryError
+from retrieval.errors import ImageLoadError, NotFoundError, QueryError, StoreError
 from retrieval.query import SearchResult, build_filter, search
+from retrieval.regions import StoredImage
 from retrieval.types import Embeddings
 
 if TYPE_CHECKING:
@@ -22,6 +23,13 @@ if TYPE_CHECKING:
     from retrieval.store import Store
 
 logger = logging.getLogger(__name__)
+
+
+def as_probability(results: list[SearchResult], probe: Concept | None) -> list[SearchResult]:
+    """The results of a lone probe concept's query scored by its probability (unchanged without one)."""
+    if probe is None:
+        return results
+    return [hit._replace(score=float(probe.probability_from_cosine(hit.score))) for hit in results]
 
 
 class ConceptMethods:
@@ -36,24 +44,34 @@ class ConceptMethods:
         ensemble: bool,
         templates: Sequence[str],
     ) -> list[SearchResult]:
-        """`search` for a query with `@name` terms: a lone probe concept ranks by its probability (the score, and
-        what `threshold` applies to); otherwise the concepts' vectors combine with the other terms."""
+        """`search` for a query with `@name` terms (see `_concept_query`)."""
+        store = self._searchable_store()
+        vector, cosine, probe = self._concept_query(store, terms, threshold, ensemble, templates)
+        return as_probability(search(store, self.ann_index(), vector, k, where=condition, threshold=cosine), probe)
+
+    def _concept_query(
+        self, store: Store, terms: list[Any], threshold: float | None, ensemble: bool, templates: Sequence[str]
+    ) -> tuple[np.ndarray, float | None, Concept | None]:
+        """The query vector of terms with `@name` terms, the threshold as a cosine, and the probe concept whose
+        probability is the score (`as_probability`): a lone probe concept ranks by its probability (the score,
+        and what `threshold` applies to); otherwise the concepts' vectors combine with the other terms.
+
+        Raises:
+            QueryError: an unknown concept (the message lists the known ones).
+        """
         from retrieval.concepts import ConceptBook, resolve_terms
 
-        store = self._searchable_store()
         terms, probe = resolve_terms(terms, ConceptBook(store))
         if probe is None:
-            vector = self.encode(terms, ensemble=ensemble, templates=templates)
-            return search(store, self.ann_index(), vector, k, where=condition, threshold=threshold)
+            return self.encode(terms, ensemble=ensemble, templates=templates), threshold, None
         cosine = None if threshold is None else probe.cosine_for_probability(threshold)
-        results = search(store, self.ann_index(), probe.direction, k, where=condition, threshold=cosine)
-        return [hit._replace(score=float(probe.probability_from_cosine(hit.score))) for hit in results]
+        return probe.direction, cosine, probe
 
     def learn(
         self,
         name: str,
-        positives: Sequence[str | os.PathLike[str]],
-        negatives: Sequence[str | os.PathLike[str]] = (),
+        positives: Sequence[str | os.PathLike[str] | StoredImage],
+        negatives: Sequence[str | os.PathLike[str] | StoredImage] = (),
         method: str = "auto",
         *,
         seed: int = 0,
@@ -62,9 +80,9 @@ class ConceptMethods:
     ) -> Concept:
         """Learn a personal concept from example images and save it in the store, replacing one of that name.
 
-        Examples are stored images (their vectors are used as stored), other image files (embedded on the
-        fly) or folders of either. Without negatives, they are sampled from the store (see
-        `retrieval.concepts`). Then `search("@name")` finds it.
+        Examples are stored images (their paths, or `StoredImage(id)` as the web app names them; their vectors
+        are used as stored), other image files (embedded on the fly) or folders of either. Without negatives,
+        they are sampled from the store (see `retrieval.concepts`). Then `search("@name")` finds it.
 
         Args:
             name: the concept's name (a letter, then letters, digits or _).
@@ -82,6 +100,7 @@ class ConceptMethods:
         Raises:
             QueryError: a bad name or method, or no usable example.
             ImageLoadError: an example path that is neither a file, a folder, nor an image in the store.
+            NotFoundError: a `StoredImage` id that is not in the store.
         """
         from retrieval.concepts import (
             DEFAULT_N_CTX,
@@ -173,7 +192,7 @@ class ConceptMethods:
         ConceptBook(self.store()).remove(name)
 
     def _examples(
-        self, store: Store, paths: Sequence[str | os.PathLike[str]], option: str
+        self, store: Store, paths: Sequence[str | os.PathLike[str] | StoredImage], option: str
     ) -> tuple[Embeddings, list[int], list[str]]:
         """Vectors of example images: (vectors [N, D], the stored ids among them, the paths of unstored files
         embedded on the fly). Unreadable files are logged and skipped."""
@@ -182,6 +201,9 @@ class ConceptMethods:
         files: dict[str, None] = {}
         stored: dict[int, None] = {}
         for given in paths:
+            if isinstance(given, StoredImage):
+                stored[given.id] = None
+                continue
             path = Path(given).expanduser()
             if path.is_dir():
                 found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -202,7 +224,11 @@ class ConceptMethods:
             else:
                 embed.append(file)
         ids = list(stored)
-        vectors = [store.vectors_for(ids)] if ids else []
+        try:
+            vectors = [store.vectors_for(ids)] if ids else []
+        except StoreError as e:
+            missing = sorted(set(ids) - set(store.filter_ids(f"id IN ({', '.join(map(str, ids))})").tolist()))
+            raise NotFoundError(f"{option}: no image {missing[0]} in the store; it was removed or re-indexed") from e
         embedded = []
         for file in embed:
             try:
@@ -211,5 +237,5 @@ class ConceptMethods:
             except ImageLoadError as e:
                 logger.warning("%s %s: skipped: %s", option, file, e)
         if not vectors:
-            raise QueryError(f"{option}: no readable image among {', '.join(os.fspath(p) for p in paths)}")
+            raise QueryError(f"{option}: no readable image among {', '.join(map(str, paths))}")
         return np.concatenate(vectors).astype(np.float32), ids, embedded

@@ -5,6 +5,7 @@ Mixed into `clipsearch.library.Library`.
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -16,9 +17,11 @@ from retrieval.regions import StoredImage
 from retrieval.roots import Roots
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
+    from retrieval.query import Term
     from retrieval.row_cache import RowCache
+    from retrieval.store import Store
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -52,31 +55,77 @@ class ServingMethods:
         in_dir: str | os.PathLike[str] | None = None,
         after: date | datetime | None = None,
         before: date | datetime | None = None,
-        threshold: float | None = None,
+        threshold: float | str | None = None,
+        show_weak: bool = False,
         ensemble: bool = False,
         templates: Sequence[str] = IMAGENET_TEMPLATES,
     ) -> SearchPage:
         """Results `offset + 1 .. offset + k` of a search; pages fit together without duplicates or gaps.
 
-        Takes every query `search` takes, and also stored images (`StoredImage(id)`, optionally with a `Box`)
-        and regions of images (`Region(image, box)`), alone or weighted in a list. Stored images of the query
-        are left out of its results, as `similar` leaves out its query image.
+        Takes every query `search` takes (`@name` concepts too), and also stored images (`StoredImage(id)`,
+        optionally with a `Box`) and regions of images (`Region(image, box)`), alone or weighted in a list. Stored
+        images of the query are left out of its results, as `similar` leaves out its query image. `threshold`
+        and `show_weak` work as in `search`: "auto" (text queries only) cuts every page at the cutoff computed
+        from the ranking's best hit, and `page.cutoff` says where (inf: no good match).
 
         Returns:
-            `SearchPage(results, offset, next_offset, total)`.
+            `SearchPage(results, offset, next_offset, total, cutoff)`.
 
         Raises:
             NotFoundError: a stored image of the query is not in the store (or its file is not servable).
-            QueryError: a bad k, offset, box or filter, or terms that cancel out.
+            QueryError: a bad k, offset, box, filter or threshold, "auto" for a query that is not all text, an
+                unknown concept, or terms that cancel out.
         """
+        from clipsearch.library import _is_auto
+
         terms = as_terms(query)
+        auto = _is_auto(threshold, terms)
         condition = build_filter(where, in_dir=in_dir, after=after, before=before)
-        store = self._searchable_store()
-        vector = self.encode(terms, ensemble=ensemble, templates=templates)
+        store = self.store()
+        with store.pinned_version():  # one version read for the index, the views and the rows alike
+            return self._search_page(
+                store, terms, k, offset, condition, threshold, auto, show_weak, ensemble, templates
+            )
+
+    def _search_page(
+        self,
+        store: Store,
+        terms: list[Term],
+        k: int,
+        offset: int,
+        condition: str | None,
+        threshold: float | str | None,
+        auto: bool,
+        show_weak: bool,
+        ensemble: bool,
+        templates: Sequence[str],
+    ) -> SearchPage:
+        """`search_page` within one pinned store version."""
+        from clipsearch.library_concepts import as_probability
+
+        index = self.ann_index()
+        if not len(index):
+            self._searchable_store()  # says how to fill an empty store
+        probe = None
+        if any(term.kind == "concept" for term in terms):
+            vector, threshold, probe = self._concept_query(store, terms, threshold, ensemble, templates)
+        else:
+            vector = self.encode(terms, ensemble=ensemble, templates=templates)
+        cutoff = None  # the bar as a function of the best hit's score, when pages are cut (or marked) after ranking
+        if auto:
+            cutoff = functools.partial(self._auto_cutoff, vector=vector, store=store)
+        elif threshold is not None and show_weak:
+            cutoff = _constant(float(threshold))
         exclude = [t.value.id for t in terms if isinstance(t.value, StoredImage)]
-        rows = self._rows()
-        views = self.view_matrix()
-        return search_page(store, self.ann_index(), vector, k, offset, condition, threshold, exclude, rows, views)
+        page = search_page(
+            store, index, vector, k, offset, condition, None if auto or show_weak else threshold, exclude,
+            self._rows(), self.view_index(), cutoff, show_weak,
+        )  # fmt: skip
+        bar = page.cutoff if page.cutoff is not None or threshold is None or auto else float(threshold)
+        if probe is not None:  # the score shown is the probe's probability, the bar too
+            page = page._replace(results=as_probability(page.results, probe))
+            bar = None if bar is None else float(probe.probability_from_cosine(bar))
+        return page._replace(cutoff=bar)
 
     def similar_to_id(
         self,
@@ -89,12 +138,14 @@ class ServingMethods:
         after: date | datetime | None = None,
         before: date | datetime | None = None,
         threshold: float | None = None,
+        show_weak: bool = False,
     ) -> SearchPage:
         """A "more like this" page: the images nearest to stored image `row_id` (itself left out), by its
         stored vector, so no image tower loads."""
         return self.search_page(
-            StoredImage(row_id), k, offset, where, in_dir=in_dir, after=after, before=before, threshold=threshold
-        )
+            StoredImage(row_id), k, offset, where, in_dir=in_dir, after=after, before=before, threshold=threshold,
+            show_weak=show_weak,
+        )  # fmt: skip
 
     def _rows(self) -> RowCache | None:
         """The in-memory row metadata when `row_cache` is on (for the store as opened now)."""
@@ -163,6 +214,11 @@ class ServingMethods:
                 f"image {row_id}'s file changed since it was indexed; run `clipsearch index` on its folder"
             )
         return StoredFile(row_id, Path(real), row["content_hash"], row["format"], stat.st_size)
+
+
+def _constant(value: float) -> Callable[[float], float]:
+    """A cutoff that is `value` whatever the best score."""
+    return lambda best: value
 
 
 def _sha256(path: str) -> str | None:

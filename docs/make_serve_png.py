@@ -1,7 +1,7 @@
 """Make docs/serve.png, the README's picture of `clipsearch serve`: the page at a laptop's size over the offline
 demo's store, searched for one of its scenes. Needs the demo (`clipsearch demo`), Playwright and Chromium.
 
-    python docs/make_serve_png.py --demo clipsearch-demo --query "a large orange heart"
+    python docs/make_serve_png.py --demo clipsearch-demo --query "a large orange heart" --weak --hover 1
 """
 
 from __future__ import annotations
@@ -78,11 +78,13 @@ def main() -> None:
     parser.add_argument("--size", default="1280x800", help="the window, WIDTHxHEIGHT")
     parser.add_argument("--dark", action="store_true", help="the dark colour scheme")
     parser.add_argument("--hover", type=int, default=2, help="the tile the mouse is over (its 'More like this')")
+    parser.add_argument("--weak", action="store_true", help="show the weaker matches too, marked (weak=1)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     process, url = serve(args.demo / "db")
     try:
-        png = screenshot(f"{url}/?{urllib.parse.urlencode({'q': args.query})}", width, height, args.dark, args.hover)
+        state = {"q": args.query, **({"weak": "1"} if args.weak else {})}
+        png = screenshot(f"{url}/?{urllib.parse.urlencode(state)}", width, height, args.dark, args.hover)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)

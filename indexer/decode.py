@@ -1,4 +1,4 @@
-"""What a decoder worker does with one file: read, hash, decode, preprocess, and read the EXIF metadata.
+"""What a decoder worker does with one file: read, hash, decode, preprocess, fingerprint, and read the EXIF metadata.
 
 `Decoder` is a picklable callable (it runs in worker processes) that never raises for a bad file: every
 problem comes back as a `Failed` result naming the stage. When the file's hash matches content the store
@@ -30,6 +30,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from indexer.formats import register_plugins
 from retrieval.catalog import hash_key
 from retrieval.errors import ImageLoadError
+from retrieval.fingerprint import fingerprint
 from retrieval.model.preprocess import Preprocess, decode_error_reason
 from retrieval.regions import crop, view_boxes, views_min_size
 from retrieval.types import ImageMetadata
@@ -137,6 +138,7 @@ class Decoder:
         decode_done = time.perf_counter()
         try:
             pixels = self.preprocess.transform_array(rgb)
+            metadata = metadata._replace(fingerprint=fingerprint(rgb))
             views = None
             if self.views:
                 views = np.stack([self.preprocess.transform_array(crop(rgb, box)) for box in view_boxes(self.views)])

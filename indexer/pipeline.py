@@ -36,7 +36,7 @@ from indexer.sync import Plan, WorkItem, plan_sync
 from indexer.walk import walk
 from indexer.workers import start_worker_server
 from retrieval.ann import open_index
-from retrieval.catalog import save_catalog, table_fingerprint
+from retrieval.catalog import remove_catalog, save_catalog, table_fingerprint
 from retrieval.errors import StoreError, StoreWriteError
 from retrieval.model.encode import encode_images
 from retrieval.model.preprocess import Preprocess
@@ -44,7 +44,7 @@ from retrieval.regions import view_boxes
 from retrieval.store import ImageRow, Store, utc_now
 from retrieval.store_state import Failure
 from retrieval.types import ImageMetadata
-from retrieval.views import ViewStore, check_views_setting
+from retrieval.views import ViewStore, check_views_setting, open_view_index
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,10 @@ class _Run:
         unsupported: Counter[str] = Counter()
         found = list(walk(self.roots, self.options.exclude, unsupported))
         self.summary.unsupported = dict(sorted(unsupported.items()))
+        self.store.add_missing_columns()  # a table from an older version: its rows get the new columns filled
+        refresh = frozenset(self.store.missing_fingerprints().tolist())
         self.plan: Plan = plan_sync(
-            found, self.store.catalog(), self.roots, self.store.state.failures(), self.options.retry_failed
+            found, self.store.catalog(), self.roots, self.store.state.failures(), self.options.retry_failed, refresh
         )
         self.stages["scan"] = time.perf_counter() - start
         self.hash_to_ids = self.plan.hash_to_ids
@@ -223,6 +225,8 @@ class _Run:
         self.stages["write"] += time.perf_counter() - write_start
         ann_start = time.perf_counter()
         open_index(self.store)  # brought up to date here, so the first query after indexing does not build it
+        if self.views is not None:
+            open_view_index(self.store)  # and the views' index likewise
         self.stages["ann"] = time.perf_counter() - ann_start
         self.summary.stage_seconds = {k: round(v, 3) for k, v in self.stages.items()}
         self.summary.seconds = time.perf_counter() - start
@@ -235,6 +239,9 @@ class _Run:
         # Taken before the rows are read: a commit in between makes the copy stale, never wrong.
         fingerprint = table_fingerprint(self.store.path / f"{self.store.table_name}.lance")
         if fingerprint is None:
+            return
+        if len(self.store.missing_fingerprints()):  # rows the next run must read again (`plan_sync`'s refresh)
+            remove_catalog(self.store.path, self.store.table_name)
             return
         try:
             save_catalog(
@@ -258,7 +265,7 @@ class _Run:
     def _process(self, items: list[WorkItem], check_known: bool) -> None:
         """Decode `items` (in workers or here) and feed the results to the batcher."""
         by_path = {item.path: item for item in items}
-        tasks = (DecodeTask(i.path, check_known and i.size in self.plan.stored_sizes) for i in items)
+        tasks = (DecodeTask(i.path, check_known and not i.refresh and i.size in self.plan.stored_sizes) for i in items)
         decoder = dataclasses.replace(self.decoder, known=self.plan.known, views=self.view_count)
         with contextlib.closing(self._results(decoder, tasks, len(items))) as results:
             for task, result in results:

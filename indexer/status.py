@@ -11,6 +11,7 @@ from indexer.lock import IndexLock
 from retrieval.ann import index_state
 from retrieval.errors import StoreError
 from retrieval.store import Store, default_db_dir
+from retrieval.views import views_state
 
 
 def store_status(db_dir: str | os.PathLike[str] | None = None, model: str | None = None) -> dict[str, Any]:
@@ -18,9 +19,10 @@ def store_status(db_dir: str | os.PathLike[str] | None = None, model: str | None
 
     Returns:
         {"db": str, "models": [{"model", "table", "count", "version", "state", "indexing_pid", "last_run",
-        "ann", "failures"}]}, JSON-able. `state` is "indexing" (a run holds the lock now), "interrupted" (the
+        "ann", "views", "failures"}]}, JSON-able. `state` is "indexing" (a run holds the lock now), "interrupted" (the
         last run did not finish: run `clipsearch index` again to resume), "complete", or "empty" (never
-        indexed). `ann` is the FAISS index's state (`retrieval.ann.index_state`).
+        indexed). `ann` is the FAISS index's state (`retrieval.ann.index_state`);
+        `views` None, or the sub-views' {"count", "layout", "index"} (`retrieval.views.views_state`).
 
     Raises:
         StoreError: there is no store at `db_dir`, or no table for `model`.
@@ -56,6 +58,7 @@ def store_status(db_dir: str | os.PathLike[str] | None = None, model: str | None
                 "indexing_pid": holder,
                 "last_run": last,
                 "ann": index_state(store),
+                "views": views_state(store),
                 "failures": [f.to_dict() for f in store.state.failures()],
             }
         )

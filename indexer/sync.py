@@ -8,7 +8,7 @@ has is a move (its vector is kept) or a copy (its vector is reused).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +26,7 @@ class WorkItem(NamedTuple):
     mtime_ns: int
     old_id: int | None = None  # the row stored for this path, when the file changed
     old_hash: str | None = None
+    refresh: bool = False  # unchanged, but read again to fill a column its row lacks (a fingerprint)
 
 
 class Plan(NamedTuple):
@@ -52,6 +53,7 @@ def plan_sync(
     roots: Sequence[str],
     failed: Iterable[Failure] = (),
     retry_failed: bool = False,
+    refresh: Collection[int] = frozenset(),
 ) -> Plan:
     """Decide what an index run has to do.
 
@@ -63,6 +65,8 @@ def plan_sync(
         failed: the failures recorded by earlier runs; a file with the size and mtime it failed with is not read
             again (it would only fail again), unless `retry_failed`.
         retry_failed: read every earlier failure again.
+        refresh: ids of rows to read again even when their file is unchanged (rows an older version wrote
+            without a fingerprint); their vectors are kept, nothing is encoded.
     """
     by_path = {p: i for i, p in enumerate(catalog.paths)}
     earlier = {} if retry_failed else {f.path: f for f in failed if f.size is not None}
@@ -85,7 +89,12 @@ def plan_sync(
         if row is None:
             work.append(WorkItem(entry.path, entry.size, entry.mtime_ns))
         elif catalog.sizes[row] == entry.size and catalog.mtimes_ns[row] == entry.mtime_ns:
-            unchanged += 1
+            if int(catalog.ids[row]) in refresh:
+                work.append(
+                    WorkItem(entry.path, entry.size, entry.mtime_ns, int(catalog.ids[row]), catalog.hashes[row], True)
+                )
+            else:
+                unchanged += 1
         else:
             work.append(WorkItem(entry.path, entry.size, entry.mtime_ns, int(catalog.ids[row]), catalog.hashes[row]))
 

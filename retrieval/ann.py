@@ -6,6 +6,11 @@ index reflects, the table's fingerprint at that version, the model, the index ty
 Replacing the JSON is the single atomic commit, so a crash never leaves a half-written index in use; files
 are never rewritten in place (new names, old ones unlinked), so a reader may map them.
 
+The on-disk kind (`ivfpq-disk`, `retrieval.ondisk`) adds, named in the JSON's `ondisk` entry: the merged index
+and its `.ivfdata` lists (written once by a build, kept by every incremental update), and `.rows.npy`, the
+id -> row offset map of the table at `store_version` through which a query takes its candidates' exact
+vectors; `index_file` is then its delta (ids added since the merge).
+
 Two ways in:
 - `open_index(store)` brings the saved index up to date with an open store, incrementally (adds new ids,
   removes gone ones) or by a rebuild; a search never returns an id that has left the store.
@@ -32,7 +37,8 @@ import numpy as np
 
 from retrieval.catalog import table_fingerprint
 from retrieval.errors import StoreError
-from retrieval.faiss_index import KINDS, AnnIndex, IndexParams, as_ids, choose_kind
+from retrieval.faiss_index import KINDS, LARGE_KIND, AnnIndex, IndexParams, as_ids, choose_kind
+from retrieval.ondisk import MAX_DELTA_FRACTION, DiskIndex, LanceRows, MapFn, build_from_lance
 from retrieval.types import RowIds
 
 if TYPE_CHECKING:
@@ -44,6 +50,8 @@ logger = logging.getLogger(__name__)
 MAX_TOMBSTONE_FRACTION = 0.1
 # An IVF trained on far fewer vectors than it now holds has stale centroids: rebuild past this growth.
 MAX_IVF_GROWTH = 2.0
+# Fewer vectors than this cannot train the on-disk kind's product quantizer well (256 codes x ~40 points).
+LARGE_MIN_VECTORS = 10_240
 _FORMAT = "clipsearch-faiss"
 
 
@@ -151,15 +159,49 @@ def save_index(
         "tombstones": index.tombstones.tolist(),
         "saved_at": time.time(),
     }
-    tmp = directory / f".{meta['index_file']}.tmp"
-    with _removed_on_failure(tmp):
-        index.write(tmp)
-        os.replace(tmp, directory / meta["index_file"])
+    written = [meta["index_file"]]
     try:
+        if isinstance(index, DiskIndex):
+            meta["ondisk"] = _write_ondisk(index, directory, f"{stem}.{token}")
+            written.append(meta["ondisk"]["row_map"])
+        tmp = directory / f".{meta['index_file']}.tmp"
+        with _removed_on_failure(tmp):
+            index.write(tmp)
+            os.replace(tmp, directory / meta["index_file"])
         _commit(json_path, meta, snapshot)
     except BaseException:
-        (directory / meta["index_file"]).unlink(missing_ok=True)  # named by no JSON: nobody else would delete it
+        previous = _named_files(_read_meta(json_path) or {})
+        for name in [*written, *(meta.get("ondisk", {}).get(key) for key in ("index", "ivfdata"))]:
+            if name and name not in previous:  # named by no JSON: nobody else would delete it
+                (directory / name).unlink(missing_ok=True)
         raise
+
+
+def _write_ondisk(index: DiskIndex, directory: Path, name: str) -> dict[str, Any]:
+    """Write an on-disk index's row map; returns the JSON's `ondisk` entry naming its files."""
+    reader = index.reader
+    if not isinstance(reader, LanceRows):
+        raise ValueError(f"an {LARGE_KIND} index is saved with its table's row map (a LanceRows reader)")
+    row_map = f"{name}.rows.npy"
+    tmp = directory / f".{row_map}.tmp"
+    with _removed_on_failure(tmp):
+        with tmp.open("wb") as f:
+            np.save(f, np.asarray(reader.row_map))
+        os.replace(tmp, directory / row_map)
+    return {
+        "index": index.files[0],
+        "ivfdata": index.files[1],
+        "written_as": index.written_as,
+        "row_map": row_map,
+        "table_version": reader.version,  # the table version the row offsets are valid for
+    }
+
+
+def _named_files(meta: dict[str, Any]) -> set[str]:
+    """Every file a JSON names."""
+    ondisk = meta.get("ondisk") or {}
+    names = [meta.get("index_file"), meta.get("paths_file"), *(ondisk.get(k) for k in ("index", "ivfdata", "row_map"))]
+    return {name for name in names if name}
 
 
 def _commit(json_path: Path, meta: dict[str, Any], snapshot: tuple[str, PathMap, ModelInfo] | None) -> None:
@@ -184,11 +226,9 @@ def _commit(json_path: Path, meta: dict[str, Any], snapshot: tuple[str, PathMap,
         if snapshot is not None:
             (directory / meta["paths_file"]).unlink(missing_ok=True)
         raise
-    for key in ("index_file", "paths_file"):
-        old = previous.get(key)
-        if old and old != meta.get(key):
-            with contextlib.suppress(OSError):  # a reader on Windows may hold it open; it is unused anyway
-                (directory / old).unlink()
+    for old in _named_files(previous) - _named_files(meta):
+        with contextlib.suppress(OSError):  # a reader on Windows may hold it open; it is unused anyway
+            (directory / old).unlink()
 
 
 @contextlib.contextmanager
@@ -218,16 +258,37 @@ def load_index(json_path: Path, mmap: bool = False) -> tuple[AnnIndex, dict[str,
     params = IndexParams(**meta["params"])
     tombstones = np.asarray(meta.get("tombstones", []), dtype=np.int64)
     try:
-        index = AnnIndex.read(path, params, tombstones, mmap=mmap)
-    except RuntimeError as e:
+        if params.kind == LARGE_KIND:
+            index = _open_ondisk(json_path, meta, params, tombstones)
+        else:
+            index = AnnIndex.read(path, params, tombstones, mmap=mmap)
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError) as e:
         raise StoreError(f"{path}: cannot read the FAISS index ({e}); it will be rebuilt") from e
     if index.ntotal != int(meta["ntotal"]):
         raise StoreError(f"{path}: holds {index.ntotal} vectors, its metadata says {meta['ntotal']}")
     return index, meta
 
 
+def _open_ondisk(json_path: Path, meta: dict[str, Any], params: IndexParams, tombstones: RowIds) -> DiskIndex:
+    """An on-disk index with the table's rows at its store version as the re-ranking's exact vectors."""
+    directory = json_path.parent
+    ondisk = meta["ondisk"]
+    table = directory / f"{json_path.name.removesuffix('.faiss.json')}.lance"
+    row_map = np.load(directory / ondisk["row_map"], mmap_mode="r")  # a query touches only its ids' pages
+    reader = LanceRows(str(table), int(ondisk["table_version"]), row_map)
+    return DiskIndex.open(
+        directory / ondisk["index"],
+        directory / ondisk["ivfdata"],
+        params,
+        directory / meta["index_file"],
+        tombstones,
+        reader,
+        written_as=ondisk["written_as"],
+    )
+
+
 def open_saved_index(
-    db_dir: str | os.PathLike[str], model_info: ModelInfo, kind: str | None = None
+    db_dir: str | os.PathLike[str], model_info: ModelInfo, kind: str | None = None, table: str | None = None
 ) -> SavedIndex | None:
     """The saved index and paths of a model's table, if they reflect the table as it is now; read without
     opening the store.
@@ -237,6 +298,7 @@ def open_saved_index(
         model_info: the model whose table to use (its own table name; a table shared under another name
             is only reached through the store).
         kind: the index type wanted; a saved index of another type gives None.
+        table: another table of the model's vectors to read the index of (its sub-views, `retrieval.views`).
 
     Returns:
         The index (memory-mapped, read-only) with its paths; None when there is no such saved index, it
@@ -244,7 +306,8 @@ def open_saved_index(
         caller then opens the store and uses `open_index`, which also reports what is wrong.
     """
     db_dir = Path(db_dir)
-    json_path = db_dir / f"{model_info.table_name}.faiss.json"
+    table = table or model_info.table_name
+    json_path = db_dir / f"{table}.faiss.json"
     meta = _read_meta(json_path)
     if meta is None or meta.get("format") != _FORMAT or not meta.get("fingerprint") or not meta.get("paths_file"):
         return None
@@ -252,7 +315,7 @@ def open_saved_index(
         return None
     if int(meta["ntotal"]) - len(meta.get("tombstones", [])) <= 0:
         return None
-    fingerprint = table_fingerprint(db_dir / f"{model_info.table_name}.lance")
+    fingerprint = table_fingerprint(db_dir / f"{table}.lance")
     if fingerprint != meta["fingerprint"]:
         return None
     try:
@@ -261,7 +324,7 @@ def open_saved_index(
             return None
         paths = PathMap.load(db_dir / meta["paths_file"])
     except (StoreError, OSError, ValueError, KeyError) as e:  # e.g. replaced by a writer between two reads
-        logger.debug("saved index of %s not usable: %s", model_info.table_name, e)
+        logger.debug("saved index of %s not usable: %s", table, e)
         return None
     return SavedIndex(index, paths, fingerprint)
 
@@ -298,19 +361,21 @@ def saved_tables(db_dir: str | os.PathLike[str]) -> list[tuple[ModelInfo, int]] 
     return found
 
 
-def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnIndex:
+def open_index(store: Any, kind: str | None = None, save: bool = True, shard_map: MapFn | None = None) -> AnnIndex:
     """The store's nearest-neighbour index, brought up to date with the store.
 
     A saved index reflecting the store's current version is used as is. A stale one is updated in place
     (new ids added, gone ids removed) unless a rebuild is cheaper or needed: a different type asked for,
-    a size-chosen type the collection has outgrown, an IVF that has more than doubled since training, or
-    too many HNSW tombstones.
+    a size-chosen type the collection has outgrown, an IVF that has more than doubled since training, too
+    many HNSW tombstones, or an on-disk index whose delta and tombstones pass `ondisk.MAX_DELTA_FRACTION`.
 
     Args:
         store: an open `retrieval.store.Store`.
-        kind: force flat, hnsw, ivf or ivfpq; None keeps the saved type, or chooses by size.
+        kind: force flat, hnsw, ivf, ivfpq or ivfpq-disk; None keeps the saved type, or chooses by size.
         save: write the updated index back beside the store, with the snapshot `open_saved_index` reads
             (skipped, with a log line, when the directory is read-only).
+        shard_map: runs an on-disk build's shard tasks, `map(fn, tasks)` (e.g. as Ray tasks); default: local
+            processes.
 
     Returns:
         An index holding exactly the store's current row ids.
@@ -342,8 +407,16 @@ def open_index(store: Any, kind: str | None = None, save: bool = True) -> AnnInd
     if index is not None:
         index = _update(index, store, store_ids, auto)
     if index is None:
-        ids, vectors = store.all_vectors()
-        index = AnnIndex.build(ids, vectors, kind=kind or (choose_kind(len(ids)) if auto else meta["params"]["kind"]))
+        target = kind or (choose_kind(len(store_ids)) if auto else meta["params"]["kind"])
+        if target == LARGE_KIND and len(store_ids) < LARGE_MIN_VECTORS:
+            logger.info("%d vectors are too few to train %s; using an exact index", len(store_ids), target)
+            target = "flat"
+        if target == LARGE_KIND:
+            name = f"{json_path.name.removesuffix('.faiss.json')}.{uuid.uuid4().hex[:12]}"
+            index = build_from_lance(str(_table_dir(store)), version, json_path.parent, name, map=shard_map)
+        else:
+            ids, vectors = store.all_vectors()
+            index = AnnIndex.build(ids, vectors, kind=target)
     logger.info(
         "%s index over %d vectors is up to date with store version %s (%.2f s)",
         index.kind,
@@ -400,8 +473,12 @@ def _update(index: AnnIndex, store: Any, store_ids: RowIds, auto: bool) -> AnnIn
     n = len(store_ids)
     if auto and choose_kind(n) != index.kind:
         return None
-    if index.kind in ("ivf", "ivfpq") and n > MAX_IVF_GROWTH * max(index.params.trained_on, 1):
+    if index.kind in ("ivf", "ivfpq", LARGE_KIND) and n > MAX_IVF_GROWTH * max(index.params.trained_on, 1):
         return None
+    if isinstance(index, DiskIndex):
+        merged = index.ntotal - index.delta_size
+        if index.delta_size + len(new) + len(index.tombstones) + len(gone) > MAX_DELTA_FRACTION * merged:
+            return None
     if index.kind == "hnsw" and (
         (len(index.tombstones) + len(gone)) > MAX_TOMBSTONE_FRACTION * (len(held) + len(new))
         or np.isin(new, index.tombstones).any()
@@ -410,6 +487,9 @@ def _update(index: AnnIndex, store: Any, store_ids: RowIds, auto: bool) -> AnnIn
     index.remove(gone)
     if len(new):
         index.add(new, store.vectors_for(new))
+    if isinstance(index, DiskIndex) and getattr(index.reader, "version", None) != store.version:
+        # row offsets shift with commits (deletions, compaction): map the ids again at the store's version
+        index.reader = LanceRows.scan(str(_table_dir(store)), store.version)
     logger.debug("index update: +%d -%d", len(new), len(gone))
     return index
 

@@ -1,8 +1,9 @@
 """The nearest-neighbour index structure: FAISS, inner product on L2-normalised rows (= cosine).
 
 Its type follows the collection's size: exact (`flat`) while a full scan is fast, then IVF with its probe
-count calibrated at build time so recall@10 against exact search stays above `TARGET_RECALL`. `hnsw`,
-`ivf` and `ivfpq` can be forced. FAISS ids are the store's stable int64 row ids.
+count calibrated at build time so recall@10 against exact search stays above `TARGET_RECALL`, then, past
+`LARGE_MIN`, IVF-PQ over on-disk lists re-ranked with exact vectors (`retrieval.ondisk`). `hnsw`, `ivf`,
+`ivfpq` and `ivfpq-disk` can be forced. FAISS ids are the store's stable int64 row ids.
 
 Keeping an index beside a store, in step with it, is `retrieval.ann`'s job.
 """
@@ -26,11 +27,15 @@ from retrieval.types import Embeddings, RowIds
 
 logger = logging.getLogger(__name__)
 
-IndexKind = Literal["flat", "hnsw", "ivf", "ivfpq"]
-KINDS: tuple[str, ...] = ("flat", "hnsw", "ivf", "ivfpq")
+IndexKind = Literal["flat", "hnsw", "ivf", "ivfpq", "ivfpq-disk"]
+LARGE_KIND = "ivfpq-disk"
+KINDS: tuple[str, ...] = ("flat", "hnsw", "ivf", "ivfpq", LARGE_KIND)
 # Exact search stays the default up to this size: one query scans N x 512 float32, ~16 ms at 100k on
 # this project's reference 2-core CPU (memory-bound), ~8 ms at 50k, while the text encoder takes ~10 ms.
 FLAT_MAX = 50_000
+# An IVF holds its vectors in RAM (2 GB per million 512-d): past this size the index keeps 64-byte codes in a
+# memory-mapped file instead and re-ranks candidates with exact vectors read from the store.
+LARGE_MIN = 2_000_000
 # Approximate indexes are tuned at build time to this recall@10 against exact search (margin over 0.95).
 TARGET_RECALL = 0.97
 # A filtered HNSW search over at most this many allowed ids scans them exactly (a few ms) instead of walking
@@ -54,11 +59,13 @@ class IndexParams:
     ef_search: int = 0  # hnsw: candidate list size while searching (calibrated)
     pq_m: int = 0  # ivfpq: sub-quantizers (bytes per vector at 8 bits)
     trained_on: int = 0  # ivf/ivfpq: vectors held when the centroids were trained
+    rerank: int = 0  # ivfpq-disk: PQ candidates re-ranked exactly per result wanted (calibrated)
 
 
 def choose_kind(n: int) -> str:
-    """The index type for a collection of `n` vectors: exact while a scan is fast, IVF beyond."""
-    return "flat" if n < FLAT_MAX else "ivf"
+    """The index type for a collection of `n` vectors: exact while a scan is fast, IVF beyond, on disk past
+    `LARGE_MIN`."""
+    return "flat" if n < FLAT_MAX else "ivf" if n < LARGE_MIN else LARGE_KIND
 
 
 @contextlib.contextmanager
@@ -159,6 +166,8 @@ class AnnIndex:
             params = IndexParams(kind=kind or choose_kind(n))
         if params.kind not in KINDS:
             raise ValueError(f"unknown index type {params.kind!r}; choose one of {', '.join(KINDS)}")
+        if params.kind == LARGE_KIND:
+            raise ValueError(f"{LARGE_KIND} is built in shards from the store: use retrieval.ann.open_index")
         if n < _MIN_VECTORS.get(params.kind, 0):
             logger.info("%d vectors are too few to train %s; using an exact index", n, params.kind)
             params = IndexParams("flat")

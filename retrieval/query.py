@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from retrieval.faiss_index import AnnIndex
     from retrieval.row_cache import RowCache
     from retrieval.store import Store
-    from retrieval.views import ViewMatrix
+    from retrieval.views import ViewIndex, ViewMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -428,7 +428,7 @@ def search(
     where: str | None = None,
     threshold: float | None = None,
     exclude: Sequence[int] | RowIds = (),
-    views: ViewMatrix | None = None,
+    views: ViewIndex | ViewMatrix | None = None,
 ) -> list[SearchResult]:
     """The k stored images nearest to a query vector.
 
@@ -483,7 +483,7 @@ def search(
 def _with_views(
     store: Store,
     index: AnnIndex,
-    views: ViewMatrix,
+    views: ViewIndex | ViewMatrix,
     vector: np.ndarray,
     hits: list[tuple[int, float]],
     want: int,
@@ -497,7 +497,9 @@ def _with_views(
     held = np.sort(index.ids())  # views of images the index does not hold (yet, or any more) never count
     held = held if allowed is None else np.intersect1d(held, allowed)
     held = np.setdiff1d(held, exclude) if len(exclude) else held
-    merged, won = merge_views(hits, views, vector, want, held, store.vectors_for)
+    merged, won = merge_views(
+        hits, views, vector, want, lambda ids: np.isin(ids, held), lambda ids: store.vectors_for(ids) @ vector
+    )
     return [(i, s) for i, s in merged if threshold is None or s >= threshold], won
 
 
@@ -508,6 +510,7 @@ class SearchPage(NamedTuple):
     offset: int  # results of the ranking skipped before this page
     next_offset: int | None  # the next page's offset; None on the last page
     total: int  # images the search ranked: those the filter lets through (or all), less the excluded ones
+    cutoff: float | None = None  # the score below which results are weak (left out, or marked); inf: no good match
 
 
 def search_page(
@@ -520,7 +523,9 @@ def search_page(
     threshold: float | None = None,
     exclude: Sequence[int] | RowIds = (),
     row_cache: RowCache | None = None,
-    views: ViewMatrix | None = None,
+    views: ViewIndex | ViewMatrix | None = None,
+    cutoff: Callable[[list[float]], float] | None = None,
+    show_weak: bool = False,
 ) -> SearchPage:
     """Results `offset + 1 .. offset + k` of the ranking `search` makes, for paging through it.
 
@@ -540,10 +545,16 @@ def search_page(
         exclude: ids never to return.
         row_cache: where to read the hits' metadata (a long-lived reader's copy); None reads the store.
         views: the store's sub-views, as for `search`.
+        cutoff: the relevance cutoff as a function of the ranking's best scores (its `PRESENT_HITS` best;
+            `threshold="auto"` of
+            `clipsearch.Library`): results below it are left out, so every page is cut at the same score.
+        show_weak: keep the results below `cutoff`, marked `weak`.
 
     Raises:
         QueryError: k or offset out of range, or an invalid filter.
     """
+    from retrieval.relevance import PRESENT_HITS  # here: relevance builds on this module's records
+
     if k <= 0 or offset < 0:
         raise QueryError(f"k must be at least 1 and offset at least 0, got k={k}, offset={offset}")
     exclude = np.unique(np.asarray(exclude, dtype=np.int64))
@@ -554,11 +565,15 @@ def search_page(
     else:
         total = max(len(index) - len(exclude), 0)
     want = offset + k + 1
-    fetch = want + (len(exclude) if allowed is None else 0)
+    if cutoff is not None:  # the cutoff weighs the best few hits, however few a page shows
+        want = max(want, PRESENT_HITS)
+    # one more than wanted, so that one search usually shows the last one wanted is not tied with the next
+    fetch = want + 1 + (len(exclude) if allowed is None else 0)
+    excluded = set(exclude.tolist())
     while True:
         scores, ids = index.search(vector.reshape(1, -1), fetch, allowed=allowed)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        hits = [(i, s) for i, s in found if i not in exclude and (threshold is None or s >= threshold)]
+        found = [(i, s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0]
+        hits = [(i, s) for i, s in found if i not in excluded and (threshold is None or s >= threshold)]
         if len(found) < fetch or (threshold is not None and found[-1][1] < threshold):
             break  # nothing more to find
         if len(hits) >= want and found[-1][1] < hits[want - 1][1]:
@@ -568,6 +583,9 @@ def search_page(
     won: dict[int, Any] = {}
     if views is not None:
         hits, won = _with_views(store, index, views, vector, hits, want, allowed, exclude, threshold)
+    bar = cutoff([s for _, s in hits[:PRESENT_HITS]]) if cutoff is not None and hits else None
+    if bar is not None and not show_weak:
+        hits = [(i, s) for i, s in hits if s >= bar]
     page = hits[offset : offset + k]
     next_offset = offset + k if len(hits) > offset + k else None
     page_ids = [i for i, _ in page]
@@ -578,21 +596,28 @@ def search_page(
         if row is not None:  # None: deleted by a concurrent indexer after the index was synced
             if i in won:
                 row = {**row, "view": list(won[i])}
-            results.append(SearchResult(path=row.pop("path"), score=score, rank=position, metadata=row))
-    return SearchPage(results, offset, next_offset, total)
+            weak = bar is not None and score < bar
+            results.append(SearchResult(path=row.pop("path"), score=score, rank=position, metadata=row, weak=weak))
+    return SearchPage(results, offset, next_offset, total, bar)
 
 
 def search_saved(
-    saved: SavedIndex, vector: np.ndarray, k: int = 10, threshold: float | None = None
+    saved: SavedIndex,
+    vector: np.ndarray,
+    k: int = 10,
+    threshold: float | None = None,
+    views: ViewIndex | None = None,
 ) -> list[SearchResult]:
     """`search` without filters through a saved index and its paths alone (`retrieval.ann.open_saved_index`),
-    never opening the store: each result's metadata holds only its `id`.
+    never opening the store: each result's metadata holds only its `id` (and `view`, as in `search`).
 
     Args:
         saved: a saved index known to reflect the store's current state.
         vector: [D] unit query vector.
         k: results wanted.
         threshold: drop results whose cosine similarity is below it.
+        views: the saved views index (`retrieval.views.open_saved_view_index`), known to reflect the views
+            table's current state: an image then scores the best of its whole-image and view scores.
 
     Returns:
         Best first, ranks from 1; fewer than k when the store holds fewer images.
@@ -600,11 +625,27 @@ def search_saved(
     if k <= 0:
         return []
     scores, ids = saved.index.search(vector.reshape(1, -1), k)
+    hits = [(i, s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0]
+    won: dict[int, Any] = {}
+    if views is not None:
+        from retrieval.views import merge_views
+
+        def held(image_ids: np.ndarray) -> np.ndarray:  # views of images the image index does not hold never count
+            return np.array([saved.paths.get(int(i)) is not None for i in image_ids], bool)
+
+        def image_scores(image_ids: list[int]) -> np.ndarray:
+            found_scores, found = saved.index.search(vector.reshape(1, -1), len(image_ids), allowed=image_ids)
+            by_id = dict(zip(found[0].tolist(), found_scores[0].tolist(), strict=True))
+            return np.array([by_id.get(i, -np.inf) for i in image_ids], np.float32)
+
+        hits, won = merge_views(hits, views, vector, k, held, image_scores)
+        hits = hits[:k]
     results = []
-    for i, score in zip(ids[0].tolist(), scores[0].tolist(), strict=True):
-        path = saved.paths.get(i) if i >= 0 and (threshold is None or score >= threshold) else None
+    for i, score in hits:
+        path = saved.paths.get(i) if threshold is None or score >= threshold else None
         if path is not None:
-            results.append(SearchResult(path=path, score=score, rank=len(results) + 1, metadata={"id": i}))
+            metadata: dict[str, Any] = {"id": i, **({"view": list(won[i])} if i in won else {})}
+            results.append(SearchResult(path=path, score=score, rank=len(results) + 1, metadata=metadata))
     return results
 
 

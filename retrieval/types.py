@@ -24,3 +24,4 @@ class ImageMetadata(NamedTuple):
     taken_at: datetime | None  # EXIF capture time
     camera_make: str | None
     camera_model: str | None
+    fingerprint: int | None = None  # perceptual hash of the pixels (`retrieval.fingerprint`), for duplicates

@@ -3,7 +3,9 @@
 Each class name is placed in every prompt template ("a photo of a {}." -> "a photo of a dog."); the
 normalised text embeddings of a class are averaged and renormalised (prompt ensembling), giving one unit
 vector per class. An image's logits are 100 x its cosine similarity to each class vector, and the softmax of
-those is the probability of each label.
+those is the probability of each label. SigLIP models were trained to score each image-text pair on its own:
+their logits are the learned scale x cosine + the learned bias, and each label's probability is the sigmoid of
+its logit, independent of the other labels (so they need not sum to 1, and may all be small).
 
 `tag_store` applies a classifier to the vectors already in a store (no image is decoded again) and writes
 each image's top labels into a string column, e.g. `labels = "red,circle"`, that query filters can use:
@@ -55,15 +57,25 @@ class ZeroShotClassifier:
     labels: tuple[str, ...]  # class names, in class-index order
     weights: Embeddings  # [C, D] one L2-normalised row per label
     templates: tuple[str, ...]  # the prompt templates the rows were averaged over
+    logit_scale: float = LOGIT_SCALE  # cosines are multiplied by this
+    logit_bias: float | None = None  # SigLIP's learned bias; when set, each label gets an independent sigmoid
+
+    @property
+    def scoring(self) -> str:
+        """How probabilities are scored: "softmax" over the labels (summing to 1) or an independent "sigmoid" each."""
+        return "softmax" if self.logit_bias is None else "sigmoid"
 
     def logits(self, images: Embeddings) -> npt.NDArray[np.float32]:
-        """[N, C] = 100 x cosine similarity of each image to each class."""
+        """[N, C] = scale x cosine similarity of each image to each class (+ bias for SigLIP)."""
         images = np.asarray(images, dtype=np.float32).reshape(-1, self.weights.shape[1])
-        return LOGIT_SCALE * images @ self.weights.T
+        logits = np.float32(self.logit_scale) * images @ self.weights.T
+        return logits if self.logit_bias is None else logits + np.float32(self.logit_bias)
 
     def probabilities(self, images: Embeddings) -> npt.NDArray[np.float32]:
-        """[N, C] softmax over the labels of each image (rows sum to 1)."""
+        """[N, C] softmax over the labels of each image (rows sum to 1), or for SigLIP each label's sigmoid."""
         logits = self.logits(images)
+        if self.logit_bias is not None:
+            return np.exp(-np.logaddexp(0.0, -logits)).astype(np.float32)  # sigmoid, without overflow for any logit
         logits -= logits.max(axis=1, keepdims=True)  # exp() of at most 0: no overflow
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
@@ -135,10 +147,24 @@ def _formats(template: str) -> bool:
     return True
 
 
+def model_scoring(model: object) -> tuple[float, float | None]:
+    """The (logit scale, logit bias) a model's classifier should use.
+
+    SigLIP models carry a learned `logit_bias` and were trained with sigmoid scores: their own exp(logit_scale)
+    and bias. Other models get CLIP's zero-shot recipe: 100 and no bias (a softmax over the labels).
+    """
+    bias = getattr(model, "logit_bias", None)
+    if bias is None:
+        return LOGIT_SCALE, None
+    return float(model.logit_scale.detach().float().exp()), float(bias.detach().float())
+
+
 def build_classifier(
     labels: Sequence[str],
     encode_texts: Callable[[list[str]], Embeddings],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
+    logit_scale: float = LOGIT_SCALE,
+    logit_bias: float | None = None,
 ) -> ZeroShotClassifier:
     """Embed labels through the prompt templates into a zero-shot classifier.
 
@@ -147,6 +173,8 @@ def build_classifier(
         encode_texts: texts -> [N, D] unit rows (e.g. `lambda t: encode_texts(model, t)`); called once.
         templates: prompt templates with one `{}`; `("{}",)` uses the bare labels. Default: CLIP's 80 ImageNet
             templates (`retrieval.query.IMAGENET_TEMPLATES`).
+        logit_scale: what cosines are multiplied by (see `model_scoring`).
+        logit_bias: SigLIP's bias; when given, probabilities are independent sigmoids instead of a softmax.
 
     Returns:
         The classifier; its class vector is the renormalised mean of a label's template embeddings.
@@ -160,7 +188,7 @@ def build_classifier(
     embedded = np.asarray(encode_texts(prompts), dtype=np.float32)
     per_label = embedded.reshape(len(labels), len(templates), -1).mean(axis=1)  # [C, D]
     weights = per_label / np.linalg.norm(per_label, axis=1, keepdims=True)
-    return ZeroShotClassifier(tuple(labels), weights.astype(np.float32), templates)
+    return ZeroShotClassifier(tuple(labels), weights.astype(np.float32), templates, logit_scale, logit_bias)
 
 
 def top_k_accuracy(

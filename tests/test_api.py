@@ -141,7 +141,10 @@ def test_models_command_table():
     assert rows["ViT-B/16"][-1] == "cached" and rows["RN50"][-2:] == ["not", "cached"]
     assert rows["ViT-B-32/laion2b_s34b_b79k"][1:6] == ["OpenCLIP", "512", "605", "MB", "66.8"]
     assert rows["ViT-B-16-SigLIP2-256"][1:3] == ["SigLIP2", "768"] and rows["ViT-B-16-SigLIP2-256"][5] == "-"
+    assert rows["MobileCLIP2-S0"][1:6] == ["MobileCLIP2", "512", "300", "MB", "69.2"]
     assert rows["shapes-mini"][-1] in ("bundled", "missing")
+    dim_end = lines[0].index("DIM") + len("DIM")  # the columns stay aligned whatever the family's name
+    assert all(line[dim_end - 5 : dim_end].strip().isdigit() and line[dim_end] == " " for line in table)
     assert "openclip_retrieval_results.csv" in result.output and "--bench" in result.output
     assert lines[-1] == f"downloads go to {cache_dir()}"
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import shutil
 
+import lancedb
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageEnhance
 
 from clipsearch.cli import cli
 from clipsearch.library import Library
-from retrieval.duplicates import DEFAULT_THRESHOLD
+from retrieval.duplicates import DEFAULT_THRESHOLD, MAX_DISTANCE, find_duplicates
 from retrieval.errors import QueryError
 from retrieval.faiss_index import AnnIndex
+from retrieval.fingerprint import distance, fingerprint
 from retrieval.shapes import Attributes, render
 
 # Distinct scenes: no two share colour and shape.
@@ -147,3 +149,78 @@ def test_range_search_finds_every_row_above_the_threshold(kind):
         got = set(found[limits[q] : limits[q + 1]].tolist())
         assert got <= want
         assert len(got) >= 0.95 * len(want) if kind != "flat" else got == want
+
+
+# Two different photos of the same kind of scene: same object, colour, size, position and background colour, the
+# background's texture differs (a gradient, a checkerboard). shapes-mini embeds them above the default cosine.
+LOOKALIKES = (
+    Attributes("heart", "purple", "small", "centre", "cyan", "gradient"),
+    Attributes("heart", "purple", "small", "centre", "cyan", "checker"),
+)
+
+
+def _variants(image: Image.Image) -> dict[str, Image.Image]:
+    """The edits benchmarks/duplicates.py makes (JPEG q40 is applied when saving)."""
+    w, h = image.size
+    return {
+        "q40": image,
+        "half": image.resize((w // 2, h // 2), Image.Resampling.BICUBIC),
+        "crop": image.crop((round(0.025 * w), round(0.025 * h), w - round(0.025 * w), h - round(0.025 * h))),
+        "bright": ImageEnhance.Brightness(image).enhance(1.08),
+    }
+
+
+@pytest.fixture(scope="module")
+def lookalikes(tmp_path_factory):
+    """Two lookalike scenes, the first with its edited copies, indexed with shapes-mini."""
+    root = tmp_path_factory.mktemp("lookalikes")
+    photos = root / "photos"
+    photos.mkdir()
+    first, second = (render(scene, 240, seed=25 + i) for i, scene in enumerate(LOOKALIKES))
+    first.save(photos / "a.jpg", quality=92)
+    second.save(photos / "b.jpg", quality=92)
+    for name, variant in _variants(first).items():
+        variant.save(photos / f"a-{name}.jpg", quality=40 if name == "q40" else 92)
+    db = root / "db"
+    Library(db=db, model="shapes-mini").index([photos], workers=0, progress=False)
+    return {"db": db, "photos": photos}
+
+
+def test_fingerprints_keep_edits_close_and_lookalikes_apart(lookalikes):
+    photos = lookalikes["photos"]
+    prints = {p.name: fingerprint(Image.open(p)) for p in photos.iterdir()}
+    assert all(0 <= value < 2**63 for value in prints.values())
+    edits = [prints[f"a-{name}.jpg"] for name in ("q40", "half", "crop", "bright")]
+    assert distance(np.full(4, prints["a.jpg"]), np.array(edits)).max() <= MAX_DISTANCE
+    assert distance(np.array([prints["a.jpg"]]), np.array([prints["b.jpg"]]))[0] > MAX_DISTANCE
+
+
+def test_lookalike_scenes_are_not_duplicates_but_edits_are(lookalikes):
+    library = Library(db=lookalikes["db"], model="shapes-mini")
+    store = library._searchable_store()
+    vectors = dict(zip(*store.all_vectors(), strict=True))
+    a, b = (store.id_for_path(lookalikes["photos"] / name) for name in ("a.jpg", "b.jpg"))
+    assert float(vectors[a] @ vectors[b]) >= DEFAULT_THRESHOLD  # the cosine alone would join them
+    groups = [sorted(m.path.rsplit("/", 1)[1] for m in g.members) for g in library.duplicates()]
+    assert groups == [["a-bright.jpg", "a-crop.jpg", "a-half.jpg", "a-q40.jpg", "a.jpg"]]
+    cosine_alone = find_duplicates(store, library.ann_index(), max_distance=None)
+    assert [len(g.members) for g in cosine_alone] == [6]
+
+
+def test_a_store_without_fingerprints_falls_back_to_the_cosine_until_indexed_again(lookalikes, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(lookalikes["db"], db)
+    library = Library(db=db, model="shapes-mini")
+    table = lancedb.connect(str(db)).open_table(library._searchable_store().table_name)
+    table.drop_columns(["fingerprint"])  # as a store written before fingerprints existed
+    old = Library(db=db, model="shapes-mini")
+    assert not old._searchable_store().has_column("fingerprint")
+    assert [len(g.members) for g in old.duplicates()] == [6]  # the cosine alone: the lookalike joins
+    summary = Library(db=db, model="shapes-mini").index([lookalikes["photos"]], workers=0, progress=False)
+    assert (summary.encoded, summary.new, summary.unchanged) == (0, 0, 6)  # read again for the fingerprint only
+    again = Library(db=db, model="shapes-mini")
+    store = again._searchable_store()
+    assert store.has_column("fingerprint") and len(store.missing_fingerprints()) == 0
+    assert [len(g.members) for g in again.duplicates()] == [5]
+    rerun = again.index([lookalikes["photos"]], workers=0, progress=False)
+    assert (rerun.unchanged, rerun.indexed) == (6, 0)  # filled once: nothing is read again

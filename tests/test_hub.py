@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,12 +42,19 @@ def hub(monkeypatch):
     files = {name: (FIXTURE / name).read_bytes() for name in FILES}
     by_sha = {hashlib.sha256(body).hexdigest(): name for name, body in files.items()}
     state = SimpleNamespace(
-        files=files, cut=set(), bad_etag=set(), hits=Counter(), ranges=[], served=Counter(), hop=False
+        files=files,
+        cut=set(),
+        bad_etag=set(),
+        hits=Counter(),
+        ranges=[],
+        served=Counter(),
+        hop=False,
+        revision=REVISION,
     )
 
     class Handler(BaseHTTPRequestHandler):
         def _resolve(self, head: bool) -> None:
-            prefix = f"/{REPO}/resolve/{REVISION}/"
+            prefix = f"/{REPO}/resolve/{urllib.parse.quote(state.revision, safe='')}/"  # the only revision served
             if self.path.startswith(prefix) and state.hop:
                 # As the hub resolves a branch: a hash-less redirect within the hub to the file at a commit.
                 self.send_response(307)
@@ -223,3 +231,38 @@ def test_redirects_within_the_hub_are_followed_to_the_files_hash(hub):
     folder = ensure_hub_files(hub.spec, progress=False)
     assert all((folder / name).read_bytes() == hub.files[name] for name in FILES)
     assert hub.hits[f"HEAD /api/resolve-cache/commit0/{FILES[0]}"] == 1
+
+
+def test_a_pinned_revision_is_the_one_fetched_and_cached(hub):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub.revision = commit  # the server now has the files at this commit only
+    pinned = ModelSpec("tiny-siglip2-pinned", "test model", hub_repo=REPO, revision=commit, files=FILES)
+    register_model(pinned)
+    assert pinned.pinned and not hub.spec.pinned
+    model, _ = load_model("tiny-siglip2-pinned")
+    assert model.config.family == "siglip"
+    assert hub_folder(pinned).name == commit and is_cached(pinned) and not is_cached(hub.spec)
+    asked = [key.split(" ", 1)[1] for key in hub.hits if key.startswith("HEAD ")]
+    assert asked and all(path.startswith(f"/{REPO}/resolve/{commit}/") for path in asked)
+    with pytest.raises(ModelDownloadError, match="revision main"):  # the same files at "main" are not there
+        ensure_hub_files(hub.spec, progress=False)
+
+
+def test_a_revision_with_slashes_is_quoted_in_the_url_and_cached_in_one_folder(hub):
+    hub.revision = "refs/pr/1"
+    spec = ModelSpec("tiny-siglip2-pr", "test model", hub_repo=REPO, revision="refs/pr/1", files=FILES)
+    folder = ensure_hub_files(spec, progress=False)
+    assert folder.name == "refs--pr--1" and folder.parent.name == REPO.replace("/", "--")
+    assert all((folder / name).read_bytes() == hub.files[name] for name in FILES)
+    assert hub.hits[f"HEAD /{REPO}/resolve/refs%2Fpr%2F1/{FILES[0]}"] == 1
+
+
+@pytest.mark.parametrize("revision", ["", "..", "../../elsewhere", "main/../..", "/main", "main/", "a b", "x?y"])
+def test_a_revision_that_is_not_a_commit_branch_or_tag_is_refused(revision):
+    with pytest.raises(ValueError, match="is not a commit hash or a branch or tag name"):
+        ModelSpec("bad-revision", "test model", hub_repo=REPO, revision=revision, files=FILES)
+
+
+def test_every_registry_entry_carries_a_revision_and_follows_main_until_pinned():
+    hub_specs = [registry.get_spec(name) for name in registry.available_models() if registry.get_spec(name).on_hub]
+    assert hub_specs and all(spec.revision == "main" and not spec.pinned for spec in hub_specs)

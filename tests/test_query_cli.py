@@ -359,8 +359,8 @@ def test_nothing_to_search_fails_before_a_model_loads(world, tmp_path, unfetchab
 
 
 CUT_WARNING = (
-    "WARNING retrieval.model.query_text: the query text is longer than the model's 77 tokens; only the first part is "
-    "used\n"
+    "WARNING retrieval.model.query_text: "
+    "the query text is longer than the model's 77 tokens; only the first part is used\n"
 )
 
 

@@ -19,10 +19,12 @@ from retrieval.errors import QueryError
 from retrieval.query import SearchResult
 from retrieval.relevance import (
     CALIBRATIONS,
+    PRESENT_HITS,
     Calibration,
     apply_cutoff,
     auto_cutoff,
     fit_calibration,
+    presence,
     sort_by_date,
 )
 from retrieval.shapes import POSITIONS, Attributes, generate, render
@@ -79,6 +81,18 @@ def test_auto_returns_the_matches_only(gallery):
     assert {r.path for r in matches} == red_circles(gallery)
     assert [r.rank for r in matches] == list(range(1, len(matches) + 1))
     assert not any(r.weak for r in matches)
+
+
+def test_auto_weighs_the_best_hits_however_few_results_are_asked_for(gallery):
+    library = Library(db=gallery["db"], model="shapes-mini")
+    matches = library.search("a red circle", k=20, threshold="auto")
+    # the best red circle alone is p = 0.996, short of PRESENT_P: the four others make it a match
+    assert CALIBRATIONS[library.model_info.weights_sha256].probability(matches[0].score) < 0.998
+    for k in (1, 2):
+        assert [r.path for r in library.search("a red circle", k=k, threshold="auto")] == [r.path for r in matches[:k]]
+        saved = library.search("a red circle", k=k, threshold="auto", metadata=False)  # the no-LanceDB path
+        assert [r.path for r in saved] == [r.path for r in matches[:k]]
+    assert [r.rank for r in library.search("a red circle", k=2, threshold="auto", sort="date")] == [1, 2]
 
 
 def test_auto_says_no_good_match_for_an_absent_combination(gallery):
@@ -150,8 +164,15 @@ def test_auto_cutoff_rule():
     assert calibration.probability(calibration.cosine_at(0.95)) == pytest.approx(0.95)
     # a confident best hit: matches down to the p=0.5 cosine, or ln(20)/t below the best hit if that is higher
     assert auto_cutoff(0.9, 100.0, calibration) == pytest.approx(0.9 - math.log(20) / 100)
-    assert auto_cutoff(0.83, 10.0, calibration) == pytest.approx(0.8)
-    assert auto_cutoff(0.82, 100.0, calibration) == math.inf  # best hit below p=0.95: no good match
+    assert auto_cutoff([0.9, 0.7], 100.0, calibration) == pytest.approx(0.9 - math.log(20) / 100)
+    # p = 0.953 at 0.83: one such hit is not evidence enough (a near miss can score that), three are
+    assert auto_cutoff(0.83, 10.0, calibration) == math.inf
+    assert auto_cutoff([0.83, 0.83], 10.0, calibration) == math.inf  # 1 - 0.047^2 = 0.99775 < PRESENT_P
+    assert auto_cutoff([0.83, 0.83, 0.83], 10.0, calibration) == pytest.approx(0.8)
+    # five hits at p = 0.731 (0.81) make 1 - 0.269^5 = 0.9986; four do not; only the best PRESENT_HITS count
+    assert auto_cutoff([0.81] * PRESENT_HITS, 10.0, calibration) == pytest.approx(0.8)
+    assert auto_cutoff([0.81] * 4 + [0.5] * 20, 10.0, calibration) == math.inf
+    assert presence([0.5] * 20 + [0.81] * 4, calibration) == pytest.approx(1 - (1 - calibration.probability(0.81)) ** 4)
     scores = np.array([0.1, 0.2, 0.3, 0.2, 0.9])  # median 0.2, MAD 0.1: the fallback cuts at 0.45
     assert auto_cutoff(0.9, 1.0, None, scores) == pytest.approx(0.45)
     assert auto_cutoff(0.4, 1.0, None, scores) == math.inf

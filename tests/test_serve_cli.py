@@ -58,7 +58,7 @@ def test_a_served_store_answers_over_http(store):
         assert status is not None, process.stderr.read() if process.poll() is not None else "no answer in time"
         assert status["images"] == 6 and status["model"] == "shapes-mini" and status["roots"] == [{"name": "photos"}]
         assert headers["X-Content-Type-Options"] == "nosniff" and "Access-Control-Allow-Origin" not in headers
-        url = f"http://127.0.0.1:{port}/api/search?q=a%20red%20circle&k=3"
+        url = f"http://127.0.0.1:{port}/api/search?q=a%20red%20circle&k=3&threshold=none"
         with urllib.request.urlopen(url, timeout=30) as response:
             assert len(json.loads(response.read())["results"]) == 3
     finally:

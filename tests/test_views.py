@@ -21,13 +21,13 @@ from test_index_support import tiny_checkpoint, tiny_model, write_images
 from clipsearch.library import Library
 from indexer.decode import Decoded, Decoder, DecodeTask
 from indexer.pipeline import IndexOptions, index_folders
-from retrieval.ann import open_index
+from retrieval.ann import open_index, open_saved_index
 from retrieval.errors import QueryError, StoreError
 from retrieval.model.encode import encode_images
-from retrieval.query import search, search_page
+from retrieval.query import search, search_page, search_saved
 from retrieval.regions import crop, view_boxes
 from retrieval.store import Store
-from retrieval.views import ViewStore
+from retrieval.views import KEY_STRIDE, ViewStore, open_saved_view_index, open_view_index, views_table_name
 
 OPTIONS = IndexOptions(workers=0, batch_size=4, commit_every=3, progress=False, views=5)
 
@@ -193,7 +193,7 @@ def test_a_query_scores_an_image_by_its_best_view_and_reports_its_box(tmp_path, 
     assert first.results[0].metadata["view"] == pytest.approx(list(view_boxes(5)[0]), abs=1e-6)
     assert (first.next_offset, second.next_offset) == (3, None)
 
-    # the library's searches use the views too, also where no metadata is asked for (no saved-index shortcut)
+    # the library's searches use the views too, also where no metadata is asked for (the saved indexes)
     library = Library(db=tmp_path / "db", model=model[0])
     best = library.search(query, k=1, metadata=False)[0]
     assert best.path == str(photos / "small.png") and best.metadata["view"] == pytest.approx(list(view_boxes(5)[0]))
@@ -257,3 +257,141 @@ def test_similar_box_errors_are_one_line(tmp_path, box, message):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+
+
+@pytest.fixture
+def viewed(tmp_path, model):
+    """Seven images indexed with five views each (one holds a small patch in its top left view). Noise, so that no
+    two views of an image tie (a tie may go either way: flat crops of a flat background all score alike)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(11)
+    paths = [photos / f"noise{i}.png" for i in range(6)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(path)
+    scene = Image.fromarray(rng.integers(0, 256, (240, 240, 3), dtype=np.uint8))
+    scene.paste(Image.new("RGB", (70, 70), (250, 10, 10)), (5, 5))
+    scene.save(photos / "small.png")
+    store = Store.open(tmp_path / "db", model[0].info, create=True)
+    run(model, store, photos)
+    return {"store": store, "photos": photos, "paths": [*paths, photos / "small.png"]}
+
+
+def _queries(store, dim: int) -> list[np.ndarray]:
+    """Random unit vectors, a stored view's vector and a stored image's vector."""
+    rng = np.random.default_rng(3)
+    random = rng.standard_normal((6, dim)).astype(np.float32)
+    _, views = ViewStore.open(store).keyed()
+    return [*(random / np.linalg.norm(random, axis=1, keepdims=True)), views[7], store.all_vectors()[1][2]]
+
+
+def _same_ranking(got, want) -> None:
+    assert [r.metadata["id"] for r in got] == [r.metadata["id"] for r in want]
+    np.testing.assert_allclose([r.score for r in got], [r.score for r in want], atol=1e-5)
+    for a, b in zip(got, want, strict=True):
+        assert ("view" in a.metadata) == ("view" in b.metadata)
+        if "view" in a.metadata:
+            assert a.metadata["view"] == pytest.approx(b.metadata["view"], abs=1e-6)
+
+
+def test_the_views_index_ranks_as_the_matrix_product(viewed, model):
+    store = viewed["store"]
+    index, matrix, views = open_index(store), ViewStore.open(store).matrix(), open_view_index(store)
+    assert views.views == 5 and len(views.index) == 35
+    saved, saved_views = (
+        open_saved_index(store.path, store.model_info),
+        open_saved_view_index(store.path, store.model_info),
+    )
+    assert saved is not None and saved_views is not None  # the indexer saved both
+    small = store.id_for_path(viewed["photos"] / "small.png")
+    some = [r.metadata["id"] for r in search(store, index, _queries(store, store.embed_dim)[0], k=4)]
+    for query in _queries(store, store.embed_dim):
+        for k in (1, 3, 7):
+            _same_ranking(search(store, index, query, k=k, views=views), search(store, index, query, k=k, views=matrix))
+            by_path = [r.path for r in search(store, index, query, k=k, views=matrix)]
+            assert [r.path for r in search_saved(saved, query, k, views=saved_views)] == by_path
+        where = f"id IN ({', '.join(map(str, some))})"
+        _same_ranking(
+            search(store, index, query, k=3, where=where, exclude=[small], views=views),
+            search(store, index, query, k=3, where=where, exclude=[small], views=matrix),
+        )
+        for offset in (0, 2, 5):
+            page, reference = (search_page(store, index, query, k=2, offset=offset, views=v) for v in (views, matrix))
+            _same_ranking(page.results, reference.results)
+            assert (page.next_offset, page.total) == (reference.next_offset, reference.total)
+    box = search_saved(saved, _queries(store, store.embed_dim)[6], 1, views=saved_views)[0]
+    assert box.metadata["view"] == pytest.approx(list(view_boxes(5)[2]), abs=1e-6)  # the second image's third view
+
+
+def test_the_views_index_follows_the_views_table_and_never_holds_a_gone_view(viewed, model):
+    store, paths = viewed["store"], viewed["paths"]
+    table = ViewStore.open(store)
+    keys = open_view_index(store).index.ids()
+    np.testing.assert_array_equal(np.sort(keys), table.keyed()[0])
+    moved_id, gone_id = store.id_for_path(paths[0]), store.id_for_path(paths[1])
+    os.rename(paths[0], viewed["photos"] / "moved.jpg")
+    paths[1].unlink()
+    run(model, store, viewed["photos"])
+    saved = open_saved_view_index(store.path, store.model_info)  # saved by the indexer, in step with the table
+    assert saved is not None
+    held = np.sort(saved.index.ids())
+    np.testing.assert_array_equal(held, ViewStore.open(store).keyed()[0])
+    assert set(range(moved_id * KEY_STRIDE, moved_id * KEY_STRIDE + 5)) <= set(held.tolist())  # a move keeps them
+    assert not (held // KEY_STRIDE == gone_id).any()  # deleted with their image
+
+    # a change behind the saved index: the saved one is no longer used, and opening brings it in step
+    victim = store.id_for_path(paths[2])
+    ViewStore.open(store).delete_for([victim])
+    assert open_saved_view_index(store.path, store.model_info) is None
+    assert not (np.sort(open_view_index(store).index.ids()) // KEY_STRIDE == victim).any()
+    assert open_saved_view_index(store.path, store.model_info) is not None
+
+    # a damaged index file is rebuilt from the table
+    meta = json.loads((store.path / f"{views_table_name(store.table_name)}.faiss.json").read_text())
+    (store.path / meta["index_file"]).write_bytes(b"not a faiss index")
+    rebuilt = open_view_index(store)
+    np.testing.assert_array_equal(np.sort(rebuilt.index.ids()), ViewStore.open(store).keyed()[0])
+
+
+def test_status_shows_the_views(viewed):
+    from click.testing import CliRunner
+
+    from clipsearch.cli import cli
+
+    db = str(viewed["store"].path)
+    status = CliRunner().invoke(cli, ["status", "--db", db, "--json"])
+    assert status.exit_code == 0, status.output
+    [entry] = json.loads(status.output)["models"]
+    views = entry["views"]
+    assert (views["count"], views["layout"]) == (35, 5)
+    assert {k: views["index"][k] for k in ("built", "type", "vectors", "up_to_date")} == {
+        "built": True, "type": "flat", "vectors": 35, "up_to_date": True,
+    }  # fmt: skip
+    text = CliRunner().invoke(cli, ["status", "--db", db])
+    assert "Views: 35 (5 per image, --views 5); their search index: flat, 35 vectors, up to date\n" in text.output
+
+
+def test_a_query_with_views_starts_without_lancedb(viewed, model):
+    checkpoint = tiny_checkpoint(viewed["store"].path.parent / "ckpt")
+    db = viewed["store"].path.parent / "db2"
+    done = _cli("index", str(viewed["photos"]), "--db", str(db), "--model", str(checkpoint), "--views", "5",
+                "--workers", "0", "-q")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    code = (
+        "import json, sys\n"
+        "from clipsearch.library import Library\n"
+        f"library = Library(db={str(db)!r}, model={str(checkpoint)!r})\n"
+        "hits = library.search('anything', k=3, metadata=False)\n"
+        "print(json.dumps([[h.path, h.metadata.get('view')] for h in hits]))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('indexer', 'lancedb', 'retrieval'))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    fast = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert fast.returncode == 0, fast.stderr
+    hits, loaded = (json.loads(line) for line in fast.stdout.splitlines())
+    assert "retrieval.views" in loaded and not [m for m in loaded if m.split(".")[0] in ("indexer", "lancedb")]
+    assert "retrieval.store" not in loaded
+    slow = Library(db=db, model=checkpoint).search("anything", k=3)  # through the store
+    assert [[r.path, r.metadata.get("view")] for r in slow] == [
+        [p, pytest.approx(v, abs=1e-6) if v else None] for p, v in hits
+    ]

@@ -4,8 +4,11 @@ indexed with shapes-mini (built once for the module), a real FAISS index and rea
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from clipsearch.library import Library
 from clipsearch.web.app import create_app, start_warm_up
 from retrieval.query import Term
 from retrieval.regions import Box, StoredImage
-from retrieval.shapes import Attributes, generate, render
+from retrieval.shapes import COLOURS, SHAPES, Attributes, generate, render
 
 BASE = "http://127.0.0.1:8765"
 
@@ -78,7 +81,7 @@ def test_status_says_what_the_store_holds_without_absolute_paths(world):
 
 
 def test_a_text_search_answers_hits_with_relative_paths_and_metadata(world):
-    body = search(world, q="a red circle", k=8)
+    body = search(world, q="a red circle", threshold="none", k=8)
     assert body["offset"] == 0 and body["k"] == 8 and body["next_offset"] == 8 and body["total_hint"] == 52
     hits = body["results"]
     assert [h["rank"] for h in hits] == list(range(1, 9))
@@ -90,36 +93,40 @@ def test_a_text_search_answers_hits_with_relative_paths_and_metadata(world):
     )
     assert {"width", "height", "format", "taken_at", "camera"} <= set(first)
     assert str(world["root"]) not in json.dumps(body)
-    jpegs = search(world, q="a shape", k=60, where="format = 'JPEG' AND camera_model IS NOT NULL")["results"]
+    jpegs = search(world, q="a shape", threshold="none", k=60, where="format = 'JPEG' AND camera_model IS NOT NULL")[
+        "results"
+    ]
     assert jpegs and all(h["camera"] and datetime.fromisoformat(h["taken_at"]) for h in jpegs)
 
 
 def test_pages_cover_the_ranking_without_duplicates_or_gaps(world):
-    whole = search(world, q="a green triangle", k=100, **{"in": "photos"})
+    whole = search(world, q="a green triangle", threshold="none", k=100, **{"in": "photos"})
     assert len(whole["results"]) == 49 and whole["next_offset"] is None and whole["total_hint"] == 49
     seen, offset = [], 0
     while offset is not None:
-        body = search(world, q="a green triangle", k=6, offset=offset, **{"in": "photos"})
+        body = search(world, q="a green triangle", threshold="none", k=6, offset=offset, **{"in": "photos"})
         assert [h["rank"] for h in body["results"]] == list(range(offset + 1, offset + 1 + len(body["results"])))
         seen += [h["id"] for h in body["results"]]
         offset = body["next_offset"]
     assert seen == [h["id"] for h in whole["results"]]
-    assert search(world, q="x", k=5, offset=200)["results"] == []
+    assert search(world, q="x", threshold="none", k=5, offset=200)["results"] == []
 
 
 def test_filters_by_folder_date_and_sql(world):
-    assert {h["root"] for h in search(world, q="a shape", k=100, **{"in": "more"})["results"]} == {"more"}
-    sub = search(world, q="a shape", k=100, **{"in": "photos/random"})["results"]
+    assert {h["root"] for h in search(world, q="a shape", threshold="none", k=100, **{"in": "more"})["results"]} == {
+        "more"
+    }
+    sub = search(world, q="a shape", threshold="none", k=100, **{"in": "photos/random"})["results"]
     assert len(sub) == 40 and all(h["path"].startswith("random/") for h in sub)
     dated = sorted(datetime.fromisoformat(h["taken_at"]) for h in sub if h["taken_at"])
     middle = dated[len(dated) // 2]
     day = middle.date().isoformat()
-    after = search(world, q="a shape", k=100, after=day)["results"]
-    before = search(world, q="a shape", k=100, before=day)["results"]
+    after = search(world, q="a shape", threshold="none", k=100, after=day)["results"]
+    before = search(world, q="a shape", threshold="none", k=100, before=day)["results"]
     assert after and before and len(after) + len(before) == len(dated)
     assert all(datetime.fromisoformat(h["taken_at"]).date().isoformat() >= day for h in after)
     assert all(datetime.fromisoformat(h["taken_at"]).date().isoformat() < day for h in before)
-    pngs = search(world, q="a shape", k=100, where="format = 'PNG' AND width = 128")["results"]
+    pngs = search(world, q="a shape", threshold="none", k=100, where="format = 'PNG' AND width = 128")["results"]
     assert len(pngs) == 11 and all(h["format"] == "PNG" for h in pngs)
 
 
@@ -155,6 +162,10 @@ def test_filters_by_folder_date_and_sql(world):
         {"like": "1", "box": "0.5,0,0.4,1"},
         {"like": "1", "box": "a,b,c,d"},
         {"q": "x", "colour": "red"},
+        {"q": "x", "threshold": "high"},
+        {"q": "x", "threshold": "2"},
+        {"q": "x", "threshold": "nan"},
+        {"q": "x", "weak": "maybe"},
     ],
 )
 def test_bad_parameters_are_400_with_a_one_line_error(world, params):
@@ -162,6 +173,70 @@ def test_bad_parameters_are_400_with_a_one_line_error(world, params):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error and "\n" not in error and "Traceback" not in error
+
+
+def absent_query(world) -> str:
+    """A "a {colour} {shape}" query the store holds no picture of and `Library.search` answers "no good match"."""
+    present = {(o.colour, o.shape) for sample in world["samples"] for o in sample.attributes.objects}
+    present |= {("red", "circle"), ("blue", "square"), ("yellow", "star")}
+    for colour, shape in itertools.product(COLOURS, SHAPES):
+        query = f"a {colour} {shape}"
+        if (colour, shape) not in present and not world["library"].search(query, k=5, threshold="auto"):
+            return query
+    raise AssertionError("every combination has a good match")
+
+
+def test_a_text_search_is_cut_at_the_calibrated_cutoff_by_default(world):
+    body = search(world, q="a red circle", k=100)
+    expected = world["library"].search("a red circle", k=100, threshold="auto")
+    assert 4 <= len(expected) < 52 and [h["id"] for h in body["results"]] == [str(r.metadata["id"]) for r in expected]
+    assert body["threshold"] == "auto" and body["no_good_match"] is False and body["next_offset"] is None
+    assert not any(h["weak"] for h in body["results"])
+    assert (
+        min(h["score"] for h in body["results"])
+        >= body["cutoff"]
+        > max(h["score"] for h in search(world, q="a red circle", k=100, threshold="none")["results"][len(expected) :])
+    )
+    seen, offset = [], 0  # the pages of a cut ranking fit together and end where it ends
+    while offset is not None:
+        page = search(world, q="a red circle", k=3, offset=offset)
+        seen += [h["id"] for h in page["results"]]
+        offset = page["next_offset"]
+    assert seen == [h["id"] for h in body["results"]]
+    library_page = world["library"].search_page("a red circle", k=3, offset=3, threshold="auto")
+    assert [str(r.metadata["id"]) for r in library_page.results] == seen[3:6]
+
+
+def test_no_good_match_answers_nothing_and_the_weak_matches_on_request(world):
+    query = absent_query(world)
+    body = search(world, q=query)
+    assert body["results"] == [] and body["no_good_match"] is True and body["cutoff"] is None
+    assert body["next_offset"] is None and body["total_hint"] == 52
+    weak = search(world, q=query, weak="1", k=10)
+    ranking = search(world, q=query, threshold="none", k=10)
+    assert [h["id"] for h in weak["results"]] == [h["id"] for h in ranking["results"]]
+    assert all(h["weak"] for h in weak["results"]) and weak["no_good_match"] is True
+    assert not any(h["weak"] for h in ranking["results"]) and ranking["threshold"] is None
+    assert [h["rank"] for h in search(world, q=query, weak="1", k=4, offset=4)["results"]] == [5, 6, 7, 8]
+
+
+def test_image_queries_have_no_cutoff_unless_given_a_number(world):
+    row_id = str(world["ids"]["photos/red-circle-0.png"])
+    like = search(world, like=row_id, k=51)
+    assert len(like["results"]) == 51 and like["threshold"] is None and like["cutoff"] is None
+    cut = search(world, like=row_id, k=51, threshold="0.9")
+    assert cut["results"] and all(h["score"] >= 0.9 for h in cut["results"]) and cut["cutoff"] == 0.9
+    assert [h["id"] for h in cut["results"]] == [h["id"] for h in like["results"]][: len(cut["results"])]
+    marked = search(world, like=row_id, k=51, threshold="0.9", weak="1")["results"]
+    assert [h["weak"] for h in marked] == [h["score"] < 0.9 for h in marked] and any(h["weak"] for h in marked)
+    refused = get(world, "/api/search", like=row_id, threshold="auto")
+    assert refused.status_code == 400 and "calibrated for text queries only" in refused.json()["error"]
+    posted = world["client"].post("/api/search", json={"terms": [{"text": "a red circle"}, {"id": row_id}], "k": 51})
+    assert posted.status_code == 200 and len(posted.json()["results"]) == 51 and posted.json()["threshold"] is None
+    text_only = world["client"].post("/api/search", json={"terms": [{"text": "a red circle"}], "k": 51})
+    assert [h["id"] for h in text_only.json()["results"]] == [
+        h["id"] for h in search(world, q="a red circle", k=51)["results"]
+    ]
 
 
 def test_more_like_this_leaves_the_image_out(world):
@@ -492,7 +567,7 @@ def test_a_file_name_that_is_not_utf8_is_shown_escaped_and_still_served(tmp_path
     library = Library(db=tmp_path / "db", model="shapes-mini", row_cache=True)
     library.index([photos], workers=0, progress=False)
     client = TestClient(create_app(library), base_url=BASE)
-    (hit,) = client.get("/api/search", params={"q": "a ring"}).json()["results"]
+    (hit,) = client.get("/api/search", params={"q": "a ring", "threshold": "none"}).json()["results"]
     assert (hit["root"], hit["path"]) == ("photos", "caf\\xe9.png")
     served = client.get(hit["file"])
     assert served.status_code == 200 and served.content == (photos / name).read_bytes()
@@ -508,3 +583,151 @@ def test_status_names_a_model_given_as_a_checkpoint_path_by_its_name(tmp_path, t
     response = TestClient(create_app(library), base_url=BASE).get("/api/status")
     assert response.status_code == 200 and response.json()["model"] == "tiny"
     assert str(tmp_path) not in response.text and str(tiny) not in response.text
+
+
+def one_line_error(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error and "\n" not in error and "Traceback" not in error
+    return error
+
+
+def test_a_concept_is_learned_from_stored_ids_listed_searched_and_forgotten(world):
+    client, ids = world["client"], world["ids"]
+    reds = [str(ids[f"photos/red-circle-{i}.png"]) for i in range(4)]
+    blues = [str(ids[f"photos/blue-square-{i}.png"]) for i in range(4)]
+    assert "reds" not in [c["name"] for c in client.get("/api/concepts").json()["concepts"]]
+    learned = client.post(
+        "/api/concepts", json={"name": "reds", "positives": reds, "negatives": blues, "method": "probe"}
+    )
+    assert learned.status_code == 201, learned.text
+    concept = learned.json()["concept"]
+    assert concept["name"] == "reds" and concept["query"] == "@reds" and concept["method"] == "probe"
+    assert concept["examples"] == 4 and concept["negatives"] == 4 and 0 <= concept["accuracy"] <= 1
+    assert str(world["root"]) not in learned.text  # the examples' paths stay on the server
+    listed = client.get("/api/concepts").json()["concepts"]
+    assert [c for c in listed if c["name"] == "reds"] == [concept]
+    (stored,) = [c for c in world["library"].concepts() if c.name == "reds"]
+    assert set(stored.example_ids) == {int(i) for i in reds} and set(stored.negative_ids) == {int(i) for i in blues}
+
+    found = search(world, q="@reds", k=10)  # a probe alone ranks by its probability, shown as the score
+    expected = world["library"].search("@reds", k=10)
+    assert [h["id"] for h in found["results"]] == [str(r.metadata["id"]) for r in expected]
+    assert sum(h["id"] in reds for h in found["results"][:5]) >= 3 and found["threshold"] is None
+    assert all(0 <= h["score"] <= 1 for h in found["results"])
+    sure = search(world, q="@reds", k=52, threshold="0.5")["results"]
+    assert sure and all(h["score"] >= 0.5 for h in sure) and {h["id"] for h in sure} >= set(reds)
+    combined = search(world, q="@reds on a grey background", k=10)
+    together = world["library"].search("@reds on a grey background", k=10)
+    assert [h["id"] for h in combined["results"]] == [str(r.metadata["id"]) for r in together]
+    posted = client.post("/api/search", json={"terms": [{"text": "@reds"}, {"text": "a blue square", "weight": 0.5}]})
+    assert posted.status_code == 200 and posted.json()["results"]
+
+    unknown = one_line_error(get(world, "/api/search", q="@nope"), 400)
+    assert "unknown concept @nope" in unknown and "@reds" in unknown
+    assert client.delete("/api/concepts/reds").json() == {"removed": "reds"}
+    assert "reds" not in [c["name"] for c in client.get("/api/concepts").json()["concepts"]]
+    assert "unknown concept @reds" in one_line_error(client.delete("/api/concepts/reds"), 400)
+    assert "unknown concept @reds" in one_line_error(get(world, "/api/search", q="@reds"), 400)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"name": "2bad", "positives": ["1"]}, 400, "concept name '2bad'"),
+        ({"name": "has space", "positives": ["1"]}, 400, "concept name"),
+        ({"name": "x' OR '1'='1", "positives": ["1"]}, 400, "concept name"),
+        ({"positives": ["1"]}, 400, "concept name"),
+        ({"name": "ok", "positives": []}, 400, "positives must be a list of 1 to 1000 image ids"),
+        ({"name": "ok", "positives": "1"}, 400, "positives must be a list"),
+        ({"name": "ok", "positives": ["1"], "method": "svm"}, 400, "method must be one of probe, coop, auto"),
+        ({"name": "ok", "positives": ["1"], "steps": 0}, 400, "steps must be from 1 to 2000"),
+        ({"name": "ok", "positives": ["1"], "colour": "red"}, 400, "unknown field(s) ['colour']"),
+        ({"name": "ok", "positives": ["../../etc/passwd"]}, 404, "an image id is the digits"),
+        ({"name": "ok", "positives": ["999999999"]}, 404, "no image 999999999 in the store"),
+    ],
+)
+def test_learning_refuses_bad_input_in_one_line(world, body, status, says):
+    assert says in one_line_error(world["client"].post("/api/concepts", json=body), status)
+    assert "ok" not in [c["name"] for c in world["client"].get("/api/concepts").json()["concepts"]]
+
+
+def test_a_concept_name_in_a_url_is_checked_and_other_sites_cannot_learn_or_forget(world):
+    client = world["client"]
+    assert "concept name" in one_line_error(client.delete("/api/concepts/x' OR '1'='1"), 400)
+    evil = {"Origin": "http://evil.example"}
+    assert client.post("/api/concepts", json={"name": "evil", "positives": ["1"]}, headers=evil).status_code == 403
+    assert client.delete("/api/concepts/evil", headers=evil).status_code == 403
+
+
+def test_learning_runs_off_the_event_loop(world):
+    app = create_app(world["library"])
+    web = app.app.state.web
+    reds = [str(world["ids"][f"photos/red-circle-{i}.png"]) for i in range(4)]
+    answers = {}
+    with TestClient(app, base_url=BASE) as client:
+        body = {"name": "slow_reds", "positives": reds, "method": "coop", "steps": 400}
+        learning = threading.Thread(target=lambda: answers.update(learned=client.post("/api/concepts", json=body)))
+        learning.start()
+        deadline = time.monotonic() + 120  # a safety net: the loop ends when the learning holds the library
+        while not web.lock.locked() and learning.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert web.lock.locked(), "the learning never started"
+        page = client.get("/")  # served by the event loop while the learning runs on a worker thread
+        assert page.status_code == 200 and web.lock.locked() and learning.is_alive()
+        learning.join(timeout=600)
+    assert answers["learned"].status_code == 201, answers["learned"].text
+    assert answers["learned"].json()["concept"]["method"] == "coop"
+    assert client.delete("/api/concepts/slow_reds").status_code == 200
+
+
+class CountingTable:
+    """A store's real LanceDB table, counting how often its version is asked for."""
+
+    def __init__(self, table) -> None:
+        self.table, self.version_reads = table, 0
+
+    def __getattr__(self, name):
+        return getattr(self.table, name)
+
+    @property
+    def version(self):
+        self.version_reads += 1
+        return self.table.version
+
+
+def test_a_search_page_reads_the_store_version_once_and_searches_the_index_once(world, monkeypatch):
+    library = world["library"]
+    store, index = library.store(), library.ann_index()
+    counting = CountingTable(store._table)
+    monkeypatch.setattr(store, "_table", counting)
+    searches = []
+    search_index = index.search
+    monkeypatch.setattr(index, "search", lambda *args, **kw: searches.append(args[1]) or search_index(*args, **kw))
+    page = library.search_page("a red circle", k=5, threshold="auto")
+    assert page.results and counting.version_reads == 1 and len(searches) == 1
+    assert store.version == counting.table.version  # unpinned again after the page
+
+
+def test_auto_without_a_calibration_measures_the_spread_on_a_seeded_sample_kept_per_version(
+    tmp_path, tiny, monkeypatch
+):
+    import clipsearch.library as library_module
+    from retrieval.relevance import auto_cutoff
+
+    generate(tmp_path / "photos", 12, seed=3, size_range=(64, 96))
+    library = Library(db=tmp_path / "db", model=tiny)
+    library.index([tmp_path / "photos"], workers=0, progress=False)
+    monkeypatch.setattr(library_module, "SPREAD_SAMPLE", 5)
+    store = library.store()
+    sample = library._score_sample(store)
+    assert sample.shape == (5, store.embed_dim) and library._score_sample(store) is sample  # read once per version
+    ids, vectors = store.all_vectors()
+    assert any(np.array_equal(sample[0], v) for v in vectors)  # stored vectors, drawn with a fixed seed
+    again = Library(db=tmp_path / "db", model=tiny)
+    assert np.array_equal(again._score_sample(again.store()), sample)
+    vector = library.encode("a red circle")
+    best = float((vectors @ vector).max())
+    temperature = float(library._model("text")[0].logit_scale.detach().exp())
+    expected = auto_cutoff(best, temperature, None, sample @ vector)
+    assert library._auto_cutoff(best, vector, store) == pytest.approx(expected, abs=1e-6)

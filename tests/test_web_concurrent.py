@@ -23,7 +23,7 @@ def test_searches_during_an_index_run_in_another_process(tmp_path):
     )
 
     def everything() -> dict[str, str]:
-        response = client.get("/api/search", params={"q": "a shape", "k": 500})
+        response = client.get("/api/search", params={"q": "a shape", "k": 500, "threshold": "none"})
         assert response.status_code == 200, response.text
         hits = response.json()["results"]
         assert len({h["id"] for h in hits}) == len(hits)

@@ -137,6 +137,9 @@ def browser():
 def page(browser, request, tmp_path):
     """A page in a context of its own; on failure its screenshot is saved as tmp_path/failure.png. JavaScript
     errors and Content-Security-Policy violations fail the test."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)  # `expect` waits for its condition this long, not its default 5 s
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
@@ -192,11 +195,11 @@ def test_a_typed_query_shows_the_apis_results_in_order(page, server):
     box = page.locator("#q")
     page.keyboard.press("/")  # focuses the search box
     expect(box).to_be_focused()
-    page.keyboard.type("a red circle")
+    page.keyboard.type("a green heart")  # two scenes show one: the calibrated cutoff keeps them, and only them
     page.keyboard.press("Enter")
-    expected = api(server, q="a red circle")
-    assert tiles(page, len(expected)) == ids(expected)
-    assert params_of(page) == {"q": "a red circle"}
+    expected = api(server, q="a green heart")
+    assert tiles(page, len(expected)) == ids(expected) and len(expected) == 2
+    assert params_of(page) == {"q": "a green heart"}
     first = page.locator("#results .tile").first
     expect(first.locator("img")).to_have_attribute("loading", "lazy")
     expect(first.locator(".score")).to_have_text(re.compile(r"-?[0-9]\.[0-9]{3}"))  # three decimals
@@ -258,8 +261,8 @@ def test_a_pasted_image_searches_and_a_broken_one_says_why(page, server, world):
 
 
 def test_more_like_this_on_a_tile(page, server):
-    open_page(page, server, "?q=a+blue+square")
-    hits = api(server, q="a blue square")
+    open_page(page, server, "?q=a+blue+square&threshold=none")
+    hits = api(server, q="a blue square", threshold="none")
     tiles(page, len(hits))
     third = page.locator("#results .tile").nth(2)
     third.hover()
@@ -273,10 +276,10 @@ def test_more_like_this_on_a_tile(page, server):
 def test_a_box_dragged_in_the_lightbox_searches_for_that_region(page, server, world):
     from playwright.sync_api import expect
 
-    hits = api(server, q="a red circle and a blue square")
+    hits = api(server, q="a red circle and a blue square", threshold="none")
     [pair] = [hit["id"] for hit in hits if hit["path"] == "pair.png"]
     for half, shape in ((0, "circle"), (1, "square")):
-        open_page(page, server, "?q=a+red+circle+and+a+blue+square")
+        open_page(page, server, "?q=a+red+circle+and+a+blue+square&threshold=none")
         tiles(page, len(hits))
         page.locator(f'#results .tile[data-id="{pair}"] .open').click()
         lightbox = page.locator("#lightbox")
@@ -314,33 +317,70 @@ def test_a_box_dragged_in_the_lightbox_searches_for_that_region(page, server, wo
         expect(page.locator("#query-box")).to_be_visible()  # the query shows the boxed part of the photo
 
 
+def test_a_box_drawn_with_the_keyboard_searches_for_that_region(page, server, world):
+    from playwright.sync_api import expect
+
+    hits = api(server, q="a red circle and a blue square", threshold="none")
+    [pair] = [hit["id"] for hit in hits if hit["path"] == "pair.png"]
+    open_page(page, server, "?q=a+red+circle+and+a+blue+square&threshold=none")
+    tiles(page, len(hits))
+    page.locator(f'#results .tile[data-id="{pair}"] .open').focus()
+    page.keyboard.press("Enter")  # opens the lightbox
+    lightbox, mark, said = page.locator("#lightbox"), page.locator("#lb-box"), page.locator("#lb-announce")
+    expect(lightbox).to_have_attribute("data-id", pair)
+    page.keyboard.press("b")
+    expect(mark).to_be_visible()
+    expect(said).to_contain_text("Arrow keys move it, Shift and arrow keys resize it, Enter searches")
+    page.keyboard.press("Escape")  # cancels the box, not the lightbox
+    expect(mark).to_be_hidden()
+    expect(said).to_have_text("Box cancelled.")
+    expect(lightbox).to_be_visible()
+
+    page.keyboard.press("b")  # a box from 35 to 65 % each way, moved to the left half around the circle
+    for key, times in (("ArrowLeft", 6), ("ArrowUp", 6), ("Shift+ArrowRight", 2), ("Shift+ArrowDown", 12)):
+        for _ in range(times):
+            page.keyboard.press(key)
+    expect(lightbox).to_have_attribute("data-id", pair)  # the arrows moved the box, not to another photo
+    expect(said).to_have_text("Box from 5 to 45 percent across, 5 to 95 percent down.")
+    frame, drawn = page.locator("#lb-img").bounding_box(), mark.bounding_box()
+    assert (drawn["x"] - frame["x"]) / frame["width"] == pytest.approx(0.05, abs=0.01)
+    assert (drawn["y"] + drawn["height"] - frame["y"]) / frame["height"] == pytest.approx(0.95, abs=0.01)
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/?like={pair}&box=*")
+    assert [float(v) for v in params_of(page)["box"].split(",")] == pytest.approx([0.05, 0.05, 0.45, 0.95], abs=1e-4)
+    expected = api(server, like=pair, box=params_of(page)["box"])
+    assert tiles(page, len(expected)) == ids(expected)
+    top = [world["shapes"][f"{hit['root']}/{hit['path']}"] for hit in expected[:3]]
+    assert "circle" in top[0] and sum("circle" in s for s in top) >= 2 and not any("square" in s for s in top), top
+
+
 def test_filtering_by_folder(page, server, world):
-    open_page(page, server, "?q=a+yellow+star")
-    tiles(page, len(api(server, q="a yellow star")))
+    open_page(page, server, "?q=a+yellow+star&threshold=none")
+    tiles(page, len(api(server, q="a yellow star", threshold="none")))
     page.locator("#in").select_option("scenes")
-    page.wait_for_url("**/?q=a+yellow+star&in=scenes")
-    expected = api(server, q="a yellow star", **{"in": "scenes"})
+    page.wait_for_url("**/?q=a+yellow+star&in=scenes&threshold=none")
+    expected = api(server, q="a yellow star", threshold="none", **{"in": "scenes"})
     assert tiles(page, len(expected)) == ids(expected) and {hit["root"] for hit in expected} == {"scenes"}
 
     # a folder of the lightbox's path narrows to that sub-folder
     page.locator("#clear-filters").click()
-    page.wait_for_url("**/?q=a+yellow+star")
-    hits = api(server, q="a yellow star")
+    page.wait_for_url("**/?q=a+yellow+star&threshold=none")
+    hits = api(server, q="a yellow star", threshold="none")
     tiles(page, len(hits))
     first_shape = next(i for i, hit in enumerate(hits) if hit["root"] == "shapes")
     page.locator("#results .tile .open").nth(first_shape).click()
     folder = hits[first_shape]["path"].split("/")[0]
     page.locator("#lb-path .crumb", has_text=folder).click()
-    page.wait_for_url(f"**/?q=a+yellow+star&in=shapes%2F{folder}")
-    expected = api(server, q="a yellow star", **{"in": f"shapes/{folder}"})
+    page.wait_for_url(f"**/?q=a+yellow+star&in=shapes%2F{folder}&threshold=none")
+    expected = api(server, q="a yellow star", threshold="none", **{"in": f"shapes/{folder}"})
     assert tiles(page, len(expected)) == ids(expected) == ids([h for h in hits if h["path"].startswith(f"{folder}/")])
 
 
 def test_reload_and_back_give_the_same_results(page, server):
     from playwright.sync_api import expect
 
-    open_page(page, server, "?q=a+blue+square&in=shapes")
-    first = tiles(page, len(api(server, q="a blue square", **{"in": "shapes"})))
+    open_page(page, server, "?q=a+blue+square&in=shapes&threshold=none")
+    first = tiles(page, len(api(server, q="a blue square", threshold="none", **{"in": "shapes"})))
     page.locator("#q").fill("a green heart")
     page.locator("#q").press("Enter")
     page.wait_for_url("**/?q=a+green+heart&in=shapes")
@@ -360,10 +400,10 @@ def test_reload_and_back_give_the_same_results(page, server):
 def test_scrolling_down_fetches_the_next_pages(page, server):
     from playwright.sync_api import expect
 
-    everything = api(server, q="a circle")
+    everything = api(server, q="a circle", threshold="none")
     offsets = []
     page.on("request", lambda r: offsets.append(params_of(r)["offset"]) if "/api/search?" in r.url else None)
-    open_page(page, server, "?q=a+circle&k=8")
+    open_page(page, server, "?q=a+circle&k=8&threshold=none")
     shown = page.locator("#results .tile")
     expect(shown.first).to_be_visible()
     while (count := shown.count()) < len(everything):
@@ -388,6 +428,146 @@ def test_no_results_and_bad_input_say_so(page, server):
     open_page(page, server, "?q=a+red+circle&after=2023-02-30")
     expect(message).to_have_attribute("data-state", "error")
     expect(message).to_contain_text("after: '2023-02-30' is not a real date")
+
+
+def test_a_query_with_no_good_match_says_so_and_shows_the_weak_ones_on_request(page, server):
+    from playwright.sync_api import expect
+
+    assert api(server, q="a red circle") == []  # the pictures hold red circles only beside other shapes
+    open_page(page, server, "?q=a+red+circle")
+    message = page.locator("#message")
+    expect(message).to_have_attribute("data-state", "no-match")
+    expect(message).to_contain_text("No good match")
+    assert page.locator("#results .tile").count() == 0
+    show = page.locator("#message-action")
+    expect(show).to_have_text("Show the weaker matches")
+    show.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/?q=a+red+circle&weak=1")
+    expected = api(server, q="a red circle", weak="1")
+    assert tiles(page, len(expected)) == ids(expected) and all(hit["weak"] for hit in expected)
+    expect(message).to_be_hidden()
+    expect(page.locator("#results .tile.weak")).to_have_count(len(expected))
+    expect(page.locator("#results .tile .weak-mark").first).to_have_text("weak")
+    page.reload()  # the state is in the URL
+    page.wait_for_selector("body[data-ready]")
+    assert tiles(page, len(expected)) == ids(expected)
+    hide = page.locator("#weaker")
+    expect(hide).to_have_text("Hide the weaker matches")
+    hide.click()
+    page.wait_for_url("**/?q=a+red+circle")
+    expect(message).to_have_attribute("data-state", "no-match")
+
+
+def test_tiles_selected_by_keyboard_teach_a_concept_whose_chip_searches_it(page, server, world):
+    from playwright.sync_api import expect
+
+    open_page(page, server, "?q=a+square&in=shapes%2Fsquare&threshold=none")
+    squares = api(server, q="a square", threshold="none", **{"in": "shapes/square"})
+    assert tiles(page, len(squares)) == ids(squares) and len(squares) == 3
+    selection = page.locator("#selection")
+    expect(selection).to_be_hidden()
+    for hit in squares:  # a tick on each tile, by keyboard
+        page.locator(f'#results .tile[data-id="{hit["id"]}"] .pick').focus()
+        page.keyboard.press("Space")
+    expect(page.locator("#results .tile.selected")).to_have_count(3)
+    expect(page.locator("#selected-count")).to_have_text("3 photos selected")
+    name = page.get_by_label("Learn as")
+    name.fill("2 squares")  # not a name @ can take: said at once, nothing sent
+    name.press("Enter")
+    message = page.locator("#concept-message")
+    expect(message).to_have_attribute("data-state", "error")
+    expect(message).to_contain_text("A name starts with a letter")
+    expect(name).to_have_attribute("aria-invalid", "true")
+    name.fill("my_squares")
+    page.get_by_label("Method").select_option("probe")
+    page.locator("#learn").click()
+    expect(message).to_contain_text("Learned @my_squares (probe, ")
+    expect(selection).to_be_hidden()  # the selection is done with
+    (concept,) = [c for c in get_json(f"{server}/api/concepts")[1]["concepts"] if c["name"] == "my_squares"]
+    assert concept["examples"] == 3 and concept["method"] == "probe"
+
+    page.locator("#clear-filters").click()
+    page.wait_for_url("**/?q=a+square&threshold=none")
+    chip = page.locator("#concepts .concept", has_text="@my_squares")
+    expect(chip).to_be_visible()
+    chip.focus()
+    page.keyboard.press("Enter")  # searches @my_squares, the filters as they are
+    page.wait_for_url("**/?q=%40my_squares")
+    expected = api(server, q="@my_squares")
+    assert tiles(page, len(expected)) == ids(expected)
+    top = [world["shapes"][f"{hit['root']}/{hit['path']}"] for hit in expected[:3]]
+    assert sum("square" in shapes for shapes in top) >= 2, top
+    expect(chip).to_have_attribute("aria-pressed", "true")
+    page.reload()  # the concept and its search are still there
+    page.wait_for_selector("body[data-ready]")
+    assert tiles(page, len(expected)) == ids(expected)
+    expect(page.locator("#concepts .concept", has_text="@my_squares")).to_be_visible()
+
+
+@pytest.fixture(scope="module")
+def views_server(tmp_path_factory):
+    """A store indexed with --views 5: two copies of a 360x240 scene with a small shape in its top left corner,
+    and four plain ones; serves it."""
+    root = tmp_path_factory.mktemp("views")
+    photos = root / "photos"
+    photos.mkdir()
+    picture = Image.new("RGB", (360, 240), (128, 128, 128))
+    picture.paste(scene("star", "yellow", 3).resize((96, 96)), (20, 16))
+    for name in ("first.png", "copy.png"):
+        picture.save(photos / name)
+    for i in range(4):
+        Image.new("RGB", (360, 240), (30 * i, 60, 200 - 30 * i)).save(photos / f"plain{i}.png")
+    Library(db=root / "db", model="shapes-mini").index([photos], workers=0, progress=False, views=5)
+    process, url = start_server(root / "db", root / "serve.log")
+    yield url
+    stop(process)
+
+
+def relative(inner: dict, outer: dict) -> list[float]:
+    """A bounding box as fractions of another: x0, y0, x1, y1."""
+    return [
+        (inner["x"] - outer["x"]) / outer["width"],
+        (inner["y"] - outer["y"]) / outer["height"],
+        (inner["x"] + inner["width"] - outer["x"]) / outer["width"],
+        (inner["y"] + inner["height"] - outer["y"]) / outer["height"],
+    ]
+
+
+def test_the_part_of_a_photo_that_matched_is_outlined_on_its_tile_and_in_the_lightbox(page, views_server):
+    from playwright.sync_api import expect
+
+    everything = api(views_server, q="a shape", threshold="none")
+    [first] = [hit["id"] for hit in everything if hit["path"] == "first.png"]
+    [copy] = [hit["id"] for hit in everything if hit["path"] == "copy.png"]
+    box = "0,0,0.6667,0.6667"  # the top left sub-view of the first picture: the copy's same view matches it
+    hits = api(views_server, like=first, box=box)
+    assert hits[0]["id"] == copy and hits[0]["view"] == pytest.approx([0, 0, 2 / 3, 2 / 3], abs=1e-4)
+    open_page(page, views_server, f"?like={first}&box={box}")
+    assert tiles(page, len(hits)) == ids(hits)
+    outlines = page.locator("#results .tile .view-box")
+    expect(outlines).to_have_count(sum("view" in hit for hit in hits))
+    tile = page.locator(f'#results .tile[data-id="{copy}"]')
+    outline = tile.locator(".view-box")
+    expect(outline).to_be_visible()
+    shown = relative(outline.bounding_box(), tile.locator("img").bounding_box())
+    assert shown == pytest.approx(hits[0]["view"], abs=0.03)
+
+    tile.locator(".open").click()
+    marked = page.locator("#lb-view")
+    expect(marked).to_be_visible()
+    expect(marked).to_contain_text("matched here")
+    expect(page.locator("#lb-meta")).to_contain_text("the outlined part of the photo")
+    page.wait_for_function("() => document.getElementById('lb-img').naturalWidth === 360")
+    assert relative(marked.bounding_box(), page.locator("#lb-img").bounding_box()) == pytest.approx(
+        hits[0]["view"], abs=0.02
+    )
+    without = next((i for i, hit in enumerate(hits) if "view" not in hit), None)
+    if without is not None:  # a photo matched as a whole has no outline
+        page.keyboard.press("Escape")
+        page.locator("#results .tile .open").nth(without).click()
+        expect(page.locator("#lightbox")).to_have_attribute("data-id", hits[without]["id"])
+        expect(marked).to_be_hidden()
 
 
 @pytest.fixture(scope="module")
@@ -427,5 +607,5 @@ def test_an_empty_store_is_served_and_fills_without_a_restart(tmp_path):
 
     generate(tmp_path / "photos", 3, seed=1, size_range=(96, 128))
     Library(db=tmp_path / "db", model="shapes-mini").index([tmp_path / "photos"], workers=0, progress=False)
-    found = client.get("/api/search", params={"q": "a red circle"})
+    found = client.get("/api/search", params={"q": "a red circle", "threshold": "none"})
     assert found.status_code == 200 and len(found.json()["results"]) == 3

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,60 @@ def test_shapes_mini_tags_a_store_by_colour(tmp_path):
             if hit.path in colour_of:
                 agree.append(colour_of[hit.path] == colour)
     assert len(agree) >= 8 and np.mean(agree) >= 0.9
+
+
+# ---- SigLIP: independent sigmoid probabilities --------------------------------------------------------------
+
+SIGLIP_FIXTURE = Path(__file__).resolve().parent / "data" / "families" / "siglip2-b32-tiny"
+
+
+def test_sigmoid_probabilities_are_independent_per_label():
+    encoder = PlantedEncoder()
+    softmax = build_classifier(["cat", "dog", "car"], encoder, ("{}",))
+    sigmoid = build_classifier(["cat", "dog", "car"], encoder, ("{}",), logit_scale=12.0, logit_bias=-3.0)
+    images = _unit(np.random.default_rng(1).normal(size=(4, DIM)))
+    cosines = images @ sigmoid.weights.T
+    expected = 1 / (1 + np.exp(-(12.0 * cosines - 3.0)))
+    assert (softmax.scoring, sigmoid.scoring) == ("softmax", "sigmoid")
+    assert np.allclose(sigmoid.probabilities(images), expected, atol=1e-6)
+    # One label's probability does not depend on which other labels are asked about.
+    alone = build_classifier(["dog"], encoder, ("{}",), logit_scale=12.0, logit_bias=-3.0)
+    assert np.allclose(alone.probabilities(images)[:, 0], expected[:, 1], atol=1e-6)
+    assert np.isfinite(sigmoid.probabilities(images * 1e4)).all()  # no overflow for huge logits
+
+
+def test_classify_with_siglip_prints_sigmoid_probabilities_with_the_models_scale_and_bias(gallery):
+    from safetensors import safe_open
+
+    with safe_open(str(SIGLIP_FIXTURE / "open_clip_model.safetensors"), framework="pt") as f:
+        scale, bias = f.get_tensor("logit_scale").float().exp().item(), f.get_tensor("logit_bias").float().item()
+    model, preprocess = load_model(SIGLIP_FIXTURE)
+    labels = ["red", "green", "blue"]
+    paths = sorted(p for p in gallery.iterdir() if p.suffix != ".jsonl")
+    texts = encode_texts(model, labels)
+    images = encode_images(model, torch.stack([preprocess(p) for p in paths]))
+    expected = torch.sigmoid(torch.from_numpy(scale * images @ texts.T + bias)).numpy()
+
+    args = ["classify", str(gallery), "--labels", ",".join(labels), "--template", "{}", "--model", str(SIGLIP_FIXTURE)]
+    result = CliRunner().invoke(cli, [*args, "--top", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in paths]
+    for record, row in zip(records, expected, strict=True):
+        assert record["scoring"] == "sigmoid"
+        got = {x["label"]: x["probability"] for x in record["labels"]}
+        assert [got[label] for label in labels] == pytest.approx(row.tolist(), abs=2e-6)
+    assert not np.allclose(expected.sum(axis=1), 1.0, atol=0.01)  # not a softmax
+
+    table = CliRunner().invoke(cli, args)
+    assert table.exit_code == 0, table.output
+    assert f"sigmoid({scale:.2f} x cosine {bias:+.2f})" in table.stderr
+    assert "independent per label" in table.stderr
+
+
+def test_classify_with_clip_still_says_softmax(tiny, gallery):
+    result = CliRunner().invoke(cli, ["classify", str(gallery), "--labels", "a,b", "--model", str(tiny), "--json"])
+    assert result.exit_code == 0, result.output
+    assert {json.loads(line)["scoring"] for line in result.stdout.splitlines()} == {"softmax"}
+    table = CliRunner().invoke(cli, ["classify", str(gallery), "--labels", "a,b", "--model", str(tiny)])
+    assert "sigmoid" not in table.stderr

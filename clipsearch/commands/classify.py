@@ -67,9 +67,11 @@ def classify(
 
     Each label goes through the prompt templates ("a photo of a {}."), the text embeddings are averaged
     per label, and each image gets the softmax over 100 x its cosine to every label: the top labels are
-    printed with their probabilities. Files that cannot be read, or are larger than --max-megapixels, are
-    reported and skipped. For a large collection, `clipsearch index` it and run `clipsearch tag`, which
-    reuses the stored vectors.
+    printed with their probabilities. SigLIP models score each label on its own instead, as they were
+    trained to: sigmoid(scale x cosine + bias), a match probability per label that need not sum to 1 over
+    the labels (said on stderr, and as "scoring" in --json). Files that cannot be read, or are larger than
+    --max-megapixels, are reported and skipped. For a large collection, `clipsearch index` it and run
+    `clipsearch tag`, which reuses the stored vectors.
 
     \b
     Examples:
@@ -86,13 +88,20 @@ def classify(
     from retrieval.model.encode import encode_images, encode_texts
     from retrieval.model.loading import load_model
     from retrieval.model.preprocess import open_image
-    from retrieval.zeroshot import build_classifier
+    from retrieval.zeroshot import build_classifier, model_scoring
 
     label_list = _labels(labels, labels_file)
     template_list = _templates(templates)
     model, preprocess = load_model(model_name, device=device)
-    classifier = build_classifier(label_list, lambda texts: encode_texts(model, texts), template_list)
+    scale, bias = model_scoring(model)
+    classifier = build_classifier(label_list, lambda texts: encode_texts(model, texts), template_list, scale, bias)
     top = min(top, len(label_list))
+    if classifier.scoring == "sigmoid" and not as_json:
+        click.echo(
+            f"probabilities are independent per label: sigmoid({scale:.2f} x cosine {bias:+.2f}), the model's "
+            "learned SigLIP scale and bias; they need not sum to 1",
+            err=True,
+        )
 
     found = list(walk(paths))
     failed = 0
@@ -114,7 +123,7 @@ def classify(
             if batch:
                 predictions = classifier.predict(encode_images(model, torch.stack(pixels)), top)  # [B] top labels
                 for path, predicted in zip(batch, predictions, strict=True):
-                    tqdm.write(_line(path, predicted, width, as_json), file=sys.stdout)
+                    tqdm.write(_line(path, predicted, width, as_json, classifier.scoring), file=sys.stdout)
             bar.update(len(found[start : start + _BATCH]))
     if not found:
         click.echo("No image files found.", err=True)
@@ -124,11 +133,11 @@ def classify(
         logger.warning("%d of %d files could not be classified", failed, len(found))
 
 
-def _line(path: str, predicted: list[Prediction], width: int, as_json: bool) -> str:
-    """One image's output: aligned `path  label p  label p ...`, or a JSON object."""
+def _line(path: str, predicted: list[Prediction], width: int, as_json: bool, scoring: str) -> str:
+    """One image's output: aligned `path  label p  label p ...`, or a JSON object (with how p was scored)."""
     if as_json:
         labels_out = [{"label": p.label, "probability": round(p.probability, 6)} for p in predicted]
-        return json.dumps({"path": path, "labels": labels_out}, ensure_ascii=False)
+        return json.dumps({"path": path, "labels": labels_out, "scoring": scoring}, ensure_ascii=False)
     shown = "  ".join(f"{p.label} {p.probability:.3f}" for p in predicted)
     return f"{click.format_filename(path):<{width}}  {shown}"
 
@@ -191,7 +200,7 @@ def tag(
     from retrieval.model.encode import encode_texts
     from retrieval.model.loading import load_model
     from retrieval.store import Store
-    from retrieval.zeroshot import build_classifier, parse_labels, read_labels_file, tag_store
+    from retrieval.zeroshot import build_classifier, model_scoring, parse_labels, read_labels_file, tag_store
 
     if concept is not None:
         if label_groups or labels_file is not None:
@@ -207,7 +216,10 @@ def tag(
     template_list = _templates(templates)
     model, _ = load_model(model_name or default_model_for(db_dir), device=device, towers="text")
     store = Store.open(db_dir, model.info)
-    classifiers = [build_classifier(g, lambda texts: encode_texts(model, texts), template_list) for g in groups]
+    scale, bias = model_scoring(model)
+    classifiers = [
+        build_classifier(g, lambda texts: encode_texts(model, texts), template_list, scale, bias) for g in groups
+    ]
     lock = IndexLock(store.path / f"{store.table_name}.lock")  # the indexer's: no `index` writes meanwhile
     lock.acquire(wait=lock_wait)
     try:

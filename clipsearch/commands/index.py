@@ -205,7 +205,8 @@ def _report(
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 def status(db_dir: str | None, model_name: str | None, as_json: bool) -> None:
     """Show what the store holds: per model, the image count, whether indexing finished, the state of the
-    search (FAISS) index, the last run, and the files that failed with the reason.
+    search (FAISS) index, the sub-views (`index --views N`) and their index, the last run, and the files that
+    failed with the reason.
 
     \b
     Examples:
@@ -228,6 +229,12 @@ def status(db_dir: str | None, model_name: str | None, as_json: bool) -> None:
         click.echo(f"Images: {entry['count']}")
         click.echo(f"State: {_state_text(entry)}")
         click.echo(f"Search index: {_ann_text(entry['ann'])}")
+        if entry["views"] is not None:
+            views = entry["views"]
+            click.echo(
+                f"Views: {views['count']} ({views['layout']} per image, --views {views['layout']}); "
+                f"their search index: {_ann_text(views['index'])}"
+            )
         run = entry["last_run"]
         if run is not None:
             click.echo(

@@ -108,15 +108,17 @@ def models(as_json: bool, bench: bool) -> None:
             click.echo(json.dumps(row))
         return
     name_width = max(len(row["name"]) for row in rows) + 2
+    family_width = max(len("FAMILY"), *(len(row["family"]) for row in rows))
     click.echo(
-        f"{'NAME':<{name_width}} {'FAMILY':<9} {'DIM':>5} {'DOWNLOAD':>9} {'FLICKR_T2I_R@1':>15} {'SPEED':>6}  STATUS"
+        f"{'NAME':<{name_width}} {'FAMILY':<{family_width}} {'DIM':>5} {'DOWNLOAD':>9} {'FLICKR_T2I_R@1':>15} "
+        f"{'SPEED':>6}  STATUS"
     )
     for row in rows:
         name = ("*" if row["default"] else " ") + row["name"]
         download = "-" if row["download_mb"] is None else f"{row['download_mb']:.0f} MB"
         status = click.style(row["status"], fg="green" if row["status"] in ("cached", "bundled") else None)
         click.echo(
-            f"{name:<{name_width}} {row['family']:<9} {_cell(row['embed_dim'], 'd'):>5} {download:>9} "
+            f"{name:<{name_width}} {row['family']:<{family_width}} {_cell(row['embed_dim'], 'd'):>5} {download:>9} "
             f"{_cell(row['flickr_t2i_r1'], '.1f'):>15} {_cell(row['speed_vs_vit_b32'], '.2f'):>6}  {status}"
         )
     sources = sorted({row["flickr_source"] for row in rows if row["flickr_source"]})

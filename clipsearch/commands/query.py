@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
-INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "ivfpq-disk")
 # A term with a negative weight, `-0.5:night` (see `retrieval.query.WEIGHT_PREFIX`), which click would read as
 # short options (`-0`, ..., `-n ight`).
 _NEGATIVE_WEIGHT = re.compile(r"-(?:\d+(?:\.\d*)?|\.\d+):")

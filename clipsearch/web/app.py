@@ -21,35 +21,63 @@ API reference (shapes are stable; fields may be added, never renamed or removed)
                     `/sub/folder` inside it (no `..`)
     after=DATE, before=DATE   only images taken (EXIF) at/after, or before, YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS]
     where=SQL       a LanceDB SQL filter over the store's columns but the paths, e.g. `format = 'PNG' AND width > 1000`
-  At least one of q, like and upload; given together, their unit vectors are summed (each weight 1).
+    threshold=auto  where the matches end: `auto` (the default for a query of texts alone) is the calibrated
+                    per-query cutoff of `clipsearch.Library.search(threshold="auto")`, which answers nothing when no
+                    image is a good match; a number (a cosine from -1 to 1; for a lone `@name` probe concept, a
+                    probability) drops the results below it; `none` (the default for any query with an image)
+                    keeps the whole ranking. `auto` for a query with an image or a concept is a 400.
+    weak=1          keep the results below the cutoff too, each marked `"weak": true` (default 0)
+  At least one of q, like and upload; given together, their unit vectors are summed (each weight 1). A text may
+  name a learned concept: `@rex`, or `@rex on a beach` (the concept plus the text, as `clipsearch query`); an
+  unknown name is a 400 listing the known ones (see `/api/concepts`).
 
 `POST /api/search` — a weighted combination, as JSON (Content-Type: application/json, at most 1 MB):
     {"terms": [{"text": "a dog", "weight": 1},
                {"id": "123", "box": [0.1, 0.1, 0.5, 0.5], "weight": 1},
                {"upload": "u...", "weight": -0.5}],
-     "k": 50, "offset": 0, "in": "Pictures/2023", "after": "2023-01-01", "before": "2024-01-01", "where": "..."}
+     "k": 50, "offset": 0, "in": "Pictures/2023", "after": "2023-01-01", "before": "2024-01-01", "where": "...",
+     "threshold": "auto", "weak": false}
   Each term has exactly one of text, id, upload; `weight` (default 1, may be negative) and `box` (a list of four
   numbers or "x0,y0,x1,y1", not with text) are optional. The query vector is the weighted sum of the terms' unit
   vectors, renormalised, as for `clipsearch query "2:a dog" + photo.jpg - "0.5:night"`.
 
   Both answer 200:
-    {"results": [HIT, ...], "offset": 0, "k": 50, "next_offset": 50 or null, "total_hint": 1234}
+    {"results": [HIT, ...], "offset": 0, "k": 50, "next_offset": 50 or null, "total_hint": 1234,
+     "threshold": "auto" or 0.25 or null, "cutoff": 0.8312 or null, "no_good_match": false}
   where HIT is
     {"id": "123", "rank": 1, "score": 0.3127, "root": "Pictures", "path": "2023/beach.jpg",
      "width": 4000, "height": 3000, "format": "JPEG", "taken_at": "2023-06-01T12:00:00" or null,
-     "camera": "Canon EOS 5D Mark IV" or null, "thumb": "/thumb/123", "file": "/file/123"}
+     "camera": "Canon EOS 5D Mark IV" or null, "thumb": "/thumb/123", "file": "/file/123", "weak": false}
   and, in a store indexed with --views, "view": [x0, y0, x1, y1] (fractions of the upright image) when one of
   the image's sub-views matched better than the whole image: the region to highlight.
   `id` is the store's row id as a string: stable while the file is unchanged, never reused. `root` is the display
   name of the indexed folder holding the image, `path` its path inside it ("/"-separated); absolute paths are
   never sent. Pages fit together without duplicates or gaps; `next_offset` is null on the last page; `total_hint`
-  counts the images ranked (those the filters let through). The stored images of a query (`like`, `id` terms) are
+  counts the images ranked (those the filters let through). `threshold` is the one applied, `cutoff` the score
+  below which results are weak (null without a threshold, or when nothing was ranked); `no_good_match` is true when
+  `auto` found no good match (results are then empty, or all weak with weak=1). Every page of a search is cut at
+  the same cutoff (computed from the ranking's best hit). The stored images of a query (`like`, `id` terms) are
   left out of its results. Text queries never fetch anything: a URL is searched for as text.
 
 `POST /api/uploads` — multipart/form-data with the image in the field `image` (at most --max-upload-mb, default
   25 MB; at most the --max-megapixels limit in pixels): 201 {"upload": "u...", "width": W, "height": H,
   "thumb": "/upload-thumb/u..."}. The upload's vector and a copy of at most 1024 px (for boxes) are kept in
   memory, the most recent 32 uploads; an older or unknown upload id answers 404 "upload it again".
+
+`GET /api/concepts` — the personal concepts learned with the served model (`clipsearch learn`, or below):
+    {"concepts": [CONCEPT, ...]}, by name, where CONCEPT is
+    {"name": "rex", "query": "@rex", "method": "probe" or "coop", "accuracy": 0.93 or null (held out; null when
+     too few examples to hold any out), "candidates": {"probe": 0.93, "coop": 0.88} or null (method auto),
+     "examples": 12, "negatives": 36, "seed": 0, "created_at": "2026-11-30T19:00:00+00:00"}
+`POST /api/concepts` — learn a concept from stored images, as JSON, and save it (replacing one of that name):
+    {"name": "rex", "positives": ["12", "15"], "negatives": ["20"], "method": "auto", "seed": 0, "steps": 200}
+  `name`: a letter, then letters, digits or _ (at most 64); `positives`: 1 to 1000 image ids; `negatives`
+  (optional: sampled from the store, seeded, when absent); `method`: probe (linear probe), coop (learned prompt
+  context) or auto (the better held-out accuracy; default); `steps`: CoOp's, 1..2000. Answers 201
+  {"concept": CONCEPT} once learned: a probe takes about a second, CoOp seconds, on a worker thread (the event
+  loop keeps serving; calls that need the library, searches and thumbnails, wait their turn). A bad name, method
+  or list is a 400, an id not in the store a 404. Then search with `q=@rex`.
+`DELETE /api/concepts/{name}` — forget a concept: {"removed": "rex"}; an unknown one is a 400 listing the known.
 
 `GET /thumb/{id}` — a WebP of at most 256 px on the long side, EXIF orientation applied, cached on disk under the
   store; `ETag` is the content hash, `Cache-Control: private, max-age=31536000, immutable` (an id's content never
@@ -101,12 +129,13 @@ from starlette.staticfiles import StaticFiles
 from clipsearch.web.security import Guard
 from clipsearch.web.thumbs import Thumbnails, thumbnail, webp_bytes
 from retrieval.errors import ClipsearchError, ImageLoadError, NotFoundError, QueryError, StoreError
-from retrieval.query import Term
+from retrieval.query import CONCEPT_TERM, Term, as_terms
 from retrieval.regions import Box, Region, StoredImage
 from retrieval.roots import display
 
 if TYPE_CHECKING:
     from clipsearch.library import Library
+    from retrieval.concepts import Concept
     from retrieval.query import SearchResult
     from retrieval.roots import Roots
 
@@ -196,11 +225,41 @@ def _where(params: Any) -> str | None:
     return where
 
 
-def _text_term(text: str) -> Term:
-    """A text query term: always text, never read as a path to an image or a URL to fetch."""
+def _text_terms(text: str, weight: float) -> list[Term]:
+    """The terms of a query text: a learned concept `@name`, optionally followed by a text ("@rex on a beach"),
+    or a text; never read as a path to an image or a URL to fetch."""
     if len(text) > MAX_TEXT:
         raise QueryError(f"the query text is {len(text)} characters long; keep it under {MAX_TEXT}")
-    return Term(1.0, "text", text)
+    concept = CONCEPT_TERM.fullmatch(text.strip())
+    if concept is None:
+        return [Term(weight, "text", text)]
+    rest = [Term(weight, "text", concept.group(2))] if concept.group(2) else []
+    return [Term(weight, "concept", concept.group(1)), *rest]
+
+
+def _threshold(params: Any, terms: list[Any]) -> float | str | None:
+    """The relevance threshold: a number, "auto" or "none"; by default "auto" for a query of texts alone (the
+    calibrated cutoff, `clipsearch.Library.search`) and none for any other."""
+    value = params.get("threshold")
+    if value in (None, ""):
+        return "auto" if all(term.kind == "text" for term in as_terms(terms)) else None
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not -1 <= number <= 1:
+        raise QueryError(f"threshold must be a cosine from -1 to 1, 'auto' or 'none', got {value!r}")
+    return number
+
+
+def _flag(params: Any, name: str) -> bool:
+    """A yes/no parameter: 1/true or 0/false (absent: false)."""
+    value = params.get(name, False)
+    if value in (True, False, "1", "true", "0", "false", ""):
+        return value in (True, "1", "true")
+    raise QueryError(f"{name} must be 1 or 0 (true or false), got {value!r}")
 
 
 def _row_id(value: Any) -> int:
@@ -243,6 +302,7 @@ def _hit(result: SearchResult, roots: Roots) -> dict[str, Any]:
         "camera": _camera(meta),
         "thumb": f"/thumb/{row_id}",
         "file": f"/file/{row_id}",
+        "weak": result.weak,
         **({"view": meta["view"]} if "view" in meta else {}),  # the sub-view that matched, to highlight
     }
 
@@ -304,7 +364,8 @@ class WebApp:
     async def search_get(self, request: Request) -> Response:
         """`GET /api/search`: a search from URL parameters."""
         params = request.query_params
-        unknown = set(params) - {"q", "like", "upload", "box", "k", "offset", "in", "after", "before", "where"}
+        unknown = set(params) - {"q", "like", "upload", "box", "k", "offset", "in", "after", "before", "where",
+                                 "threshold", "weak"}  # fmt: skip
         if unknown:
             raise QueryError(f"unknown parameter(s) {sorted(unknown)}; see the API reference in clipsearch/web/app.py")
         box = Box.parse(params["box"]) if params.get("box") else None
@@ -312,7 +373,7 @@ class WebApp:
             raise QueryError("box needs exactly one image to cut it from: give it with `like` or with `upload`")
         terms: list[Any] = []
         if params.get("q", "").strip():
-            terms.append(_text_term(params["q"]))
+            terms.extend(_text_terms(params["q"], 1.0))
         if "like" in params:
             terms.append(StoredImage(_row_id(params["like"]), box))
         if "upload" in params:
@@ -323,24 +384,17 @@ class WebApp:
 
     async def search_post(self, request: Request) -> Response:
         """`POST /api/search`: a weighted combination of terms, as JSON."""
-        try:
-            body = await _limited(request, MAX_JSON_BYTES).json()
-        except TooLarge:
-            return _error(413, f"the JSON body is over {MAX_JSON_BYTES >> 20} MB")
-        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the JSON parser goes
-            raise QueryError('the body must be JSON, e.g. {"terms": [{"text": "a dog"}], "k": 50}') from None
-        if not isinstance(body, dict):
-            raise QueryError('the body must be a JSON object, e.g. {"terms": [{"text": "a dog"}]}')
-        unknown = set(body) - {"terms", "k", "offset", "in", "after", "before", "where"}
+        body = await _json_body(request, '{"terms": [{"text": "a dog"}], "k": 50}')
+        unknown = set(body) - {"terms", "k", "offset", "in", "after", "before", "where", "threshold", "weak"}
         if unknown:
             raise QueryError(f"unknown field(s) {sorted(unknown)}; see the API reference in clipsearch/web/app.py")
         terms = body.get("terms")
         if not isinstance(terms, list) or not terms or len(terms) > 32:
             raise QueryError('"terms" must be a list of 1 to 32 terms, e.g. [{"text": "a dog", "weight": 1}]')
-        return await self._search([self._term(term) for term in terms], body)
+        return await self._search([part for term in terms for part in self._term(term)], body)
 
-    def _term(self, term: Any) -> tuple[float, Any]:
-        """A (weight, query term) from a JSON term."""
+    def _term(self, term: Any) -> list[Any]:
+        """The weighted query terms of a JSON term (a text may be `@name` and a text)."""
         if not isinstance(term, dict) or set(term) - {"text", "id", "upload", "box", "weight"}:
             raise QueryError(
                 f'a term is {{"text"|"id"|"upload": ..., "weight"?: 1, "box"?: [x0, y0, x1, y1]}}: {term!r}'
@@ -355,10 +409,10 @@ class WebApp:
         if kinds == ["text"]:
             if box is not None or not isinstance(term["text"], str) or not term["text"].strip():
                 raise QueryError(f"a text term needs a non-empty text and takes no box: {term!r}")
-            return float(weight), _text_term(term["text"])
+            return _text_terms(term["text"], float(weight))
         if kinds == ["id"]:
-            return float(weight), StoredImage(_row_id(term["id"]), box)
-        return float(weight), self._upload_term(term["upload"], box)
+            return [(float(weight), StoredImage(_row_id(term["id"]), box))]
+        return [(float(weight), self._upload_term(term["upload"], box))]
 
     def _upload_term(self, upload_id: Any, box: Box | None) -> Any:
         """An upload as a query term: its vector, or the region `box` of its kept copy."""
@@ -366,19 +420,24 @@ class WebApp:
         return upload.vector if box is None else Region(upload.image, box)
 
     async def _search(self, terms: list[Any], params: Any) -> Response:
-        """Run a search of `terms` with the paging and filter parameters of `params`, and shape its page."""
+        """Run a search of `terms` with the paging, filter and threshold parameters of `params`, and shape its
+        page."""
         k = _int(params, "k", DEFAULT_K, 1, MAX_K)
         offset = _int(params, "offset", 0, 0, MAX_OFFSET)
         after, before = _date(params, "after"), _date(params, "before")
         where, folder = _where(params), _text(params, "in")
+        threshold, weak = _threshold(params, terms), _flag(params, "weak")
 
         def run() -> tuple[Any, Roots]:
             roots = self.library.roots()
             in_dir = roots.folder(folder) if folder else None
-            page = self.library.search_page(terms, k, offset, where, in_dir=in_dir, after=after, before=before)
+            page = self.library.search_page(
+                terms, k, offset, where, in_dir=in_dir, after=after, before=before, threshold=threshold, show_weak=weak
+            )
             return page, roots
 
         page, roots = await self.call(run)
+        no_match = page.cutoff is not None and math.isinf(page.cutoff)
         return _json(
             {
                 "results": [_hit(r, roots) for r in page.results],
@@ -386,8 +445,43 @@ class WebApp:
                 "k": k,
                 "next_offset": page.next_offset,
                 "total_hint": page.total,
+                "threshold": threshold,
+                "cutoff": None if page.cutoff is None or no_match else round(page.cutoff, 6),
+                "no_good_match": no_match,
             }
         )
+
+    # ---- concepts ------------------------------------------------------------------------------
+
+    async def concepts(self, request: Request) -> Response:
+        """`GET /api/concepts`: the learned concepts of the model served."""
+        return _json({"concepts": [_concept(c) for c in await self.call(self.library.concepts)]})
+
+    async def learn(self, request: Request) -> Response:
+        """`POST /api/concepts`: learn a concept from stored images, on a worker thread (CoOp takes seconds)."""
+        from retrieval.concepts import METHODS, check_name
+
+        body = await _json_body(request, '{"name": "rex", "positives": ["12", "15"], "method": "auto"}')
+        unknown = set(body) - {"name", "positives", "negatives", "method", "seed", "steps"}
+        if unknown:
+            raise QueryError(f"unknown field(s) {sorted(unknown)}; see the API reference in clipsearch/web/app.py")
+        name = body.get("name")
+        check_name(name if isinstance(name, str) else "")
+        method = body.get("method", "auto")
+        if method not in METHODS:
+            raise QueryError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        positives, negatives = _ids(body, "positives", required=True), _ids(body, "negatives", required=False)
+        seed, steps = _int(body, "seed", 0, 0, 2**31 - 1), _int(body, "steps", 200, 1, 2000)
+        concept = await self.call(self.library.learn, name, positives, negatives, method, seed=seed, steps=steps)
+        return _json({"concept": _concept(concept)}, status=201)
+
+    async def forget(self, request: Request) -> Response:
+        """`DELETE /api/concepts/{name}`: remove a concept."""
+        from retrieval.concepts import check_name
+
+        name = check_name(request.path_params["name"])
+        await self.call(self.library.forget, name)
+        return _json({"removed": name})
 
     # ---- uploads -------------------------------------------------------------------------------
 
@@ -531,6 +625,47 @@ def _public_status(report: dict[str, Any], roots: Roots, model: str, images: int
     }
 
 
+async def _json_body(request: Request, example: str) -> dict[str, Any]:
+    """A request's JSON object body (at most MAX_JSON_BYTES; 413 beyond).
+
+    Raises:
+        QueryError: a body that is not a JSON object (the message shows `example`).
+    """
+    try:
+        body = await _limited(request, MAX_JSON_BYTES).json()
+    except TooLarge:
+        raise TooLarge(f"the JSON body is over {MAX_JSON_BYTES >> 20} MB") from None
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the JSON parser goes
+        raise QueryError(f"the body must be JSON, e.g. {example}") from None
+    if not isinstance(body, dict):
+        raise QueryError(f"the body must be a JSON object, e.g. {example}")
+    return body
+
+
+def _ids(body: dict[str, Any], name: str, required: bool) -> list[StoredImage]:
+    """A list of stored image ids (each a hit's `id`)."""
+    value = body.get(name, [])
+    if not isinstance(value, list) or len(value) > 1000 or (required and not value):
+        need = "1 to 1000" if required else "at most 1000"
+        raise QueryError(f'{name} must be a list of {need} image ids, e.g. ["12", "15"]')
+    return [StoredImage(_row_id(i)) for i in value]
+
+
+def _concept(concept: Concept) -> dict[str, Any]:
+    """A learned concept as the API shows it: no vectors, no paths."""
+    return {
+        "name": concept.name,
+        "query": f"@{concept.name}",
+        "method": concept.method,
+        "accuracy": concept.accuracy,
+        "candidates": concept.params.get("candidates"),
+        "examples": len(concept.example_ids),
+        "negatives": concept.params.get("negatives", len(concept.negative_ids)),
+        "seed": concept.seed,
+        "created_at": _iso(concept.created_at),
+    }
+
+
 def _limited(request: Request, limit: int) -> Request:
     """The request with a body that raises `TooLarge` as soon as more than `limit` bytes have streamed in."""
     declared = request.headers.get("content-length", "")
@@ -605,6 +740,9 @@ def create_app(
         Route("/api/search", web.search_post, methods=["POST"]),
         Route("/api/uploads", web.upload, methods=["POST"]),
         Route("/api/status", web.status),
+        Route("/api/concepts", web.concepts, methods=["GET"]),
+        Route("/api/concepts", web.learn, methods=["POST"]),
+        Route("/api/concepts/{name}", web.forget, methods=["DELETE"]),
         Route("/thumb/{id}", web.thumb),
         Route("/file/{id}", web.file),
         Route("/upload-thumb/{upload}", web.upload_thumb),

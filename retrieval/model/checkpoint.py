@@ -6,6 +6,7 @@ Formats read (`read_checkpoint`):
   with DataParallel's `module.` prefixes), read with `torch.load(weights_only=True)`;
 - .safetensors files with OpenAI key names;
 - Hugging Face `CLIPModel` folders (config.json + weights), converted by `convert_hf`;
+- open_clip's MobileCLIP2 checkpoints, whose train-time branches `convert_mobileclip` fuses;
 - our own folders: config.json {"format": "clipsearch-checkpoint", ...} + model.safetensors.
 
 Everything comes out as an OpenAI-layout float32 state dict plus its `CLIPConfig`.
@@ -40,8 +41,8 @@ from retrieval.model.torchscript import is_torchscript_archive, read_torchscript
 logger = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = (
-    "OpenAI TorchScript .pt, state-dict .pt/.pth/.bin, .safetensors, open_clip checkpoints (CLIP and SigLIP), "
-    "Hugging Face CLIPModel and SiglipModel folders, clipsearch checkpoint folders"
+    "OpenAI TorchScript .pt, state-dict .pt/.pth/.bin, .safetensors, open_clip checkpoints (CLIP, SigLIP, "
+    "MobileCLIP2), Hugging Face CLIPModel and SiglipModel folders, clipsearch checkpoint folders"
 )
 # Scalars OpenAI's TorchScript archives keep next to the weights; the config carries them instead.
 _TORCHSCRIPT_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -85,7 +86,7 @@ def read_checkpoint(path: str | os.PathLike[str], towers: Towers = "both") -> Ch
     config = CLIPConfig.from_state_dict(state_dict)
     # torch.load's tensors are memory-mapped: copy them so the model never depends on the file staying put.
     state_dict = _as_float32(CLIP.state_dict_for_towers(state_dict, towers), copy=kind != "torchscript")
-    return Checkpoint(state_dict, config, kind, path.stem, path)
+    return Checkpoint(_inference_form(state_dict, config, towers), config, kind, path.stem, path)
 
 
 def _read_folder(folder: Path, towers: Towers) -> Checkpoint:
@@ -138,14 +139,25 @@ def _read_safetensors(
             shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
             shapes = _to_openai_layout(shapes, path)
             if config is None:
-                activation = {} if hints is None else {"quick_gelu": hints.quick_gelu, "gelu_tanh": hints.gelu_tanh}
-                config = CLIPConfig.from_state_dict(shapes, **activation)
+                shown = {} if hints is None else hints._asdict()
+                config = CLIPConfig.from_state_dict(
+                    shapes, **{k: shown[k] for k in ("quick_gelu", "gelu_tanh", "image_size") if k in shown}
+                )
             prefixed = {k.removeprefix("module."): k for k in f.keys()}
             state_dict = {k: f.get_tensor(prefixed[k]) for k in CLIP.state_dict_for_towers(shapes, towers)}
     except (SafetensorError, OSError) as e:
         # A file the user named may be no checkpoint at all; a checkpoint folder's weights file can only be damaged.
         raise unreadable_weights_error(path, e, accepted=config is None) from e
-    return _as_float32(state_dict), config
+    return _inference_form(_as_float32(state_dict), config, towers), config
+
+
+def _inference_form(state_dict: dict[str, torch.Tensor], config: CLIPConfig, towers: Towers) -> dict[str, torch.Tensor]:
+    """A MobileCLIP2 state dict with its train-time branches fused (see `convert_mobileclip`); others as they are."""
+    if config.family != "mobileclip":
+        return state_dict
+    from retrieval.model.convert_mobileclip import reparameterize_state_dict
+
+    return reparameterize_state_dict(state_dict, config, towers)
 
 
 def _open_clip_hints(weights: Path) -> OpenClipHints | None:
@@ -270,7 +282,7 @@ def _skip_init() -> Iterator[None]:
 
 
 def build_model(checkpoint: Checkpoint, towers: Towers = "both", source: str | os.PathLike[str] = "") -> EmbeddingModel:
-    """A CLIP or SigLIP (per the config's family) of the checkpoint's architecture, holding its tensors (no copy).
+    """A CLIP, SigLIP or MobileCLIP (per the config's family) of the checkpoint's architecture, holding its tensors.
 
     Args:
         checkpoint: from `read_checkpoint`.

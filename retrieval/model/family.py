@@ -10,11 +10,12 @@ from typing import Union
 
 from retrieval.model.clip import CLIP, Towers
 from retrieval.model.config import CLIPConfig
+from retrieval.model.mobileclip import MobileCLIP
 from retrieval.model.siglip import SigLIP
 
-EmbeddingModel = Union[CLIP, SigLIP]  # noqa: UP007  # a runtime alias, used in isinstance checks too
-MODEL_CLASSES: tuple[type, ...] = (CLIP, SigLIP)
-_BY_FAMILY: dict[str, type] = {"clip": CLIP, "siglip": SigLIP}
+EmbeddingModel = Union[CLIP, SigLIP, MobileCLIP]  # noqa: UP007  # a runtime alias, used in isinstance checks too
+MODEL_CLASSES: tuple[type, ...] = (CLIP, SigLIP, MobileCLIP)
+_BY_FAMILY: dict[str, type] = {"clip": CLIP, "siglip": SigLIP, "mobileclip": MobileCLIP}
 
 
 def build_towers(config: CLIPConfig, towers: Towers = "both") -> EmbeddingModel:

@@ -72,13 +72,13 @@ def hub_url() -> str:
 
 
 def hub_folder(spec: ModelSpec) -> Path:
-    """The cache folder of a hub model's files at its revision."""
-    return cache_dir() / "hub" / str(spec.hub_repo).replace("/", "--") / spec.revision
+    """The cache folder of a hub model's files at its revision (one folder level, "refs/pr/1" -> "refs--pr--1")."""
+    return cache_dir() / "hub" / str(spec.hub_repo).replace("/", "--") / spec.revision.replace("/", "--")
 
 
 def file_url(spec: ModelSpec, filename: str) -> str:
-    """The hub URL of one of a model's files at its revision."""
-    return f"{hub_url()}/{spec.hub_repo}/resolve/{spec.revision}/{filename}"
+    """The hub URL of one of a model's files at its revision, quoted as huggingface_hub quotes it."""
+    return f"{hub_url()}/{spec.hub_repo}/resolve/{urllib.parse.quote(spec.revision, safe='')}/{filename}"
 
 
 def is_cached(spec: ModelSpec) -> bool:

@@ -30,6 +30,8 @@ class ModelInfo:
     tokenizer: str = "clip-bpe"  # the text tokenizer: CLIP's BPE, or "hf:<sha256[:16] of tokenizer.json>"
     # Added with ONNX Runtime encoders: "int8" (dynamically quantised weights) gives vectors of another space.
     precision: str = "float32"
+    # Added with MobileCLIP2; the default is what every model used before.
+    interpolation: str = "bicubic"  # the resize's resampling filter ("bicubic" or "bilinear")
 
     @property
     def table_name(self) -> str:
@@ -56,6 +58,7 @@ class ModelInfo:
             resize_mode=str(d.get("resize_mode", "shortest")),
             tokenizer=str(d.get("tokenizer", "clip-bpe")),
             precision=str(d.get("precision", "float32")),
+            interpolation=str(d.get("interpolation", "bicubic")),
         )
 
     @classmethod
@@ -79,6 +82,7 @@ class ModelInfo:
             std=preprocess.std,
             resize_mode=preprocess.resize_mode,
             tokenizer=tokenizer_identity(model),
+            interpolation=preprocess.interpolation,
         )
 
 
@@ -86,7 +90,7 @@ def tokenizer_identity(model: nn.Module) -> str:
     """What `ModelInfo.tokenizer` records: "clip-bpe", "hf:" + the tokenizer.json's SHA-256[:16], or "none"."""
     from retrieval.model.download import file_sha256
 
-    if model.config.family == "clip":
+    if model.config.family != "siglip":  # CLIP and MobileCLIP2 share CLIP's BPE
         return "clip-bpe"
     tokenizer_file = getattr(model, "tokenizer_file", None)
     return "none" if tokenizer_file is None else f"hf:{file_sha256(tokenizer_file)[:16]}"

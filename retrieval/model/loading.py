@@ -31,7 +31,7 @@ from retrieval.model.files import TOKENIZER_FILE
 from retrieval.model.hub import ensure_hub_files
 from retrieval.model.identity import ModelInfo, tokenizer_identity
 from retrieval.model.open_clip_files import find_open_clip_config, read_hints
-from retrieval.model.preprocess import RESIZE_MODES, Preprocess
+from retrieval.model.preprocess import INTERPOLATIONS, RESIZE_MODES, Preprocess
 from retrieval.model.registry import ModelSpec, check_model_name, default_model_name, get_spec, is_registered
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def load_model(
     model = build_model(checkpoint, towers=towers, source=source).to(target).eval()
     config = checkpoint.config
     preprocess = _preprocess_for(checkpoint)
-    if config.family != "clip":
+    if config.family == "siglip":
         model.tokenizer_file = _tokenizer_file(checkpoint.weights_file)
     model.info = ModelInfo(
         name=name or checkpoint.name,
@@ -140,6 +140,7 @@ def load_model(
         std=preprocess.std,
         resize_mode=preprocess.resize_mode,
         tokenizer=tokenizer_identity(model),
+        interpolation=preprocess.interpolation,
     )
     loaded = (model, preprocess)
     logger.info(
@@ -211,11 +212,12 @@ def _preprocess_for(checkpoint: Checkpoint) -> Preprocess:
     if config_file is None:
         return preprocess
     cfg = read_hints(config_file).preprocess
-    interpolation, resize_mode = cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", preprocess.resize_mode)
-    if interpolation != "bicubic" or resize_mode not in RESIZE_MODES:
+    interpolation = cfg.get("interpolation", preprocess.interpolation)
+    resize_mode = cfg.get("resize_mode", preprocess.resize_mode)
+    if interpolation not in INTERPOLATIONS or resize_mode not in RESIZE_MODES:
         raise CheckpointError(
-            f"{config_file} asks for {interpolation} resizing in {resize_mode!r} mode; clipsearch implements bicubic "
-            f"resizing in the modes {', '.join(RESIZE_MODES)}"
+            f"{config_file} asks for {interpolation} resizing in {resize_mode!r} mode; clipsearch implements "
+            f"{' and '.join(INTERPOLATIONS)} resizing in the modes {', '.join(RESIZE_MODES)}"
         )
     return Preprocess(
         image_size=preprocess.image_size,
@@ -223,6 +225,7 @@ def _preprocess_for(checkpoint: Checkpoint) -> Preprocess:
         std=tuple(float(x) for x in cfg.get("std", preprocess.std)),
         fast=preprocess.fast,
         resize_mode=resize_mode,
+        interpolation=interpolation,
     )
 
 

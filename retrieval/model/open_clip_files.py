@@ -42,6 +42,7 @@ class OpenClipHints(NamedTuple):
     quick_gelu: bool  # CLIP towers: QuickGELU (OpenAI, DFN) rather than exact GELU (LAION, DataComp)
     gelu_tanh: bool  # SigLIP image towers: tanh-approximated GELU
     preprocess: dict[str, Any]  # open_clip's preprocess_cfg: mean, std, interpolation, resize_mode
+    image_size: int | None  # the image tower's input size (what a convolutional tower's weights cannot say)
 
 
 def find_open_clip_config(path: Path) -> Path | None:
@@ -73,4 +74,5 @@ def read_hints(config_file: Path) -> OpenClipHints:
         quick_gelu=bool(model_cfg.get("quick_gelu", False)),
         gelu_tanh=vision_cfg.get("timm_model_name") in TIMM_GELU_TANH,
         preprocess=dict(data.get("preprocess_cfg") or {}),
+        image_size=vision_cfg.get("image_size") if isinstance(vision_cfg.get("image_size"), int) else None,
     )

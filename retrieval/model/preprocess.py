@@ -37,6 +37,11 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 # How an image becomes the model's square: "shortest" resizes the shorter side and centre-crops (CLIP),
 # "squash" resizes both sides to S without cropping (open_clip's SigLIP preprocessing).
 RESIZE_MODES = ("shortest", "squash")
+# MobileCLIP2-S0/S2 feed raw [0, 1] pixels: no normalisation.
+MOBILECLIP_MEAN = (0.0, 0.0, 0.0)
+MOBILECLIP_STD = (1.0, 1.0, 1.0)
+# Pillow's resampling filters by the names open_clip's preprocess_cfg uses (torchvision resizes PIL images with them).
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 # We enforce our own, configurable pixel limit (after draft() has shrunk a JPEG); Pillow's global one
 # would refuse huge JPEGs that draft() decodes at 1/8 scale without ever holding the full image.
@@ -164,8 +169,14 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _resize_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int) -> Image.Image:
-    """`image.resize(new_size, BICUBIC).crop(...)` of the S x S square at `corner`, computing only that square.
+def _resize_crop(
+    image: Image.Image,
+    new_size: tuple[int, int],
+    corner: tuple[int, int],
+    size: int,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> Image.Image:
+    """`image.resize(new_size, resample).crop(...)` of the S x S square at `corner`, computing only that square.
 
     Resizing everything first would turn a 100000x1 strip into a 22400000x224 image at 224 px (15 GB). Pillow's
     `box` is the square's region in source pixels; the filter still reads the pixels around it, so the result is
@@ -176,7 +187,7 @@ def _resize_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[in
     scale_x, scale_y = width / new_size[0], height / new_size[1]
     left, top = corner[0] * scale_x, corner[1] * scale_y
     right, bottom = min((corner[0] + size) * scale_x, width), min((corner[1] + size) * scale_y, height)
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, right, bottom))
+    return image.resize((size, size), resample, box=(left, top, right, bottom))
 
 
 @dataclass(frozen=True)
@@ -195,16 +206,22 @@ class Preprocess:
     # resize work 4x compared with stopping at 2*S, which matters when decoding competes with the encoder.
     fast: bool = True
     resize_mode: str = "shortest"  # one of RESIZE_MODES
+    interpolation: str = "bicubic"  # a key of INTERPOLATIONS: the resampling filter of the resize
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     @classmethod
     def from_config(cls, config: Any, fast: bool = True) -> Preprocess:
         """The preprocessing a `CLIPConfig` expects: its resolution, and its family's normalisation and resize."""
-        if getattr(config, "family", "clip") == "siglip":
+        family = getattr(config, "family", "clip")
+        if family == "siglip":
             return cls(config.vision.image_size, SIGLIP_MEAN, SIGLIP_STD, fast=fast, resize_mode="squash")
+        if family == "mobileclip":  # open_clip's MobileCLIP2-S0/S2 pretrained config
+            return cls(config.vision.image_size, MOBILECLIP_MEAN, MOBILECLIP_STD, fast=fast, interpolation="bilinear")
         return cls(image_size=config.vision.image_size, fast=fast)
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
@@ -229,11 +246,12 @@ class Preprocess:
         return torch.from_numpy(self.transform_array(image))
 
     def transform_array(self, image: Image.Image) -> np.ndarray:
-        """Resize the shorter side to S (bicubic), centre crop S x S, scale to [0, 1] and normalise: float32
-        [3, S, S], without torch.
+        """Resize the shorter side to S (bicubic, or `interpolation`), centre crop S x S, scale to [0, 1], normalise:
+        float32 [3, S, S], without torch.
 
-        With `resize_mode="squash"`, both sides are resized to S (bicubic) and nothing is cropped.
+        With `resize_mode="squash"`, both sides are resized to S and nothing is cropped.
         """
+        resample = INTERPOLATIONS[self.interpolation]
         size = self.image_size
         width, height = image.size
         if self.resize_mode == "squash":
@@ -245,10 +263,10 @@ class Preprocess:
         # round() half-to-even, as torchvision's centre crop does
         top, left = int(round((new_size[1] - size) / 2.0)), int(round((new_size[0] - size) / 2.0))
         if new_size[0] * new_size[1] > _RESIZE_BUDGET * size * size:
-            image = _resize_crop(image, new_size, (left, top), size)
+            image = _resize_crop(image, new_size, (left, top), size, resample)
         else:
             if new_size != image.size:
-                image = image.resize(new_size, Image.Resampling.BICUBIC)
+                image = image.resize(new_size, resample)
             image = image.crop((left, top, left + size, top + size))
         if image.mode != "RGB":
             image = image.convert("RGB")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ DEFAULT_MODEL = "ViT-B/32"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")  # "main", "v1.0", "refs/pr/1"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -27,17 +30,30 @@ class ModelSpec:
     path: Path | None = None  # bundled models: the checkpoint folder inside the package
     # Hub models: files of a Hugging Face-style repository at a revision (see hub.py).
     hub_repo: str | None = None  # "owner/name" on the hub
-    revision: str = "main"  # a commit hash pins the files; a branch name follows it
+    revision: str = "main"  # a commit hash pins the files (URL and cache folder); a branch name follows it
     files: tuple[str, ...] = ()  # the files to fetch: weights, open_clip_config.json, tokenizer files
     file_sha256: tuple[tuple[str, str], ...] = ()  # (file, SHA-256) pins; unpinned files use the hub's hash
     quick_gelu: bool | None = None  # overrides the hub config's activation when it is known to be wrong
     # For the `clipsearch models` table.
-    family: str = "CLIP"  # "CLIP", "OpenCLIP", "SigLIP2"
+    family: str = "CLIP"  # "CLIP", "OpenCLIP", "SigLIP2", "MobileCLIP2"
     embed_dim: int | None = None  # embedding length
     download_mb: float | None = None  # approximate download size
     flickr_t2i_r1: float | None = None  # published zero-shot Flickr30k text->image recall@1, in %
     flickr_source: str = ""  # where that figure is published
     arch: str | None = None  # the config preset with its architecture (benchmarks build it with random weights)
+
+    def __post_init__(self) -> None:
+        # The revision becomes part of a URL and of a cache folder's name: nothing that could climb out of either.
+        if not _REVISION.fullmatch(self.revision) or ".." in self.revision.split("/"):
+            raise ValueError(
+                f"model {self.name!r}: revision {self.revision!r} is not a commit hash or a branch or tag name; "
+                'pin a commit with its 40-hex-digit hash, or follow a branch such as "main"'
+            )
+
+    @property
+    def pinned(self) -> bool:
+        """True when the revision is a commit hash, so the files cannot change under the same name."""
+        return _COMMIT.fullmatch(self.revision) is not None
 
     @property
     def bundled(self) -> bool:
@@ -59,6 +75,7 @@ class ModelSpec:
 
 # Published zero-shot Flickr30k text->image recall@1 (1k test set), from open_clip's benchmark table.
 _OPEN_CLIP_RESULTS = "open_clip docs/openclip_retrieval_results.csv (Flickr image retr. R@1)"
+_MOBILECLIP_RESULTS = "apple/ml-mobileclip results/mobileclip2_s*.jsonl (Flickr image_retrieval_recall@1)"
 
 
 def _openai(
@@ -79,15 +96,19 @@ def _openai(
     )
 
 
-# Hub files are fetched at revision "main" and verified against the SHA-256 the hub announces for each: pinning a
-# commit and each file's SHA-256 needs a machine that can reach the hub, which this registry was not written on.
+# Hub files are fetched at revision "main" and verified against the SHA-256 the hub announces for each. An entry
+# is pinned by giving `revision` a commit hash (and `file_sha256` the files' hashes), which the download URL and
+# the cache folder then use; finding those needs a machine that can reach the hub, which this registry was not
+# written on, so every entry still follows "main".
 _OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 _SIGLIP2_FILES = (*_OPEN_CLIP_FILES, "tokenizer.json", "tokenizer_config.json")
 
 
-def _hub(name: str, repo: str, files: tuple[str, ...], description: str, **table: Any) -> ModelSpec:
-    """A model whose files come from a hub repository."""
-    return ModelSpec(name, description, hub_repo=repo, files=files, **table)
+def _hub(
+    name: str, repo: str, files: tuple[str, ...], description: str, revision: str = "main", **table: Any
+) -> ModelSpec:
+    """A model whose files come from a hub repository at a revision (a commit hash pins it)."""
+    return ModelSpec(name, description, hub_repo=repo, revision=revision, files=files, **table)
 
 
 _REGISTRY: dict[str, ModelSpec] = {
@@ -230,6 +251,30 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=768,
             download_mb=1500,
             arch="ViT-B-16-SigLIP2-256",
+        ),
+        _hub(
+            "MobileCLIP2-S0",
+            "timm/MobileCLIP2-S0-OpenCLIP",
+            _OPEN_CLIP_FILES,
+            "Apple MobileCLIP2-S0 (FastViT-MCi0) trained on DFNDR-2B, 256 px, 512-d (fast image tower)",
+            family="MobileCLIP2",
+            embed_dim=512,
+            download_mb=300,
+            flickr_t2i_r1=69.22,
+            flickr_source=_MOBILECLIP_RESULTS,
+            arch="MobileCLIP2-S0",
+        ),
+        _hub(
+            "MobileCLIP2-S2",
+            "timm/MobileCLIP2-S2-OpenCLIP",
+            _OPEN_CLIP_FILES,
+            "Apple MobileCLIP2-S2 (FastViT-MCi2) trained on DFNDR-2B, 256 px, 512-d",
+            family="MobileCLIP2",
+            embed_dim=512,
+            download_mb=397,
+            flickr_t2i_r1=74.82,
+            flickr_source=_MOBILECLIP_RESULTS,
+            arch="MobileCLIP2-S2",
         ),
         ModelSpec(
             "shapes-mini",

@@ -1,22 +1,29 @@
 // The page of `clipsearch serve`: a search box, a justified grid of thumbnails and a lightbox, over the JSON API
-// documented in clipsearch/web/app.py. Every search lives in the URL (q, like, upload, box, in, after, before),
-// so a search can be bookmarked, reloaded and gone back to; the page renders whatever the URL says. An optional
-// k in the URL sets how many results each request fetches.
+// documented in clipsearch/web/app.py. Every search lives in the URL (q, like, upload, box, in, after, before,
+// weak, threshold), so a search can be bookmarked, reloaded and gone back to; the page renders whatever the URL
+// says. An optional k in the URL sets how many results each request fetches. A text search is cut where its good
+// matches end (the API's calibrated "auto" threshold); weak=1 shows the weaker matches too, marked.
 
 const PAGE_SIZE = 50;
-const STATE_KEYS = ["q", "like", "upload", "box", "in", "after", "before", "k"];
+const STATE_KEYS = ["q", "like", "upload", "box", "in", "after", "before", "k", "weak", "threshold"];
 const MIN_BOX = 0.03; // a drag smaller than this (a fraction of the photo's side) is a click, not a box
+const BOX_STEP = 0.05; // how far an arrow key moves or resizes the keyboard's box (a fraction of the photo's side)
+const CONCEPT_NAME = /^[A-Za-z][A-Za-z0-9_]{0,63}$/; // what can follow @ in a query (retrieval/concepts.py)
 
 const $ = (id) => document.getElementById(id);
 
 const view = {
   hits: [], // the results shown, in order
   next: null, // next_offset of the last page, or null
+  cut: false, // whether the search's results are cut at a relevance cutoff (weaker ones left out or marked)
+  ranked: 0, // how many images the search ranked (total_hint)
   loading: false,
   generation: 0, // bumped by every new search, so an older search's late answer is dropped
   current: -1, // the hit shown in the lightbox
   opener: null, // the element to give focus back to when the lightbox closes
+  keyBox: null, // [x0, y0, x1, y1] of the box being drawn with the keyboard, or null
   images: null, // how many images the store holds (from /api/status)
+  selected: new Map(), // id -> hit: the tiles ticked to learn a concept from (kept across searches)
 };
 
 // ---- the URL is the state ----------------------------------------------------------------------
@@ -111,6 +118,10 @@ function syncControls(state) {
   const filtered = Boolean(state.in || state.after || state.before);
   $("clear-filters").hidden = !filtered;
   for (const id of ["in", "after", "before"]) $(id).closest(".chip").classList.toggle("active", Boolean(state[id]));
+  for (const chip of document.querySelectorAll("#concepts .concept")) {
+    chip.setAttribute("aria-pressed", String(chip.textContent === state.q));
+    chip.classList.toggle("active", chip.textContent === state.q);
+  }
 }
 
 function showQuery(state) {
@@ -131,9 +142,11 @@ function clearResults() {
   view.generation += 1;
   view.hits = [];
   view.next = null;
+  view.cut = false;
   view.loading = false;
   $("results").replaceChildren();
   $("more").hidden = true;
+  $("weaker").hidden = true;
   showMessage(null);
 }
 
@@ -146,12 +159,17 @@ function showStart() {
   }
 }
 
-function showMessage(kind, title, text) {
+function showMessage(kind, title, text, action) {
+  // `action`, optional: { label, run }, a button under the message
   const box = $("message");
   box.hidden = !kind;
   box.dataset.state = kind || "";
   $("message-title").textContent = title || "";
   $("message-text").replaceChildren(...codeSpans(text || ""));
+  const button = $("message-action");
+  button.hidden = !action;
+  button.textContent = action ? action.label : "";
+  button.onclick = action ? action.run : null;
 }
 
 function codeSpans(text) {
@@ -176,8 +194,13 @@ async function search(state, offset) {
     const page = await api(`/api/search?${params}`);
     if (generation !== view.generation) return;
     view.next = page.next_offset;
+    view.cut = page.cutoff !== null || page.no_good_match;
+    view.ranked = page.total_hint;
     addTiles(page.results);
-    if (view.hits.length === 0) showNoResults(state);
+    if (view.hits.length === 0) {
+      if (page.no_good_match) showNoGoodMatch(state);
+      else showNoResults(state);
+    }
   } catch (error) {
     if (generation !== view.generation) return;
     if (view.images === 0 && offset === 0) {
@@ -190,8 +213,33 @@ async function search(state, offset) {
       view.loading = false;
       $("results").removeAttribute("aria-busy");
       $("more").hidden = view.next === null;
+      showWeakerToggle(state);
     }
   }
+}
+
+function showNoGoodMatch(state) {
+  showMessage(
+    "no-match",
+    "No good match",
+    `None of your photos matches “${state.q}” well enough to be sure.`,
+    { label: "Show the weaker matches", run: () => go({ ...readState(), weak: "1" }) },
+  );
+}
+
+function showWeakerToggle(state) {
+  // at the end of a cut ranking: show the weaker matches too (marked), or hide them again
+  const button = $("weaker");
+  const hidden = view.cut && !state.weak && view.hits.length > 0 && view.hits.length < view.ranked;
+  button.hidden = view.next !== null || !(hidden || (state.weak && view.hits.length > 0));
+  button.textContent = state.weak ? "Hide the weaker matches" : "Show the weaker matches";
+}
+
+function toggleWeaker() {
+  const state = readState();
+  if (state.weak) delete state.weak;
+  else state.weak = "1";
+  go(state);
 }
 
 function showNoResults(state) {
@@ -218,7 +266,8 @@ function addTiles(hits) {
 }
 
 function tile(hit, index) {
-  const ratio = Math.min(2.5, Math.max(0.5, (hit.width || 1) / (hit.height || 1)));
+  const natural = (hit.width || 1) / (hit.height || 1);
+  const ratio = Math.min(2.5, Math.max(0.5, natural));
   const figure = document.createElement("figure");
   figure.className = "tile";
   figure.dataset.id = hit.id;
@@ -235,6 +284,7 @@ function tile(hit, index) {
   img.src = hit.thumb;
   img.alt = name(hit);
   open.append(img);
+  if (hit.view) open.append(viewOutline(coverBox(hit.view, natural, ratio)));
   open.addEventListener("click", () => openLightbox(index, open));
 
   const score = document.createElement("span");
@@ -249,8 +299,43 @@ function tile(hit, index) {
   like.setAttribute("aria-label", `More like ${name(hit)}`);
   like.addEventListener("click", () => moreLike(hit.id));
 
-  figure.append(open, score, like);
+  const pick = document.createElement("input");
+  pick.type = "checkbox";
+  pick.className = "pick";
+  pick.checked = view.selected.has(hit.id);
+  pick.setAttribute("aria-label", `Select ${name(hit)}`);
+  pick.addEventListener("change", () => select(hit, pick.checked));
+
+  figure.classList.toggle("selected", pick.checked);
+  figure.append(open, score, like, pick);
+  if (hit.weak) {
+    figure.classList.add("weak");
+    const mark = document.createElement("span");
+    mark.className = "weak-mark";
+    mark.textContent = "weak";
+    mark.title = "A weak match: below where this search's good matches end";
+    img.alt = `${name(hit)} (weak match)`;
+    figure.append(mark);
+  }
   return figure;
+}
+
+function viewOutline(box) {
+  // the part of the photo (one of its sub-views) that matched better than the whole photo
+  const outline = document.createElement("span");
+  outline.className = "view-box";
+  outline.title = "The part of the photo that matched";
+  placeBox(outline, box);
+  return outline;
+}
+
+function coverBox([x0, y0, x1, y1], natural, shown) {
+  // a box of the photo in the tile's coordinates, where the photo covers a tile of another aspect ratio (cropped)
+  const keepX = natural > shown ? shown / natural : 1; // the share of the photo's width the tile shows
+  const keepY = natural < shown ? natural / shown : 1;
+  const x = (v) => Math.min(1, Math.max(0, (v - (1 - keepX) / 2) / keepX));
+  const y = (v) => Math.min(1, Math.max(0, (v - (1 - keepY) / 2) / keepY));
+  return [x(x0), y(y0), x(x1), y(y1)];
 }
 
 function name(hit) {
@@ -262,6 +347,90 @@ function moreLike(id, box) {
   if (box) state.box = box;
   go(state);
   window.scrollTo({ top: 0 });
+}
+
+// ---- personal concepts: select tiles, learn, search with @name ------------------------------------
+
+function select(hit, on) {
+  if (on) view.selected.set(hit.id, hit);
+  else view.selected.delete(hit.id);
+  for (const figure of document.querySelectorAll(`#results .tile[data-id="${CSS.escape(hit.id)}"]`)) {
+    figure.classList.toggle("selected", on);
+    figure.querySelector(".pick").checked = on;
+  }
+  showSelection();
+}
+
+function showSelection() {
+  const count = view.selected.size;
+  $("selection").hidden = count === 0;
+  document.body.classList.toggle("selecting", count > 0);
+  $("selected-count").textContent = `${count} photo${count === 1 ? "" : "s"} selected`;
+}
+
+function clearSelection() {
+  for (const hit of [...view.selected.values()]) select(hit, false);
+  $("concept-message").textContent = "";
+}
+
+function conceptMessage(kind, text) {
+  const message = $("concept-message");
+  message.dataset.state = kind;
+  message.textContent = text;
+}
+
+async function learnConcept(event) {
+  event.preventDefault();
+  const input = $("concept-name");
+  const name = input.value.trim();
+  if (!CONCEPT_NAME.test(name)) {
+    input.setAttribute("aria-invalid", "true");
+    conceptMessage("error", "A name starts with a letter, then letters, digits or _ (e.g. rex or grandmas_kitchen).");
+    input.focus();
+    return;
+  }
+  input.removeAttribute("aria-invalid");
+  const method = $("concept-method").value;
+  $("learn").disabled = true;
+  conceptMessage("busy", `Learning @${name} from ${view.selected.size} photos…`);
+  try {
+    const body = JSON.stringify({ name, method, positives: [...view.selected.keys()] });
+    const answer = await api("/api/concepts", { method: "POST", headers: { "Content-Type": "application/json" }, body });
+    const concept = answer.concept;
+    const accuracy = concept.accuracy === null ? "too few photos to hold any out" : `held-out accuracy ${concept.accuracy.toFixed(2)}`;
+    clearSelection();
+    input.value = "";
+    conceptMessage("done", `Learned @${concept.name} (${concept.method}, ${accuracy}).`);
+    await loadConcepts();
+  } catch (error) {
+    conceptMessage("error", error.message);
+  } finally {
+    $("learn").disabled = false;
+  }
+}
+
+async function loadConcepts() {
+  try {
+    showConcepts((await api("/api/concepts")).concepts);
+  } catch {
+    showConcepts([]);
+  }
+}
+
+function showConcepts(concepts) {
+  const nav = $("concepts");
+  nav.hidden = concepts.length === 0;
+  nav.querySelectorAll(".concept").forEach((chip) => chip.remove());
+  for (const concept of concepts) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "chip concept";
+    chip.textContent = concept.query;
+    chip.title = `Search for ${concept.query} (${concept.method}, ${concept.examples} example photos)`;
+    chip.addEventListener("click", () => go({ ...filtersOf(readState()), q: concept.query }));
+    nav.append(chip);
+  }
+  syncControls(readState());
 }
 
 // ---- the lightbox ------------------------------------------------------------------------------
@@ -282,6 +451,10 @@ function showInLightbox(index) {
   img.alt = name(hit);
   $("lightbox").dataset.id = hit.id;
   $("lb-box").hidden = true;
+  $("lb-view").hidden = !hit.view;
+  if (hit.view) placeBox($("lb-view"), hit.view);
+  view.keyBox = null;
+  delete $("lightbox").dataset.drawing;
   $("lb-file").href = hit.file;
   $("lb-prev").disabled = index === 0;
   $("lb-next").disabled = index === view.hits.length - 1 && view.next === null;
@@ -324,6 +497,7 @@ function showMeta(hit) {
     ["Format", hit.format],
     ["Taken", hit.taken_at ? hit.taken_at.replace("T", " ") : null],
     ["Camera", hit.camera],
+    ["Matched", hit.view ? "the outlined part of the photo" : null],
   ];
   const list = $("lb-meta");
   list.replaceChildren();
@@ -343,13 +517,27 @@ function closeLightbox() {
 }
 
 function onLightboxKey(event) {
-  if (event.key === "ArrowLeft") showInLightbox(view.current - 1);
+  if (view.keyBox) {
+    onBoxKey(event);
+    return;
+  }
+  if ((event.key === "b" || event.key === "B") && !event.ctrlKey && !event.metaKey && !event.altKey) startKeyBox();
+  else if (event.key === "ArrowLeft") showInLightbox(view.current - 1);
   else if (event.key === "ArrowRight") showInLightbox(view.current + 1);
   else return;
   event.preventDefault();
 }
 
+function onLightboxCancel(event) {
+  // Esc while drawing a box cancels the box, not the lightbox
+  if (!view.keyBox) return;
+  event.preventDefault();
+  cancelKeyBox();
+}
+
 function onLightboxClosed() {
+  view.keyBox = null;
+  delete $("lightbox").dataset.drawing;
   const opener = view.opener;
   view.opener = null;
   $("lb-img").removeAttribute("src");
@@ -396,6 +584,65 @@ function startBox(event) {
   frame.addEventListener("pointermove", move);
   frame.addEventListener("pointerup", end);
   frame.addEventListener("pointercancel", end);
+}
+
+// ---- drawing a box with the keyboard: B starts one, arrows move, Shift+arrows resize, Enter, Esc ----
+
+function startKeyBox() {
+  view.keyBox = [0.35, 0.35, 0.65, 0.65];
+  placeBox($("lb-box"), view.keyBox);
+  $("lb-box").hidden = false;
+  $("lightbox").dataset.drawing = "true";
+  announce(`Drawing a box. Arrow keys move it, Shift and arrow keys resize it, Enter searches for what is inside, Escape cancels. ${whereBox(view.keyBox)}`);
+}
+
+function onBoxKey(event) {
+  const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  if (event.key in moves) {
+    const [dx, dy] = moves[event.key].map((v) => v * BOX_STEP);
+    view.keyBox = event.shiftKey ? resizedBox(view.keyBox, dx, dy) : movedBox(view.keyBox, dx, dy);
+    placeBox($("lb-box"), view.keyBox);
+    announce(whereBox(view.keyBox));
+  } else if (event.key === "Enter") {
+    const box = view.keyBox;
+    const id = view.hits[view.current].id;
+    view.keyBox = null;
+    closeLightbox();
+    moreLike(id, box.map((v) => v.toFixed(4)).join(","));
+  } else {
+    return; // Esc goes on to the dialog, whose cancel event then cancels the box (onLightboxCancel)
+  }
+  event.preventDefault();
+}
+
+function movedBox([x0, y0, x1, y1], dx, dy) {
+  // the whole box moves, stopping at the photo's edges
+  const mx = Math.min(Math.max(dx, -x0), 1 - x1);
+  const my = Math.min(Math.max(dy, -y0), 1 - y1);
+  return [x0 + mx, y0 + my, x1 + mx, y1 + my];
+}
+
+function resizedBox([x0, y0, x1, y1], dx, dy) {
+  // the right and bottom edges move: right/down grow the box, left/up shrink it, never below two steps
+  const right = Math.min(1, Math.max(x0 + 2 * BOX_STEP, x1 + dx));
+  const bottom = Math.min(1, Math.max(y0 + 2 * BOX_STEP, y1 + dy));
+  return [x0, y0, right, bottom];
+}
+
+function whereBox([x0, y0, x1, y1]) {
+  const pct = (v) => Math.round(v * 100);
+  return `Box from ${pct(x0)} to ${pct(x1)} percent across, ${pct(y0)} to ${pct(y1)} percent down.`;
+}
+
+function cancelKeyBox() {
+  view.keyBox = null;
+  $("lb-box").hidden = true;
+  delete $("lightbox").dataset.drawing;
+  announce("Box cancelled.");
+}
+
+function announce(text) {
+  $("lb-announce").textContent = text;
 }
 
 function parseBox(text) {
@@ -526,6 +773,9 @@ function wireControls() {
     document.body.classList.toggle("no-scores", !scores.checked);
   });
   $("more").addEventListener("click", loadMore);
+  $("weaker").addEventListener("click", toggleWeaker);
+  $("selection").addEventListener("submit", learnConcept);
+  $("unselect").addEventListener("click", clearSelection);
   new IntersectionObserver((entries) => {
     if (entries.some((entry) => entry.isIntersecting)) loadMore();
   }, { rootMargin: "800px" }).observe($("more"));
@@ -542,6 +792,7 @@ function wireLightbox() {
   const dialog = $("lightbox");
   dialog.addEventListener("keydown", onLightboxKey);
   dialog.addEventListener("close", onLightboxClosed);
+  dialog.addEventListener("cancel", onLightboxCancel);
   dialog.addEventListener("click", (event) => {
     if (event.target === dialog) closeLightbox(); // a click on the backdrop
   });
@@ -565,7 +816,7 @@ async function start() {
     render();
   });
   showMessage("busy", "Opening the store…", "The model and the search index are loading.");
-  await loadStatus();
+  await Promise.all([loadStatus(), loadConcepts()]);
   render();
   document.body.dataset.ready = "true";
 }
