@@ -120,7 +120,7 @@ def family_tokens(config: CLIPConfig, prompt: str) -> torch.Tensor:
     length cost the same as the real ones.
     """
     if config.family in ("clip", "mobileclip"):
-        return tokenize(prompt, context_length=config.text.context_length)  # [1, L]
+        return torch.from_numpy(tokenize(prompt, context_length=config.text.context_length))  # [1, L]
     generator = torch.Generator().manual_seed(SEED)
     return torch.randint(0, config.text.vocab_size, (1, config.text.context_length), generator=generator)
 
@@ -213,7 +213,7 @@ def main() -> None:
 
     size = config.vision.image_size
     pixels = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(SEED))
-    tokens = tokenize(args.prompt)  # [1, 77]
+    tokens = torch.from_numpy(tokenize(args.prompt))  # [1, 77]
     with torch.inference_mode():
         ref_image = reference.encode_image(pixels[:4]).float()
         ref_text = reference.encode_text(tokens).float()

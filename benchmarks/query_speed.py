@@ -8,18 +8,21 @@ idle core when the machine's cores are shared. Queries/s counts the
 search alone, one query at a time. Recall@10 is measured against exact search with held-out vectors drawn
 from the stored collection's distribution (random-weight text vectors have no relation to it).
 
-Cold: a whole `clipsearch query` process on a store of 100k planted vectors (written through the store's own
-write API, with a saved random-weights ViT-B/32 checkpoint as the model), next to `python -c "import torch"`
-measured in the same run. The store is unchanged since its index was saved (as after `clipsearch index`), so
-the default table output is answered from the saved index without opening LanceDB; `--json` needs every
-result's metadata from the store, and is timed too. The page cache is warm (the first, untimed run reads the
-files); "cold" means a new process that imports and loads everything.
+Cold (`--cold` runs only this): a whole `clipsearch query` process on a store of 100k planted vectors (synthetic,
+written through the store's own write API, with a saved random-weights ViT-B/32 checkpoint as the model and its
+text tower exported to ONNX, as the first query or `clipsearch index` leaves it), interleaved run by run with
+`python -c "import onnxruntime"` and `python -c "import torch"`. The store is unchanged since its index was saved
+(as after `clipsearch index`), so the default table output is answered from the saved index without opening
+LanceDB and the text is encoded in ONNX Runtime without torch; `--json` needs every result's metadata from the
+store (LanceDB), and is timed too. The page cache is warm (the first, untimed round reads the files); "cold"
+means a new process that imports and loads everything.
 
 The vectors are random but clustered like image embeddings: unit vectors around 4096 centres, spread in a
 shared 64-dimensional subspace plus isotropic noise.
 
     python benchmarks/query_speed.py                       # the full run (~10-15 min on 2 cores)
     python benchmarks/query_speed.py --sizes 20000 --kinds flat ivf --cold-size 20000   # a quick look
+    python benchmarks/query_speed.py --cold                # the cold query alone
 """
 
 from __future__ import annotations
@@ -190,6 +193,7 @@ def build_cold_store(root: Path, n: int) -> tuple[Path, Path]:
     from retrieval.model.clip import CLIP
     from retrieval.model.config import PRESETS
     from retrieval.model.loading import load_model
+    from retrieval.model.query_text import export_text_tower
     from retrieval.store import ImageRow, Store, utc_now
     from retrieval.types import ImageMetadata
 
@@ -218,29 +222,28 @@ def build_cold_store(root: Path, n: int) -> tuple[Path, Path]:
             ]
         )
     open_index(store)  # saved beside the store, as `clipsearch index` leaves it
+    export_text_tower(model)  # as the first query (or `clipsearch index`) leaves it: the text tower in ONNX
     return checkpoint, db
 
 
-def time_process(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
-    """Wall-clock seconds of `runs` runs of a process (after one untimed run that warms the page cache)."""
-    times = []
-    for i in range(runs + 1):
-        start = time.perf_counter()
-        done = subprocess.run(argv, env=env, capture_output=True, text=True)
-        elapsed = time.perf_counter() - start
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
-        if i:
-            times.append(elapsed)
-    return times
+def wall_seconds(argv: list[str], env: dict[str, str]) -> float:
+    """Wall-clock seconds of one run of a process, which must succeed."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
+    return elapsed
 
 
 def cold(n: int, runs: int) -> dict:
-    """Median wall time of a whole `clipsearch query` process and of `python -c "import torch"`."""
+    """Median wall times of whole processes, interleaved run by run so that drifts in machine load hit each alike: a
+    text `clipsearch query` (table output, then --json), `python -c "import onnxruntime"` and `python -c "import
+    torch"`; and the query's ratio to `import torch`."""
     with tempfile.TemporaryDirectory(prefix="query_speed_") as tmp:
         root = Path(tmp)
         env = {**os.environ, "CLIPSEARCH_CACHE": str(root / "cache"), "CLIPSEARCH_HOME": str(root / "db")}
-        os.environ["CLIPSEARCH_CACHE"] = env["CLIPSEARCH_CACHE"]  # the weights hash is remembered there
+        os.environ["CLIPSEARCH_CACHE"] = env["CLIPSEARCH_CACHE"]  # the weights hash and the ONNX export live there
         started = time.perf_counter()
         checkpoint, db = build_cold_store(root, n)
         print(f"# cold store of {n:,} rows built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -249,17 +252,28 @@ def cold(n: int, runs: int) -> dict:
             [str(script)] if script.exists() else [sys.executable, "-c", "from clipsearch.cli import main; main()"]
         )
         query = [*clipsearch, "query", "a photo of a dog", "--model", str(checkpoint), "--db", str(db), "-n", "10"]
-        query_times = time_process(query, env, runs)
-        json_times = time_process([*query, "--json"], env, runs)
-        torch_times = time_process([sys.executable, "-c", "import torch"], env, runs)
+        commands = {
+            "query": query,
+            "json": [*query, "--json"],
+            "onnxruntime": [sys.executable, "-c", "import onnxruntime"],
+            "torch": [sys.executable, "-c", "import torch"],
+        }
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for i in range(runs + 1):  # the first round, untimed, warms the page cache
+            for name, argv in commands.items():
+                elapsed = wall_seconds(argv, env)
+                if i:
+                    times[name].append(elapsed)
+    median = {name: statistics.median(values) for name, values in times.items()}
     return {
         "n": n,
-        "clipsearch_query_s": round(statistics.median(query_times), 3),
-        "clipsearch_query_json_s": round(statistics.median(json_times), 3),
-        "import_torch_s": round(statistics.median(torch_times), 3),
-        "query_runs_s": [round(t, 3) for t in query_times],
-        "json_runs_s": [round(t, 3) for t in json_times],
-        "torch_runs_s": [round(t, 3) for t in torch_times],
+        "clipsearch_query_s": round(median["query"], 3),
+        "clipsearch_query_json_s": round(median["json"], 3),
+        "import_onnxruntime_s": round(median["onnxruntime"], 3),
+        "import_torch_s": round(median["torch"], 3),
+        "query_vs_import_torch": round(median["query"] / median["torch"], 3),
+        "json_vs_import_torch": round(median["json"] / median["torch"], 3),
+        **{f"{name}_runs_s": [round(t, 3) for t in values] for name, values in times.items()},
     }
 
 
@@ -269,10 +283,11 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="index types")
     parser.add_argument("--cold-size", type=int, default=COLD_SIZE, help="images in the cold query's store (0: skip)")
     parser.add_argument("--cold-runs", type=int, default=COLD_RUNS, help="timed cold process runs")
+    parser.add_argument("--cold", action="store_true", help="only the cold query (no warm runs)")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    rows = warm(args.sizes, args.kinds)
+    rows = [] if args.cold else warm(args.sizes, args.kinds)
     print(
         f"{'n':>9} {'index':>6} {'build s':>8} {'p50 ms':>7} {'p95 ms':>7} {'cpu ms':>7} {'enc ms':>7} "
         f"{'search ms':>9} {'q/s':>8} {'recall@10':>9}"
@@ -284,7 +299,7 @@ def main() -> None:
             f"{r['recall_at_10']:>9.3f}"
         )
     summary: dict = {"benchmark": "query_speed", "warm": rows}
-    for n in args.sizes:
+    for n in [] if args.cold else args.sizes:
         at_n = {r["kind"]: r for r in rows if r["n"] == n}
         if "flat" in at_n:
             exact_qps = at_n["flat"]["search_qps"]
@@ -301,8 +316,10 @@ def main() -> None:
         c = summary["cold"]
         print(
             f"cold `clipsearch query` on {c['n']:,} images: {c['clipsearch_query_s']:.2f} s median "
-            f"({c['clipsearch_query_json_s']:.2f} s with --json); "
-            f"`python -c 'import torch'`: {c['import_torch_s']:.2f} s"
+            f"({c['clipsearch_query_json_s']:.2f} s with --json); `python -c 'import onnxruntime'`: "
+            f"{c['import_onnxruntime_s']:.2f} s; `python -c 'import torch'`: {c['import_torch_s']:.2f} s; "
+            f"query / import torch = {c['query_vs_import_torch']:.2f}x (target <= 0.35), --json "
+            f"{c['json_vs_import_torch']:.2f}x"
         )
     summary["total_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary))

@@ -30,7 +30,14 @@ import numpy as np
 from clipsearch.library_concepts import ConceptMethods
 from clipsearch.library_serving import ServingMethods, unchanged_since_indexed
 from retrieval.errors import ImageLoadError, ModelMismatchError, NotFoundError, QueryError, StoreError
-from retrieval.model.query_text import encode_query_texts, query_text_model, warn_if_cut
+from retrieval.model.query_text import (
+    encode_onnx_query_texts,
+    encode_query_texts,
+    export_text_tower,
+    onnx_text_encoder,
+    query_text_model,
+    warn_if_cut,
+)
 from retrieval.query import (
     IMAGENET_TEMPLATES,
     SearchResult,
@@ -63,6 +70,7 @@ if TYPE_CHECKING:
     from retrieval.faiss_index import AnnIndex
     from retrieval.model.clip import CLIP
     from retrieval.model.identity import ModelInfo
+    from retrieval.model.onnx_runtime import OnnxEncoder
     from retrieval.model.preprocess import Preprocess
     from retrieval.row_cache import RowCache
     from retrieval.store import Store
@@ -159,7 +167,7 @@ class Library(ConceptMethods, ServingMethods):
         if text_precision not in ("auto", "float32"):
             raise ValueError(f"text_precision must be 'auto' or 'float32', got {text_precision!r}")
         if db is None:
-            from retrieval.store import default_db_dir
+            from retrieval.catalog import default_db_dir
 
             db = default_db_dir()
         self.db = Path(db).expanduser().absolute()
@@ -181,6 +189,10 @@ class Library(ConceptMethods, ServingMethods):
         self._index_version: int | None = None
         self._saved: SavedIndex | None = None
         self._query_text_model: CLIP | None = None
+        self._onnx_text: OnnxEncoder | None = None
+        self._onnx_looked_for = False
+        self._stored: ModelInfo | None = None
+        self._stored_read = False
         self._store_checked = False
         self._duplicates: tuple[tuple[int, float], list[DuplicateGroup]] | None = None
         self._views: tuple[int, ViewIndex | None] | None = None  # (store version, the sub-views' index)
@@ -213,9 +225,41 @@ class Library(ConceptMethods, ServingMethods):
 
     @property
     def model_info(self) -> ModelInfo:
-        """The identity of the model's embedding space (loads the text tower if no tower is loaded yet)."""
+        """The identity of the model's embedding space: a loaded tower's, else the store's record of it when that
+        can be read without torch (`_stored_info`), else the text tower's (loading it)."""
+        if not self._models and self._given_model is None:
+            stored = self._stored_info()
+            if stored is not None:
+                return stored
         model, _ = next(iter(self._models.values())) if self._models else self._model("text")
         return model.info
+
+    def _stored_info(self) -> ModelInfo | None:
+        """The identity the store's saved index records for this library's model, read without torch: only for a
+        registry model whose (name, weights hash) is known before it loads (`known_identity`), and only while every
+        table's saved index is current (`saved_tables`); else None."""
+        if not self._stored_read:
+            from retrieval.ann import saved_tables
+            from retrieval.model.registry import known_identity
+
+            self._stored_read = True
+            identity = known_identity(self.model_name)
+            tables = saved_tables(self.db) if identity is not None and self.db.is_dir() else None
+            for model, _ in tables or []:
+                float32 = getattr(model, "precision", "float32") == "float32"  # an int8 table is another space
+                if (model.name, model.weights_sha256) == identity and float32:
+                    self._stored = model
+        return self._stored
+
+    def _onnx_text_encoder(self, texts: int) -> OnnxEncoder | None:
+        """For a one-shot library (`text_precision="float32"`) that has no torch text tower loaded and was given no
+        model: the text tower of a fresh ONNX export of the model (`onnx_text_encoder`), looked for once; None means
+        torch."""
+        one_shot = self.text_precision == "float32" and self._given_model is None
+        if not self._onnx_looked_for and self._query_text_model is None and one_shot:
+            self._onnx_looked_for = True
+            self._onnx_text = onnx_text_encoder(self.model_info, texts)
+        return self._onnx_text
 
     def store(self) -> Store:
         """The open store for this model.
@@ -365,9 +409,14 @@ class Library(ConceptMethods, ServingMethods):
         terms = as_terms(query)
 
         def texts(batch: list[str]) -> Embeddings:
+            encoder = self._onnx_text_encoder(len(batch))
+            if encoder is not None:
+                return encode_onnx_query_texts(encoder, batch)
             if self._query_text_model is None:
                 model = self._model("text")[0]
                 self._query_text_model = query_text_model(model) if self.text_precision == "auto" else model
+                if self.text_precision == "float32" and self._given_model is None:
+                    export_text_tower(model)  # the next one-shot query then runs without torch
             if self._query_text_model.config.family != "siglip":  # the count is CLIP's tokenizer's (MobileCLIP's too)
                 warn_if_cut(batch, self._query_text_model.config.text.context_length)
             return encode_query_texts(self._query_text_model, batch)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from indexer.formats import register_plugins
+from retrieval.catalog import hash_key
 from retrieval.errors import ImageLoadError
 from retrieval.fingerprint import fingerprint
 from retrieval.model.preprocess import Preprocess, decode_error_reason
@@ -135,12 +136,11 @@ class Decoder:
             return Failed("decode", decode_error_reason(e))
         decode_done = time.perf_counter()
         try:
-            pixels = self.preprocess.transform(rgb).numpy()
+            pixels = self.preprocess.transform_array(rgb)
             metadata = metadata._replace(fingerprint=fingerprint(rgb))
             views = None
             if self.views:
-                crops = [self.preprocess.transform(crop(rgb, box)) for box in view_boxes(self.views)]
-                views = np.stack([c.numpy() for c in crops])  # [V, 3, S, S]
+                views = np.stack([self.preprocess.transform_array(crop(rgb, box)) for box in view_boxes(self.views)])
         except (OSError, ValueError) as e:
             return Failed("preprocess", f"cannot transform ({e})")
         seconds = (read_seconds, decode_done - start, time.perf_counter() - decode_done)
@@ -227,11 +227,6 @@ def _flush_stderr() -> None:
     """Flush Python's buffered stderr, if there is one (pythonw has none)."""
     with contextlib.suppress(AttributeError, OSError, ValueError):
         sys.stderr.flush()
-
-
-def hash_key(content_hash: str) -> np.uint64:
-    """The first 64 bits of a hex content hash: a compact key for the known-content lookup."""
-    return np.uint64(int(content_hash[:16], 16))
 
 
 def _contains(sorted_keys: np.ndarray, key: np.uint64) -> bool:

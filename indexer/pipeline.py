@@ -21,7 +21,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,10 +31,12 @@ from indexer.lock import IndexLock
 from indexer.options import IndexOptions
 from indexer.pool import DecoderPool
 from indexer.progress import Progress
-from indexer.sync import Plan, WorkItem, is_under, plan_sync
+from indexer.summary import STAGES, IndexSummary, record_run
+from indexer.sync import Plan, WorkItem, plan_sync
 from indexer.walk import Found, walk
 from indexer.workers import start_worker_server
 from retrieval.ann import open_index
+from retrieval.catalog import remove_catalog, save_catalog, table_fingerprint
 from retrieval.errors import StoreError, StoreWriteError
 from retrieval.model.encode import encode_images
 from retrieval.model.preprocess import Preprocess
@@ -46,38 +47,6 @@ from retrieval.types import ImageMetadata
 from retrieval.views import ViewStore, check_views_setting, open_view_index
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class IndexSummary:
-    """What a run did. `indexed` counts files written with a vector (new, changed, and copies of known
-    content); `encoded` counts images that went through the model; `failed` counts files that failed in this run
-    (listed in `failures`), `failed_unchanged` earlier failures skipped because their file has not changed."""
-
-    found: int = 0
-    indexed: int = 0
-    unchanged: int = 0
-    moved: int = 0
-    removed: int = 0
-    failed: int = 0
-    failed_unchanged: int = 0
-    new: int = 0
-    changed: int = 0
-    duplicates: int = 0
-    encoded: int = 0
-    commits: int = 0
-    worker_restarts: int = 0
-    seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    failures: list[Failure] = field(default_factory=list)
-    unsupported: dict[str, int] = field(default_factory=dict)  # image files skipped, by extension: nothing decodes them
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able, failures as {"path", "stage", "reason"} objects."""
-        out = dataclasses.asdict(self)
-        out["failures"] = [f.to_dict() for f in self.failures]
-        out["files_per_second"] = round((self.indexed + self.moved) / self.seconds, 2) if self.seconds else 0.0
-        return out
 
 
 class _Pending(NamedTuple):
@@ -157,7 +126,7 @@ class _Run:
         self.options = options
         self.decoder = decoder or Decoder(preprocess, options.max_megapixels)
         self.summary = IndexSummary()
-        self.stages = dict.fromkeys(("scan", "read", "decode", "transform", "wait", "encode", "write", "ann"), 0.0)
+        self.stages = dict.fromkeys(STAGES, 0.0)
         self.pending: list[_Pending] = []
         self.pending_deletes: dict[int, str] = {}  # row id -> its content hash
         self.pending_by_hash: dict[str, _Pending] = {}
@@ -259,6 +228,7 @@ class _Run:
             self.store.optimize()
             if self.views is not None:
                 self.views.optimize()
+        self._save_catalog()
         self.stages["write"] += time.perf_counter() - write_start
         ann_start = time.perf_counter()
         open_index(self.store)  # brought up to date here, so the first query after indexing does not build it
@@ -272,6 +242,24 @@ class _Run:
     def _list(self, unsupported: Counter[str]) -> list[Found]:
         """The image files under the roots."""
         return list(walk(self.roots, self.options.exclude, unsupported))
+
+    def _save_catalog(self) -> None:
+        """Keep the copy of the table's catalogue that lets the next run with nothing to do skip LanceDB and the
+        model (`retrieval.catalog`). A run killed before this leaves the old copy, which then no longer matches the
+        table's fingerprint and is not used."""
+        # Taken before the rows are read: a commit in between makes the copy stale, never wrong.
+        fingerprint = table_fingerprint(self.store.path / f"{self.store.table_name}.lance")
+        if fingerprint is None:
+            return
+        if len(self.store.missing_fingerprints()):  # rows the next run must read again (`plan_sync`'s refresh)
+            remove_catalog(self.store.path, self.store.table_name)
+            return
+        try:
+            save_catalog(
+                self.store.path, self.store.table_name, fingerprint, self.store.model_info, self.store.catalog()
+            )
+        except OSError as e:  # only costs the next run its shortcut
+            logger.warning("could not save the catalogue copy in %s (%s)", self.store.path, e.strerror or e)
 
     def _salvage(self, error: BaseException) -> None:
         """On Ctrl-C or an error, commit the rows already encoded so the work is not lost."""
@@ -532,27 +520,17 @@ class _Run:
 
     def _record(self, state: str) -> None:
         """Save the run's progress and the failure list in the store's state file."""
-        current = self.failures + self.plan.failed_unchanged
-        failing = {f.path for f in current}
-        roots = [os.fsencode(r) for r in self.roots]
-        kept = [  # earlier failures outside this run's folders, or not retried yet
-            f
-            for f in self.store.state.failures()
-            if f.path not in failing and not (state == "complete" and is_under(os.fsencode(f.path), roots))
-        ]
-        summary = {k: v for k, v in self.summary.to_dict().items() if k not in ("failures", "stage_seconds")}
-        run = {
-            "run_id": self.run_id,
-            "state": state,
-            "pid": os.getpid(),
-            "roots": self.roots,
-            "started_at": self.started.isoformat(),
-            "updated_at": utc_now().isoformat(),
-            **summary,
-            "failed": len(self.failures),
-            "saved": self.saved,
-        }
-        self.store.state.record(run, kept + current)
+        record_run(
+            self.store.state,
+            self.summary,
+            run_id=self.run_id,
+            state=state,
+            roots=self.roots,
+            started=self.started,
+            failures=self.failures,
+            failed_unchanged=self.plan.failed_unchanged,
+            saved=self.saved,
+        )
 
 
 # Metadata a moved or copied file takes from the row it reuses (its worker stopped after hashing).

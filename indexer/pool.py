@@ -19,6 +19,7 @@ import multiprocessing
 import multiprocessing.connection
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,9 @@ _READY = "ready"
 _POLL_SECONDS = 0.5  # how often a waiting dispatcher looks at timeouts and the stop flag
 _MAX_STARTUP_DEATHS = 3  # workers dying before they are ready: they cannot start, so give up
 _GATE_POLL_SECONDS = 0.01  # how often a held worker looks whether it may go on (a CPU batch takes ~1 s)
+# Modules a worker has no use for, each seconds to import and hundreds of MB per process: a worker says at start-up
+# which of them it holds (logged at debug level), so a change that drags one in shows.
+HEAVY_MODULES = ("torch", "lancedb", "onnxruntime")
 
 
 def _worker_main(
@@ -49,10 +53,8 @@ def _worker_main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     exit_with_parent()
     lower_priority()
-    import torch
-
-    torch.set_num_threads(1)  # the preprocessing tensors are small; cores belong to the encoder
-    conn.send(_READY)  # the decoder unpickled: from now on a death is the current file's fault
+    # the decoder unpickled: from now on a death is the current file's fault
+    conn.send((_READY, [name for name in HEAVY_MODULES if name in sys.modules]))
     while True:
         try:
             item = conn.recv()
@@ -275,11 +277,12 @@ class DecoderPool:
                             worker.process.join(timeout=1)
                             self._replace(i, retry, _crash_reason(worker.process.exitcode))
                             continue
-                        if message == _READY:
+                        if message[0] == _READY:
                             logger.debug(
-                                "decoder worker %d ready after %.2f s",
+                                "decoder worker %d ready after %.2f s; heavy modules loaded: %s",
                                 worker.process.pid,
                                 self._gate.clock() - worker.busy_since,
+                                ", ".join(message[1]) or "none",
                             )
                             worker.ready = True
                             worker.busy_since = self._gate.clock()

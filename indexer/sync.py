@@ -13,9 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from indexer.decode import hash_key
 from indexer.walk import Found
-from retrieval.store import Catalog
+from retrieval.catalog import Catalog, hash_key
 from retrieval.store_state import Failure
 
 

@@ -1,8 +1,8 @@
 """Where decoder worker processes come from, kept free of heavy imports so a caller can start it first.
 
-Workers fork from a forkserver: a clean process that has imported the decoding code (torch, Pillow) once, with
-none of this process's torch or LanceDB threads. Booting it costs an interpreter start plus `import torch`
-(~1.5 s on a 2-core machine), so the CLI starts it before loading the model and the two overlap.
+Workers fork from a forkserver: a clean process that has imported the decoding code (Pillow and numpy, never torch
+or LanceDB) once, with none of this process's torch or LanceDB threads. Booting it costs an interpreter start plus
+those imports (~0.3 s on a 2-core machine), so the CLI starts it before loading the model and the two overlap.
 
 Unlike other multiprocessing children, workers do not run the caller's main script: it may be a script without
 an `if __name__ == "__main__":` guard, and a worker only ever receives library objects.

@@ -23,7 +23,6 @@ Two ways in:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from retrieval.catalog import table_fingerprint
 from retrieval.errors import StoreError
 from retrieval.faiss_index import KINDS, LARGE_KIND, AnnIndex, IndexParams, as_ids, choose_kind
 from retrieval.ondisk import MAX_DELTA_FRACTION, DiskIndex, LanceRows, MapFn, build_from_lance
@@ -98,30 +98,6 @@ class SavedIndex(NamedTuple):
     index: AnnIndex  # read-only (memory-mapped)
     paths: PathMap
     fingerprint: str  # the table's fingerprint it is valid for
-
-
-def table_fingerprint(table_dir: Path) -> str | None:
-    """A digest of a LanceDB table's committed versions; None when it cannot be taken.
-
-    Lance writes every commit (insert, delete, merge, schema change, compaction) as a new, never reused
-    manifest file under `<table>.lance/_versions/`, and its cleanup only deletes old ones, so the names, sizes
-    and mtimes of those files (with the folder's inode, for a table dropped and created again) change with
-    every change to the table. An equal fingerprint therefore means an unchanged table; any doubt (a missing
-    folder, another layout) gives None, which never matches.
-    """
-    versions = table_dir / "_versions"
-    try:
-        entries = sorted(
-            (entry.name, (stat := entry.stat()).st_size, stat.st_mtime_ns)
-            for entry in os.scandir(versions)
-            if entry.name.endswith(".manifest")
-        )
-        inode = table_dir.stat().st_ino
-    except OSError:
-        return None
-    if not entries:
-        return None
-    return hashlib.sha256(repr((inode, entries)).encode()).hexdigest()
 
 
 def _table_dir(store: Any) -> Path:

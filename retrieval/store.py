@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from retrieval.catalog import Catalog, default_db_dir
 from retrieval.errors import ModelMismatchError, QueryError, StoreError, StoreWriteError
 from retrieval.model.identity import ModelInfo
 from retrieval.store_state import StoreState
@@ -67,12 +68,6 @@ ROW_COLUMNS = (
     "indexed_at",
 )
 _IN_CHUNK = 4096  # ids per `id IN (...)` clause, keeping SQL statements of bounded size
-
-
-def default_db_dir() -> Path:
-    """`$CLIPSEARCH_HOME`, else `~/.local/share/clipsearch`."""
-    home = os.environ.get("CLIPSEARCH_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".local" / "share" / "clipsearch"
 
 
 def image_schema(embed_dim: int, model_info: ModelInfo | None = None) -> pa.Schema:
@@ -112,16 +107,6 @@ class ImageRow(NamedTuple):
     metadata: ImageMetadata  # content hash, dimensions, format, EXIF time and camera
     indexed_at: datetime
     vector: np.ndarray  # [D] float32, L2-normalised
-
-
-class Catalog(NamedTuple):
-    """What sync needs to know about every stored row, as parallel arrays."""
-
-    ids: RowIds
-    paths: list[bytes]  # os.fsencode(path)
-    sizes: np.ndarray  # int64
-    mtimes_ns: np.ndarray  # int64
-    hashes: list[str]
 
 
 class FragmentTarget(NamedTuple):

@@ -21,14 +21,20 @@ def test_unknown_command_is_a_usage_error():
     assert "No such command 'frobnicate'" in result.output
 
 
+def run_without(tmp_path, blocked: tuple[str, ...], *args: str) -> subprocess.CompletedProcess:
+    """`clipsearch ARGS` in a fresh process where importing any of the `blocked` packages fails."""
+    folder = tmp_path / ("no-" + "-".join(blocked))
+    for name in blocked:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('this command must not import {name}')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), *sys.path])}
+    code = "import sys; from clipsearch.cli import main; sys.argv = ['clipsearch', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
 def run_without_torch(tmp_path, *args: str) -> subprocess.CompletedProcess:
     """`clipsearch ARGS` in a fresh process where `import torch` fails."""
-    blocker = tmp_path / "no-torch" / "torch"
-    blocker.mkdir(parents=True, exist_ok=True)
-    (blocker / "__init__.py").write_text("raise ImportError('this command must not import torch')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), *sys.path])}
-    code = "import sys; from clipsearch.cli import main; sys.argv = ['clipsearch', *sys.argv[1:]]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    return run_without(tmp_path, ("torch",), *args)
 
 
 @pytest.mark.parametrize(

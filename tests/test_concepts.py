@@ -76,7 +76,7 @@ def test_text_tower_from_token_embeddings_gives_encode_text_bit_for_bit(name):
     else:
         torch.manual_seed(0)
         model = CLIP(PRESETS[name], towers="text").eval()
-    tokens = tokenize(["a photo of a dog", "red", "a large blue circle on the left"])
+    tokens = torch.from_numpy(tokenize(["a photo of a dog", "red", "a large blue circle on the left"]))
     eot = tokens.argmax(dim=-1)
     with torch.no_grad():
         expected = model.encode_text(tokens)
@@ -130,7 +130,7 @@ def test_coop_gradients_reach_only_the_context_and_the_towers_stay_bit_identical
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())  # nothing of the model was differentiated into
     assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
-    init = model.token_embedding(tokenize("a photo of a")[0, 1:5]).detach().numpy()
+    init = model.token_embedding(torch.from_numpy(tokenize("a photo of a")[0, 1:5])).detach().numpy()
     assert fit.context.shape == (1, 4, model.config.text.width)
     assert not np.allclose(fit.context[0], init)  # the context did learn, starting from "a photo of a"
     np.testing.assert_allclose(np.linalg.norm(fit.text, axis=1), 1, atol=1e-5)

@@ -363,3 +363,18 @@ def test_every_format_pillow_decodes_is_indexed_and_unreadable_ones_are_counted(
     assert text.stdout.splitlines()[1] == (
         "3 files skipped as unsupported formats (2 .svg, 1 .jxl; install pillow-jxl-plugin for JPEG XL)"
     )
+
+
+def test_decoder_workers_import_neither_torch_nor_lancedb(tmp_path, checkpoint):
+    # Each worker reports the heavy modules it holds once it is ready; they would cost seconds and hundreds of MB
+    # per worker, for decoding that needs only Pillow and numpy.
+    photos = tmp_path / "photos"
+    write_images(photos, 6)
+    cli = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+    done = subprocess.run([*cli, "-vv", "index", photos, "--model", checkpoint, "--db", tmp_path / "db", "--workers",
+                           "2", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["indexed"] == 6
+    ready = [line for line in done.stderr.splitlines() if line.startswith("DEBUG indexer.pool: decoder worker")]
+    assert len(ready) == 2, done.stderr
+    assert all(line.endswith("; heavy modules loaded: none") for line in ready), ready

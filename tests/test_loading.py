@@ -202,7 +202,7 @@ def test_hugging_face_folder_matches_transformers(tmp_path, weights):
     hf_model = transformers.CLIPModel(hf_config).eval()
     hf_model.save_pretrained(tmp_path / "hf", safe_serialization=weights == "safetensors")
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    tokens = tokenize(TEXTS)
+    tokens = torch.from_numpy(tokenize(TEXTS))
     with torch.inference_mode():
         expected = hf_model(input_ids=tokens, pixel_values=pixels)
 

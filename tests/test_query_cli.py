@@ -254,7 +254,11 @@ def test_negative_numbers_are_option_values(world):
         spaced = run(world, *command, "--threshold", "-0.5", "--json", "-n", "15")
         assert spaced.exit_code == 0, spaced.output
         joined = run(world, *command, "--threshold=-0.5", "--json", "-n", "15")
-        assert spaced.output == joined.output and all(h["score"] >= -0.5 for h in json_lines(spaced.output))
+        # the first text query ran in torch and exported the text tower, the second runs in ONNX Runtime
+        spaced_hits, joined_hits = json_lines(spaced.output), json_lines(joined.output)
+        assert [h["path"] for h in spaced_hits] == [h["path"] for h in joined_hits]
+        np.testing.assert_allclose([h["score"] for h in spaced_hits], [h["score"] for h in joined_hits], atol=1e-5)
+        assert all(h["score"] >= -0.5 for h in spaced_hits)
         refused = run(world, *command, "-n", "-1")
         assert refused.exit_code == 2
         assert refused.output.splitlines()[-1] == f"Error: Invalid value for '-n' / '-t' / '--top': {OUT_OF_RANGE}"

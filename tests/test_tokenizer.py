@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import importlib.resources
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
 from retrieval.errors import ClipsearchError, TokenizerError
 from retrieval.model.tokenizer import VOCAB_FILE, Tokenizer, byte_to_unicode, default_tokenizer, tokenize
 
 GOLDEN = Path(__file__).parent / "data" / "tokenizer_golden.jsonl"
+HUB_TOKENIZER = Path(__file__).parent / "data" / "families" / "siglip2-b32-tiny" / "tokenizer.json"
 
 
 def _golden(kind: str) -> list[dict]:
@@ -79,7 +82,7 @@ def test_byte_table_is_a_bijection_onto_printable_characters():
 def test_tokenize_shape_padding_and_special_tokens(tok):
     texts = ["a photo of a cat", "", "dog"]
     out = tokenize(texts)
-    assert out.shape == (3, 77) and out.dtype == torch.long
+    assert out.shape == (3, 77) and out.dtype == np.int64 and isinstance(out, np.ndarray)
     for row, text in zip(out.tolist(), texts, strict=True):
         ids = tok.encode(text)
         assert row[: len(ids) + 2] == [tok.sot_token, *ids, tok.eot_token]
@@ -91,7 +94,7 @@ def test_tokenize_single_string_empty_list_and_custom_length(tok):
     assert tokenize("a dog").shape == (1, 77)
     assert tokenize([]).shape == (0, 77)
     assert tokenize(("a", "b"), context_length=8).shape == (2, 8)
-    assert torch.equal(tok.tokenize("a dog"), tokenize("a dog"))
+    assert np.array_equal(tok.tokenize("a dog"), tokenize("a dog"))
 
 
 def test_truncate_keeps_end_token_last(tok):
@@ -169,3 +172,50 @@ def test_vocabulary_loads_only_on_first_use():
         "assert t.default_tokenizer.cache_info().currsize == 1\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_tokenizing_never_imports_torch(tmp_path):
+    # A text query through ONNX Runtime tokenizes in a process that must not pay for `import torch`.
+    blocker = tmp_path / "torch"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('the tokenizer must not import torch')\n")
+    code = (
+        "import sys\n"
+        "from retrieval.model.tokenizer import tokenize, token_count\n"
+        "out = tokenize(['a photo of a cat'], context_length=8)\n"
+        "print(out.dtype, out.tolist(), token_count('a photo of a cat'), 'torch' in sys.modules)\n"
+        "print('ftfy' in sys.modules, 'regex' in sys.modules)\n"
+        "from retrieval.model.hub_tokenizer import HubTokenizer\n"
+        f"hub = HubTokenizer({str(HUB_TOKENIZER)!r}, 16)(['a photo of a cat'])\n"
+        "print(type(hub).__name__, hub.dtype, hub.shape, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    clip_line, plain_line, hub_line = result.stdout.splitlines()
+    assert clip_line == "int64 [[49406, 320, 1125, 539, 320, 2368, 49407, 0]] 7 False"
+    assert plain_line == "False False"  # plain ASCII needs neither ftfy nor regex (~0.2 s of a query's start-up)
+    assert hub_line == "ndarray int64 (1, 16) False"
+
+
+def test_the_plain_ascii_lane_splits_and_cleans_as_the_reference_pattern_does():
+    # Printable ASCII without "&" skips ftfy and `regex`; it must give exactly the words of the full path.
+    import ftfy
+
+    from retrieval.model.tokenizer import _ASCII_WORDS, _is_plain, _unicode_patterns, clean_text
+
+    words, spaces = _unicode_patterns()
+    alphabet = [chr(c) for c in range(32, 127)] + ["'s", "'ll", "'T", "<|startoftext|>", "<|endoftext|>", "  ", "A1"]
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(alphabet, size=rng.integers(0, 40))) for _ in range(20000)]
+    texts += [record["text"] for record in ENCODE_CASES]
+    checked = 0
+    for text in texts:
+        if not _is_plain(text):
+            continue
+        reference = spaces.sub(" ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip().lower()
+        assert clean_text(text) == reference, text
+        assert _ASCII_WORDS.findall(reference) == words.findall(reference), text
+        checked += 1
+    assert checked > 15000
+    assert not _is_plain("a &amp; b") and not _is_plain("caf\u00e9") and not _is_plain("tab\there")

@@ -76,11 +76,12 @@ def small_disk(tmp_path) -> Iterator[Path]:
 def fill(disk: Path, leave: int = 0) -> Path:
     """Fill `disk` up, then give back `leave` bytes; returns the file that takes the space."""
     filler = disk / "filler"
-    with filler.open("wb") as f:
+    # Unbuffered: a buffered file would keep the bytes that did not fit and fail again as it closes, whenever the
+    # free space is no multiple of the chunk.
+    with filler.open("wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     with filler.open("r+b") as f:

@@ -17,7 +17,7 @@ from indexer.options import default_workers
 from indexer.workers import start_worker_server
 
 if TYPE_CHECKING:
-    from indexer.pipeline import IndexSummary
+    from indexer.summary import IndexSummary
     from retrieval.store import Store
 
 _DB_HELP = "Store directory [env CLIPSEARCH_HOME; default ~/.local/share/clipsearch]."
@@ -162,13 +162,13 @@ def index(
       clipsearch index ./photos --views 5     # small objects: also index 5 crops of each photo
       clipsearch index s3://bucket/photos manifest.parquet --engine ray --ray-address auto --actors 4
     """
+    from retrieval.catalog import default_db_dir
     from retrieval.model.registry import check_model_name
 
     if model_name is not None:
         check_model_name(model_name)  # a typo fails now, not after seconds of imports
     else:
         from clipsearch.library import default_model_for
-        from retrieval.store import default_db_dir
 
         model_name = default_model_for(db_dir or default_db_dir())  # the store's own model, as `query` does
     if views is not None:
@@ -181,16 +181,8 @@ def index(
 
         import_ray()  # a missing extra fails now, not after loading the model
     workers = default_workers() if workers is None else workers
-    if workers and engine == "local":
-        start_worker_server()  # the decoder workers' server imports torch while this process loads the model
     from indexer.options import IndexOptions
-    from indexer.pipeline import index_folders
-    from retrieval.model.loading import load_model
-    from retrieval.store import Store
 
-    # the Ray engine's actors take the model to their own GPUs
-    model, preprocess = load_model(model_name, device="cpu" if engine == "ray" else device, towers="image")
-    store = Store.open(db_dir, model.info, create=True)
     options = IndexOptions(
         workers=workers,
         batch_size=batch_size,
@@ -203,6 +195,24 @@ def index(
         views=views,
         progress=not (quiet or as_json),
     )
+    if engine == "local":
+        from indexer.unchanged import finish_if_unchanged
+
+        # Before the workers, the model and LanceDB: an unchanged folder then costs about its walk.
+        unchanged = finish_if_unchanged(folders, db_dir or default_db_dir(), model_name, options)
+        if unchanged is not None:
+            store_line = (unchanged.db, unchanged.table, unchanged.model, unchanged.total)
+            _report(unchanged.summary, folders, as_json, strict, *store_line)
+            return
+        if workers:
+            start_worker_server()  # the decoder workers' server boots while this process loads the model
+    from indexer.pipeline import index_folders
+    from retrieval.model.loading import load_model
+    from retrieval.store import Store
+
+    # the Ray engine's actors take the model to their own GPUs
+    model, preprocess = load_model(model_name, device="cpu" if engine == "ray" else device, towers="image")
+    store = Store.open(db_dir, model.info, create=True)
     try:
         if engine == "ray":
             from indexer.ray_engine import RayOptions, index_with_ray
@@ -213,13 +223,21 @@ def index(
             summary = index_folders(folders, model, preprocess, store, options)
     except KeyboardInterrupt as e:  # the run has committed what it had encoded
         _interrupted(e, _saved_by_this_process(store))
+    _report(summary, folders, as_json, strict, store.path, store.table_name, model.info.name, store.count())
+
+
+def _report(
+    summary: IndexSummary, folders: tuple[str, ...], as_json: bool, strict: bool, db: Any, table: str, model: str,
+    total: int,
+) -> None:  # fmt: skip
+    """Print a run's summary and the store's size (or the JSON object of both); exit 1 under --strict on failures."""
     if as_json:
         out = summary.to_dict()
-        out.update(db=str(store.path), table=store.table_name, model=model.info.name, total=store.count())
+        out.update(db=str(db), table=table, model=model, total=total)
         click.echo(json.dumps(out, ensure_ascii=False, default=str))
     else:
         _echo_summary(summary, folders)
-        click.echo(f"Store: {store.path} ({_count(store.count(), 'image')}, model {model.info.name})")
+        click.echo(f"Store: {db} ({_count(total, 'image')}, model {model})")
     if strict and (summary.failed or summary.failed_unchanged):
         raise SystemExit(1)
 

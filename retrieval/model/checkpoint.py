@@ -34,14 +34,12 @@ from retrieval.errors import CheckpointError
 from retrieval.model.clip import CLIP, Towers
 from retrieval.model.config import CLIPConfig
 from retrieval.model.family import EmbeddingModel, build_towers
-from retrieval.model.files import CONFIG_FILE, TOKENIZER_CONFIG_FILE, WEIGHTS_FILE
+from retrieval.model.files import CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_CONFIG_FILE, WEIGHTS_FILE
 from retrieval.model.open_clip_files import OpenClipHints, find_open_clip_config, find_open_clip_weights, read_hints
 from retrieval.model.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "clipsearch-checkpoint"
-FORMAT_VERSION = 1
 ACCEPTED_FORMATS = (
     "OpenAI TorchScript .pt, state-dict .pt/.pth/.bin, .safetensors, open_clip checkpoints (CLIP, SigLIP, "
     "MobileCLIP2), Hugging Face CLIPModel and SiglipModel folders, clipsearch checkpoint folders"

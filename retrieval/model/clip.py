@@ -119,7 +119,7 @@ class CLIP(nn.Module):
         # Imported here: ftfy costs ~0.3 s, which decoder workers (they unpickle this module) must not pay.
         from retrieval.model.tokenizer import tokenize
 
-        return tokenize(list(texts), context_length=self.config.text.context_length, truncate=True)
+        return torch.from_numpy(tokenize(list(texts), context_length=self.config.text.context_length, truncate=True))
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Embed preprocessed images.

@@ -20,8 +20,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tqdm import tqdm
-
 from retrieval.errors import ModelDownloadError
 from retrieval.model.registry import ModelSpec
 
@@ -53,6 +51,8 @@ def copy_response(
 ) -> int:
     """Stream an HTTP response into `out` in chunks, with a progress bar on stderr, feeding `digest` (a hashlib
     object) if given. `initial` bytes are already there (a resumed download). Returns the bytes copied."""
+    from tqdm import tqdm  # here: `cache_dir` and `file_sha256` serve one-shot queries, which never show a bar
+
     copied = 0
     with tqdm(
         total=total,

@@ -18,7 +18,7 @@ import string
 from pathlib import Path
 
 import ftfy
-import torch
+import numpy as np
 
 from retrieval.errors import TokenizerError
 from retrieval.model.files import TOKENIZER_CONFIG_FILE
@@ -75,10 +75,10 @@ class HubTokenizer:
             direction=padding_side, pad_id=pad_id, pad_token=pad_token, length=context_length
         )
 
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        """Token ids [len(texts), context_length] (int64), padded and truncated on the right."""
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Token ids [len(texts), context_length] (int64 numpy), padded and truncated as the config says."""
         encodings = self._tokenizer.encode_batch([canonicalize(t) for t in texts])
-        return torch.tensor([e.ids for e in encodings], dtype=torch.int64).reshape(len(texts), self.context_length)
+        return np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), self.context_length)
 
 
 def _read_config(config_file: Path) -> dict:

@@ -64,7 +64,7 @@ class MobileCLIP(nn.Module):
         """Token ids [N, context_length] from CLIP's BPE tokenizer, padded with zeros; over-long texts are cut."""
         from retrieval.model.tokenizer import tokenize  # ftfy costs ~0.3 s: only when tokenizing
 
-        return tokenize(list(texts), context_length=self.config.text.context_length, truncate=True)
+        return torch.from_numpy(tokenize(list(texts), context_length=self.config.text.context_length, truncate=True))
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Embed preprocessed images [B, 3, S, S] into [B, embed_dim] float32 (L2-normalised by default)."""

@@ -4,6 +4,9 @@ The transform reproduces openai/CLIP's: resize the shorter side to the model's r
 bicubic resampling, centre crop, RGB, scale to [0, 1], normalise with CLIP's mean and std. Before it,
 images are decoded the way a photo viewer shows them: EXIF orientation applied, first frame of an
 animation, transparency composited onto white, 16-bit and CMYK images brought to 8-bit RGB.
+
+Nothing here imports torch until a tensor is asked for (`transform`): decoder workers use `transform_array`
+and hand numpy arrays to the encoder, so they never pay for `import torch` (seconds on a busy machine).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import ImageLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +240,14 @@ class Preprocess:
         )
 
     def transform(self, image: Image.Image) -> torch.Tensor:
-        """Resize the shorter side to S (bicubic, or `interpolation`), centre crop S x S, scale to [0, 1], normalise.
+        """`transform_array` as a float32 tensor [3, S, S]."""
+        import torch
+
+        return torch.from_numpy(self.transform_array(image))
+
+    def transform_array(self, image: Image.Image) -> np.ndarray:
+        """Resize the shorter side to S (bicubic, or `interpolation`), centre crop S x S, scale to [0, 1], normalise:
+        float32 [3, S, S], without torch.
 
         With `resize_mode="squash"`, both sides are resized to S and nothing is cropped.
         """
@@ -258,8 +270,9 @@ class Preprocess:
             image = image.crop((left, top, left + size, top + size))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
-        pixels = pixels.to(torch.float32).div(255)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return pixels.sub_(mean).div_(std)
+        # Each step rounds to float32 as torch's div/sub_/div_ did, so the values are the same to the bit.
+        pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # [3, S, S]
+        pixels /= np.float32(255)
+        pixels -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        pixels /= np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return pixels

@@ -1,4 +1,9 @@
-"""Query texts to vectors, tuned for the shape of a query: a handful of short texts, one at a time."""
+"""Query texts to vectors, tuned for the shape of a query: a handful of short texts, one at a time.
+
+Two ways: the model's text tower in torch, or, without importing torch at all, a fresh ONNX export of it run in
+ONNX Runtime (`onnx_text_encoder`), which is what lets a one-shot `clipsearch query` start in a fraction of
+torch's import time.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from retrieval.model.clip import CLIP
+    from retrieval.model.identity import ModelInfo
+    from retrieval.model.onnx_runtime import OnnxEncoder
     from retrieval.types import Embeddings
 
 logger = logging.getLogger(__name__)
@@ -62,6 +69,45 @@ def encode_query_texts(model: CLIP, texts: list[str]) -> Embeddings:
         return encode_texts(model, texts)
     finally:
         torch.set_num_threads(previous)
+
+
+def onnx_text_encoder(info: ModelInfo, texts: int) -> OnnxEncoder | None:
+    """The text tower of a fresh ONNX export of the model `info` identifies, opened in ONNX Runtime (no torch);
+    None when there is no fresh export (`find_export` never returns a stale one), or the model's tokenizer is not
+    CLIP's (a hub tokenizer's file comes with the torch checkpoint).
+
+    Args:
+        info: the model's identity, e.g. as the store records it.
+        texts: how many texts the first call encodes: up to `FEW_TEXTS` run on one thread, as in torch.
+    """
+    if info.tokenizer != "clip-bpe":
+        return None
+    from retrieval.model.onnx_runtime import OnnxEncoder, find_export
+
+    export = find_export(info, towers="text")
+    if export is None:
+        return None
+    return OnnxEncoder.open(export, towers="text", threads=1 if texts <= FEW_TEXTS else None)
+
+
+def encode_onnx_query_texts(encoder: OnnxEncoder, texts: list[str]) -> Embeddings:
+    """Embed query texts with an `onnx_text_encoder`: CLIP's tokens (over-long texts cut, with a warning)."""
+    from retrieval.model.tokenizer import tokenize
+
+    warn_if_cut(texts, encoder.context_length)
+    return encoder.encode_texts(tokenize(texts, context_length=encoder.context_length, truncate=True))
+
+
+def export_text_tower(model: CLIP) -> None:
+    """Export the loaded text tower to ONNX, so the next one-shot query runs without torch; a model that cannot be
+    exported, or a cache dir that cannot be written, only costs later queries that shortcut (logged)."""
+    from retrieval.errors import ExportError
+    from retrieval.model.onnx_export import ensure_export
+
+    try:
+        ensure_export(model, "float32")
+    except (ExportError, OSError) as e:
+        logger.info("no ONNX export of %s's text tower (%s); queries keep using torch", model.info.name, e)
 
 
 def warn_if_cut(texts: list[str], context_length: int) -> None:

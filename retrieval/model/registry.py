@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -328,6 +329,43 @@ def check_model_name(name: str) -> None:
             f"unknown model {name!r}: not a registry name and no file or folder at that path; "
             f"available: {', '.join(available_models())}"
         )
+
+
+def known_identity(name: str) -> tuple[str, str] | None:
+    """(name, weights SHA-256) that `load_model(name)` records in the model's `ModelInfo`, known without loading
+    it (so without torch): a download's pinned hash, or for a bundled model or a clipsearch checkpoint folder the
+    hash of its weights file (remembered in the cache dir, `download.file_sha256`). None for hub models, whose
+    weights are hashed once fetched, and for checkpoints in other formats.
+    """
+    from retrieval.model.download import file_sha256
+    from retrieval.model.files import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE
+
+    if is_registered(name):
+        spec = get_spec(name)
+        if spec.bundled:
+            folder, recorded = spec.path, spec.name
+        elif spec.on_hub or spec.sha256 is None:
+            return None
+        else:
+            return spec.name, spec.sha256
+    else:
+        from retrieval.model.open_clip_files import find_open_clip_weights
+
+        folder = Path(name).expanduser()
+        try:
+            meta = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        # as `checkpoint._read_folder` tells the formats apart
+        if find_open_clip_weights(folder) is not None or not isinstance(meta, dict):
+            return None
+        if (meta.get("format"), meta.get("version")) != (FORMAT, FORMAT_VERSION):
+            return None
+        recorded = str(meta.get("name") or folder.name)
+    try:
+        return recorded, file_sha256(folder / WEIGHTS_FILE)
+    except OSError:
+        return None
 
 
 def register_model(spec: ModelSpec) -> None:

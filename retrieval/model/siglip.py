@@ -89,7 +89,7 @@ class SigLIP(nn.Module):
             from retrieval.model.hub_tokenizer import HubTokenizer  # ftfy and tokenizers: only when tokenizing
 
             self._tokenizer = HubTokenizer(self.tokenizer_file, self.config.text.context_length)
-        return self._tokenizer(list(texts))
+        return torch.from_numpy(self._tokenizer(list(texts)))
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Embed preprocessed images [B, 3, S, S] into [B, embed_dim] float32 (L2-normalised by default)."""

@@ -4,7 +4,8 @@ Text is cleaned the way the reference cleans it (ftfy, HTML unescaping twice, wh
 lowercased), split into words with the same pattern, each word's UTF-8 bytes mapped to printable
 characters, and the characters merged by the 48,894 ranked BPE merges shipped in
 `assets/bpe_simple_vocab_16e6.txt.gz` (OpenAI's file, MIT licence, see `assets/LICENSE-CLIP-VOCAB.txt`).
-The vocabulary is read only when the first text is tokenized.
+The vocabulary is read only when the first text is tokenized. Token ids come out as numpy arrays: a text query
+run through ONNX Runtime never imports torch (the model's own `tokenize` wraps them in a tensor).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import importlib.resources
 import itertools
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import ftfy
-import regex
-import torch
+import numpy as np
 
 from retrieval.errors import TokenizerError
+
+if TYPE_CHECKING:
+    import regex
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +41,11 @@ WORD_SUFFIX = "</w>"
 # The reference pattern: the two specials, English contractions, runs of letters, single digits, and
 # runs of anything else that is not whitespace. IGNORECASE is kept: it makes the letter class match
 # U+0345 (a combining mark whose case folding is a letter), so dropping it would change ids.
-_WORD_PATTERN = regex.compile(
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-    regex.IGNORECASE,
-)
-# `regex`'s \s is Unicode White_Space, which differs from `re`'s (e.g. U+001C-U+001F); the reference
-# collapses with `regex`, so must we.
-_WHITESPACE = regex.compile(r"\s+")
+_WORD_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+# The same pattern for lowercase printable ASCII, where letters are a-z, digits 0-9 and the only whitespace is the
+# space, in the standard library's `re`: `regex` (and ftfy, see `_is_plain`) cost ~0.2 s to import, a good part of
+# a one-shot query's start-up, and most queries are plain ASCII.
+_ASCII_WORDS = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^ a-z0-9]+")
 # Words are short and prompts repeat them; a bounded cache keeps memory flat on huge inputs.
 _WORD_CACHE_SIZE = 1 << 16
 
@@ -68,6 +70,21 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+@functools.cache
+def _unicode_patterns() -> tuple[regex.Pattern, regex.Pattern]:
+    """The reference's word pattern and `regex`'s \\s+ (Unicode White_Space, which differs from `re`'s, e.g. at
+    U+001C-U+001F: the reference collapses with `regex`, so must we), compiled on first use."""
+    import regex
+
+    return regex.compile(_WORD_PATTERN, regex.IGNORECASE), regex.compile(r"\s+")
+
+
+def _is_plain(text: str) -> bool:
+    """Printable ASCII without `&`: text that ftfy's fixes and HTML unescaping leave as it is (every fix needs a
+    non-ASCII or control character, HTML entities an ampersand), so the ASCII path gives the same ids."""
+    return text.isascii() and text.isprintable() and "&" not in text
+
+
 def clean_text(text: str) -> str:
     """Normalise text exactly as CLIP's reference tokenizer does before splitting it into words.
 
@@ -78,8 +95,20 @@ def clean_text(text: str) -> str:
         The text after ftfy's fixes, two rounds of HTML unescaping, whitespace runs collapsed to one
         space, stripped, and lowercased.
     """
+    if _is_plain(text):
+        return " ".join(text.split()).lower()  # the only whitespace in printable ASCII is the space
+    import ftfy  # ~0.1 s to import: only for text that may need its fixes
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _WHITESPACE.sub(" ", text).strip().lower()
+    return _unicode_patterns()[1].sub(" ", text).strip().lower()
+
+
+def _words(text: str) -> list[str]:
+    """The words of a text as the reference pattern splits its cleaned form."""
+    cleaned = clean_text(text)
+    if _is_plain(text):
+        return _ASCII_WORDS.findall(cleaned)
+    return _unicode_patterns()[0].findall(cleaned)
 
 
 def _read_vocab(path: str | os.PathLike[str] | None) -> list[tuple[str, str]]:
@@ -193,7 +222,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"can only tokenize str, got {type(text).__name__}; convert it to text first")
         ids: list[int] = []
-        for word in _WORD_PATTERN.findall(clean_text(text)):
+        for word in _words(text):
             ids.extend(self._word_ids(word))
         return ids
 
@@ -222,7 +251,7 @@ class Tokenizer:
         texts: str | Sequence[str],
         context_length: int = DEFAULT_CONTEXT_LENGTH,
         truncate: bool = False,
-    ) -> torch.LongTensor:
+    ) -> np.ndarray:
         """Token ids of texts laid out for CLIP's text encoder.
 
         Each row is `<|startoftext|>`, the text's ids, `<|endoftext|>`, then zeros up to `context_length`.
@@ -233,7 +262,7 @@ class Tokenizer:
             truncate: Cut over-long texts so that `<|endoftext|>` is still the last id, instead of raising.
 
         Returns:
-            int64 tensor of shape [N, context_length] (N = 1 for a single string).
+            int64 array of shape [N, context_length] (N = 1 for a single string).
 
         Raises:
             TokenizerError: A text is too long and `truncate` is False, or an input is not a string.
@@ -242,7 +271,7 @@ class Tokenizer:
             raise TokenizerError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         if isinstance(texts, str):
             texts = [texts]
-        result = torch.zeros(len(texts), context_length, dtype=torch.long)
+        result = np.zeros((len(texts), context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             ids = self.encode(text)
             if len(ids) + 2 > context_length:
@@ -252,7 +281,7 @@ class Tokenizer:
                         f" context length of {context_length}; pass truncate=True or shorten it"
                     )
                 ids = ids[: context_length - 2]
-            result[row, : len(ids) + 2] = torch.tensor([self.sot_token, *ids, self.eot_token], dtype=torch.long)
+            result[row, : len(ids) + 2] = [self.sot_token, *ids, self.eot_token]
         return result
 
 
@@ -276,7 +305,7 @@ def tokenize(
     texts: str | Sequence[str],
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     truncate: bool = False,
-) -> torch.LongTensor:
+) -> np.ndarray:
     """Token ids of texts for CLIP's text encoder, with the packaged vocabulary.
 
     Args:
@@ -285,14 +314,14 @@ def tokenize(
         truncate: Cut over-long texts so that `<|endoftext|>` is still the last id, instead of raising.
 
     Returns:
-        int64 tensor of shape [N, context_length]: start token, text ids, end token, zero padding.
+        int64 array of shape [N, context_length]: start token, text ids, end token, zero padding.
 
     Raises:
         TokenizerError: A text is too long and `truncate` is False.
 
     Example:
         >>> tokenize(["a photo of a cat", "a dog"]).shape
-        torch.Size([2, 77])
+        (2, 77)
     """
     return default_tokenizer().tokenize(texts, context_length=context_length, truncate=truncate)
 

@@ -241,7 +241,7 @@ def load_pair_set(
         if not images:
             raise TrainingError(f"{source}: none of its images could be decoded; see the warnings above")
     pixels = torch.stack(images) if images else torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
-    tokens = tokenize(captions, context_length=context_length, truncate=True)
+    tokens = torch.from_numpy(tokenize(captions, context_length=context_length, truncate=True))
     group = source.group if isinstance(source, ShapesSource) else 1
     return PairSet(pixels.to(torch.uint8), tokens, captions, preprocess, group)
 

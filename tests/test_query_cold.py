@@ -1,0 +1,139 @@
+"""A one-shot text query runs without torch (ONNX Runtime, from a fresh export of the store's model) and, when the
+saved index is current, without LanceDB; it gives the torch path's results, and never uses a stale export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_index_support import write_images
+
+from clipsearch.cli import cli
+from clipsearch.library import Library
+from retrieval.model.loading import load_model
+from retrieval.model.onnx_export import ensure_export
+from retrieval.model.onnx_runtime import MODEL_FILE, find_export
+
+MODEL = "shapes-mini"
+BLOCKED = ("torch", "lancedb")
+# The query forms served from the saved index and the ONNX text tower alone (no torch, no LanceDB).
+FAST_FORMS = [
+    ["a red circle"],
+    ["a blue square", "--plain", "-n", "3"],
+    ["a green triangle", "-f"],
+    ["a red circle", "-0", "-t", "4"],
+    ["a red circle", "--threshold", "0.05", "--show-weak"],
+    ["a large blue circle", "--ensemble", "-n", "5"],
+    ["2:a red circle", "+", "a blue square", "-", "green"],
+    ["a red circle", "--index", "flat"],
+]
+# Forms that read the store (metadata, filters) but still encode without torch.
+STORE_FORMS = [["a red circle", "--json"], ["a blue square", "--json", "--where", "width >= 0", "-n", "4"]]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store of 12 images indexed with shapes-mini, the text tower's ONNX export in `cache`, and a cache in which
+    no export can be found or made (`torch-cache`: its `onnx` is a file), so a query there runs in torch."""
+    root = tmp_path_factory.mktemp("cold")
+    (root / "torch-cache").mkdir()
+    (root / "torch-cache" / "onnx").write_text("not a folder")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIPSEARCH_CACHE", str(root / "cache"))
+        write_images(root / "photos", 12)
+        done = CliRunner().invoke(cli, ["index", str(root / "photos"), "--db", str(root / "db"), "--model", MODEL,
+                                        "--workers", "0", "-q"])  # fmt: skip
+        assert done.exit_code == 0, done.output
+        ensure_export(load_model(MODEL, device="cpu", towers="text")[0])
+    return root
+
+
+def clipsearch(
+    store: Path, args: list[str], cache: str = "cache", blocked: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """`clipsearch query ARGS` in a fresh process, with the packages in `blocked` made to fail on import."""
+    paths = [str(Path(__file__).resolve().parents[1]), *sys.path]
+    if blocked:
+        folder = store / ("no-" + "-".join(blocked))
+        for name in blocked:
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            (folder / name / "__init__.py").write_text(f"raise ImportError('a cold query must not import {name}')\n")
+        paths.insert(0, str(folder))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "CLIPSEARCH_CACHE": str(store / cache)}
+    env.pop("CLIPSEARCH_MODEL", None)
+    command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "query", "--db", str(store / "db")]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("args", FAST_FORMS, ids=lambda a: " ".join(a))
+def test_the_fast_forms_need_neither_torch_nor_lancedb_and_print_what_torch_prints(store, args):
+    fast = clipsearch(store, args, blocked=BLOCKED)
+    assert fast.returncode == 0, fast.stderr
+    slow = clipsearch(store, args, cache="torch-cache")
+    assert slow.returncode == 0, slow.stderr
+    assert fast.stdout == slow.stdout and fast.stdout
+    assert fast.stderr == slow.stderr
+
+
+@pytest.mark.parametrize("args", STORE_FORMS, ids=lambda a: " ".join(a))
+def test_json_and_filters_open_the_store_but_not_torch(store, args):
+    fast = clipsearch(store, args, blocked=("torch",))
+    assert fast.returncode == 0, fast.stderr
+    slow = clipsearch(store, args, cache="torch-cache")
+    assert slow.returncode == 0, slow.stderr
+    fast_rows, slow_rows = ([json.loads(line) for line in out.stdout.splitlines()] for out in (fast, slow))
+    assert [r["path"] for r in fast_rows] == [r["path"] for r in slow_rows] and fast_rows
+    for a, b in zip(fast_rows, slow_rows, strict=True):
+        assert abs(a.pop("score") - b.pop("score")) <= 1e-4
+        assert a == b
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["a red circle", [(2.0, "a red circle"), (1.0, "a blue square"), (-1.0, "green")], "a small green triangle"],
+)
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_onnx_ranks_and_scores_match_torch_within_1e_4(store, monkeypatch, query, ensemble):
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(store / "cache"))
+    onnx = Library(db=store / "db", model=MODEL, text_precision="float32")
+    given = load_model(MODEL, device="cpu", towers="text")[0]  # a model passed in runs in torch, as it is
+    torch_model = Library(db=store / "db", model=given, text_precision="float32")
+    for metadata in (False, True):  # from the saved index alone, and through the store
+        got = onnx.search(query, k=12, ensemble=ensemble, metadata=metadata)
+        want = torch_model.search(query, k=12, ensemble=ensemble, metadata=metadata)
+        assert onnx._onnx_text is not None and torch_model._onnx_text is None  # each took the path it stands for
+        assert [r.path for r in got] == [r.path for r in want]
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in want], atol=1e-4, rtol=0)
+
+
+def test_a_stale_export_is_never_used(store, tmp_path):
+    stale = tmp_path / "stale-cache"
+    subprocess.run(["cp", "-r", str(store / "cache"), str(stale)], check=True)
+    model_info = load_model(MODEL, device="cpu", towers="text")[0].info
+    text_onnx = next(stale.glob(f"onnx/*/text/{MODEL_FILE}"))
+    with text_onnx.open("ab") as f:
+        f.write(b"\0")  # changed after it was exported and checked
+    without_torch = clipsearch(store, ["a red circle"], cache=str(stale), blocked=BLOCKED)
+    assert without_torch.returncode != 0
+    assert "a cold query must not import torch" in without_torch.stderr  # it went for torch, not the stale file
+
+    again = clipsearch(store, ["a red circle"], cache=str(stale))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == clipsearch(store, ["a red circle"], blocked=BLOCKED).stdout
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIPSEARCH_CACHE", str(stale))
+        assert find_export(model_info, towers="text") is not None  # the torch run exported it afresh
+
+
+def test_status_needs_no_torch(store):
+    from test_cli_basics import run_without
+
+    done = run_without(store, ("torch",), "status", "--db", str(store / "db"))
+    assert done.returncode == 0, done.stderr
+    assert "Images: 12" in done.stdout and "State: complete" in done.stdout
