@@ -1,7 +1,9 @@
-"""Encode speed on CPU in fp32: our CLIP against openai/CLIP's reference `model.py`, or every model family
-against ViT-B/32 (`--families`), in the same run.
+"""Encode speed on CPU: our CLIP in torch and in ONNX Runtime (fp32 and int8, the runtime `clipsearch index` uses
+on a CPU) against openai/CLIP's reference `model.py`, or every model family against ViT-B/32 (`--families`), in
+the same run.
 
 Measures image embeddings per second at one batch size and the latency of embedding one short text query.
+`encoder_images_per_s` is also what `index_speed.py` reports as encoder-only throughput, so the two agree.
 The reference is the `clip/model.py` shipped in the `clip-anytorch` wheel, loaded by file path (it needs only
 torch), so no `clip` package lands on the import path. With `--families`, each registry model's architecture
 is built with random weights of its real size (speed does not depend on the weights' values, so nothing is
@@ -13,6 +15,7 @@ because the CPU may be shared.
     python benchmarks/encode_speed.py --families --threads 2
     python benchmarks/encode_speed.py --families --models ViT-B/32 ViT-B-16-SigLIP2-256
     python benchmarks/encode_speed.py --families --models MobileCLIP2-S0 MobileCLIP2-S2 --threads 2
+    python benchmarks/encode_speed.py --batch-size 8 --reference-model-py clip/model.py
 """
 
 from __future__ import annotations
@@ -22,18 +25,21 @@ import importlib.metadata
 import importlib.util
 import json
 import operator
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import nn
 
 from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS, CLIPConfig
 from retrieval.model.family import build_towers
+from retrieval.model.identity import ModelInfo
 from retrieval.model.registry import available_models, get_spec
 from retrieval.model.tokenizer import tokenize
 
@@ -94,6 +100,43 @@ def build_reference(module: ModuleType, config: CLIPConfig, state_dict: dict[str
     )
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector/matrix extensions that decide encoder speed (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    name = fields.get("model name\t", "unknown CPU").strip()
+    flags = set(fields.get("flags\t\t", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    present = [f for f in wanted if f in flags]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores usable, flags: {' '.join(present) or 'none of ' + '/'.join(wanted)}"
+
+
+def onnx_encoders(model: nn.Module) -> dict[str, object]:
+    """The model's image tower in ONNX Runtime, fp32 and int8, as `clipsearch index` runs it on a CPU."""
+    from retrieval.model.onnx_export import ensure_export
+    from retrieval.model.onnx_runtime import OnnxEncoder
+
+    return {p: OnnxEncoder.open(ensure_export(model, p, "image"), towers="image") for p in ("float32", "int8")}
+
+
+def encoder_images_per_s(encode: Callable[[np.ndarray], object], pixels: np.ndarray, batch: int, repeats: int) -> float:
+    """Images/s of one encoder over `pixels` in batches: the median of `repeats` passes after one warm-up batch."""
+    encode(pixels[:batch])
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, len(pixels), batch):
+            encode(pixels[i : i + batch])
+        rates.append(len(pixels) / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -223,8 +266,17 @@ def main() -> None:
     print(f"same weights, normalised embeddings max |ours - reference|: image {image_diff:.2e}, text {text_diff:.2e}")
     print(f"prompt {args.prompt!r}: {int(tokens.argmax()) + 1} real tokens of {tokens.shape[1]}")
 
+    ours.info = ModelInfo.for_model(ours, f"{args.arch} random")
+    onnx = onnx_encoders(ours)
+    print(cpu_description())
+    numpy_pixels = pixels.numpy()
     image_times = time_interleaved(
-        {"ours": lambda: ours.encode_image(pixels), "reference": lambda: reference.encode_image(pixels)},
+        {
+            "ours": lambda: ours.encode_image(pixels),
+            "reference": lambda: reference.encode_image(pixels),
+            "onnx fp32": lambda: onnx["float32"].encode_images(numpy_pixels),
+            "onnx int8": lambda: onnx["int8"].encode_images(numpy_pixels),
+        },
         args.repeats,
         args.warmup,
     )
@@ -237,8 +289,8 @@ def main() -> None:
     latency_ms = {name: 1000 * statistics.median(t) for name, t in text_times.items()}
 
     print(f"\n{'':<10} {f'images/s (batch {args.batch_size})':>24} {'text latency ms (1 query)':>27}")
-    for name in ("ours", "reference"):
-        print(f"{name:<10} {throughput[name]:>24.2f} {latency_ms[name]:>27.2f}")
+    for name in throughput:
+        print(f"{name:<10} {throughput[name]:>24.2f} {latency_ms.get(name, float('nan')):>27.2f}")
     throughput_ratio = throughput["ours"] / throughput["reference"]
     latency_ratio = latency_ms["ours"] / latency_ms["reference"]
     # Each pair ran back to back, so its ratio cancels most of the drift in what else the CPU is doing.
@@ -248,6 +300,14 @@ def main() -> None:
         f"\nimage throughput ours/reference: {throughput_ratio:.3f}x (target >= 1.0), paired {paired_throughput:.3f}x"
     )
     print(f"text latency ours/reference:     {latency_ratio:.3f}x (target <= 0.5), paired {paired_latency:.3f}x")
+    onnx_ratio = {
+        p: statistics.median(map(operator.truediv, image_times["ours"], image_times[f"onnx {p}"]))
+        for p in ("fp32", "int8")
+    }
+    print(
+        "image throughput ONNX Runtime/torch (ours), paired: "
+        f"fp32 {onnx_ratio['fp32']:.3f}x, int8 {onnx_ratio['int8']:.3f}x"
+    )
     summary = {
         "arch": args.arch,
         "threads": torch.get_num_threads(),
@@ -259,6 +319,8 @@ def main() -> None:
         "paired_throughput_ratio": round(paired_throughput, 4),
         "paired_latency_ratio": round(paired_latency, 4),
         "max_abs_diff": {"image": float(image_diff), "text": float(text_diff)},
+        "paired_onnx_over_torch": {k: round(v, 4) for k, v in onnx_ratio.items()},
+        "cpu": cpu_description(),
     }
     print(json.dumps(summary))
 

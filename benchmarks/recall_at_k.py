@@ -65,7 +65,7 @@ from retrieval.datasets import CaptionedSet, read_captioned
 from retrieval.errors import ClipsearchError
 from retrieval.metrics import recall_at_k
 from retrieval.model.clip import CLIP
-from retrieval.model.encode import encode_texts
+from retrieval.model.encode import choose_encoder, encode_texts
 from retrieval.query import SearchResult
 from retrieval.types import Embeddings
 from retrieval.zeroshot import check_templates
@@ -94,6 +94,7 @@ class RecallResult:
     oracle_text_to_image: dict[int, float] | None = None  # a perfect model's R@k (generated sets only)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     query_ms_p50: float = 0.0  # median time of one `Library.search` call
+    precision: str = "float32"  # the encoders' precision
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, recalls keyed "R@k"."""
@@ -201,6 +202,7 @@ def run(
     workers: int | None = None,
     progress: bool = True,
     name: str = "",
+    precision: str = "float32",
 ) -> RecallResult:
     """Index a captioned set into a temporary store and measure recall@k both ways.
 
@@ -213,6 +215,7 @@ def run(
         workers: decoder processes for the indexer (None: its default, 0: in this process).
         progress: tqdm bars on stderr.
         name: the set's name for the report.
+        precision: the encoders' precision ("int8": dynamically quantised, in ONNX Runtime), images and captions.
 
     Returns:
         The figures, with the time each stage took.
@@ -223,7 +226,7 @@ def run(
     check_templates([template])
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="clipsearch-recall-") as db:
-        library = Library(db=db, model=model, index_type=index_type)
+        library = Library(db=db, model=model, index_type=index_type, precision=precision)
         options: dict[str, Any] = {"progress": progress}
         if workers is not None:
             options["workers"] = workers
@@ -241,7 +244,9 @@ def run(
         image_vectors[indexed] = stored.vectors[positions[indexed]]
 
         start = time.perf_counter()
-        caption_vectors = encode_texts(model, [template.format(c) for c in dataset.captions], batch_size=TEXT_BATCH)
+        captions = [template.format(c) for c in dataset.captions]
+        text_encoder = choose_encoder(model, "text", precision) if precision != "float32" else None
+        caption_vectors = encode_texts(model, captions, batch_size=TEXT_BATCH, encoder=text_encoder)
         seconds["encode_captions"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -264,6 +269,7 @@ def run(
         image_to_text=i2t,
         seconds={key: round(value, 2) for key, value in seconds.items()},
         query_ms_p50=round(1000 * statistics.median(times), 2) if times else 0.0,
+        precision=precision,
     )
 
 
@@ -344,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (and their captions)")
     parser.add_argument("--workers", type=int, default=None, help="indexer decoder processes (default: its own)")
     parser.add_argument("--device", default="auto", help="torch device (default: auto)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "int8"),
+                        help="encoder precision; int8: dynamically quantised, ONNX Runtime [float32]")  # fmt: skip
     parser.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
@@ -356,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         dataset = read_captioned(path, args.images, args.split).limit(args.limit)
         model, _ = load_model(args.model, device=args.device)
-        result = run(dataset, model, args.index, args.template, workers=args.workers, progress=not args.json, name=name)
+        result = run(dataset, model, args.index, args.template, workers=args.workers, progress=not args.json, name=name,
+                     precision=args.precision)  # fmt: skip
     except ClipsearchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -51,7 +51,7 @@ import numpy as np
 from retrieval.datasets import LabelledSet, read_class_folders
 from retrieval.errors import ClipsearchError
 from retrieval.model.clip import CLIP
-from retrieval.model.encode import encode_texts
+from retrieval.model.encode import choose_encoder, encode_images, encode_texts
 from retrieval.model.preprocess import Preprocess
 from retrieval.query import IMAGENET_TEMPLATES, SHORT_TEMPLATES
 from retrieval.shapes import COLOURS, SHAPES, class_folders
@@ -93,11 +93,22 @@ class ZeroShotResult:
         return asdict(self)
 
 
-def embed_folder_images(model: CLIP, preprocess: Preprocess, labelled: LabelledSet, progress: bool) -> np.ndarray:
-    """[N, D] unit embeddings of a labelled set's images."""
+def embed_folder_images(
+    model: CLIP, preprocess: Preprocess, labelled: LabelledSet, progress: bool, precision: str = "float32"
+) -> np.ndarray:
+    """[N, D] unit embeddings of a labelled set's images; other precisions than float32 through ONNX Runtime."""
     from clipsearch.api import embed_images
 
-    return embed_images(labelled.images, (model, preprocess), batch_size=IMAGE_BATCH, progress=progress)
+    if precision == "float32":
+        return embed_images(labelled.images, (model, preprocess), batch_size=IMAGE_BATCH, progress=progress)
+    encoder = choose_encoder(model, "image", precision)
+    batches = range(0, len(labelled.images), IMAGE_BATCH)
+    return np.concatenate(
+        [
+            encode_images(encoder, np.stack([preprocess(p).numpy() for p in labelled.images[i : i + IMAGE_BATCH]]))
+            for i in batches
+        ]
+    )
 
 
 def evaluate(
@@ -107,13 +118,17 @@ def evaluate(
     templates: str,
     name: str,
     started: float,
+    precision: str = "float32",
 ) -> ZeroShotResult:
     """Build the classifier for one template set and score the set's images."""
-    classifier = build_classifier(labelled.classes, lambda texts: encode_texts(model, texts), TEMPLATE_SETS[templates])
+    encoder = choose_encoder(model, "text", precision) if precision != "float32" else None
+    classifier = build_classifier(
+        labelled.classes, lambda texts: encode_texts(model, texts, encoder=encoder), TEMPLATE_SETS[templates]
+    )
     accuracy = top_k_accuracy(classifier, image_vectors, labelled.targets, KS)
     return ZeroShotResult(
         dataset=name,
-        model=model.info.name,
+        model=model.info.name if precision == "float32" else f"{model.info.name} ({precision})",
         templates=templates,
         classes=len(labelled.classes),
         images=len(labelled.images),
@@ -132,12 +147,14 @@ def run_folder(
     per_class: int | None = None,
     name: str | None = None,
     progress: bool = True,
+    precision: str = "float32",
 ) -> list[ZeroShotResult]:
     """Accuracy on a labelled folder, once per template set (the images are embedded once)."""
     started = time.perf_counter()
     labelled = read_class_folders(folder, class_names, per_class)
-    vectors = embed_folder_images(model, preprocess, labelled, progress)
-    return [evaluate(model, labelled, vectors, t, name or Path(folder).name, started) for t in templates]
+    vectors = embed_folder_images(model, preprocess, labelled, progress, precision)
+    name = name or Path(folder).name
+    return [evaluate(model, labelled, vectors, t, name, started, precision) for t in templates]
 
 
 def run_generated(
@@ -148,12 +165,14 @@ def run_generated(
     n_per_class: int = N_PER_CLASS,
     seed: int = SEED,
     progress: bool = True,
+    precision: str = "float32",
 ) -> list[ZeroShotResult]:
     """Accuracy on a freshly generated 8-class set ("colour" or "shape") in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix=f"clipsearch-zeroshot-{by}-") as folder:
         class_folders(folder, by, n_per_class, seed, progress=progress)
+        templates = templates or [DEFAULT_TEMPLATES[by]]
         return run_folder(
-            model, preprocess, folder, templates or [DEFAULT_TEMPLATES[by]], name=f"generated {by}s", progress=progress
+            model, preprocess, folder, templates, name=f"generated {by}s", progress=progress, precision=precision
         )
 
 
@@ -213,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-per-class", type=int, default=N_PER_CLASS, help="generated images per class")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the generated sets (default {SEED})")
     parser.add_argument("--device", default="auto", help="torch device (default: auto)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "int8"),
+                        help="encoder precision; int8: dynamically quantised, ONNX Runtime [float32]")  # fmt: skip
     parser.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
@@ -228,13 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, preprocess = load_model(args.model, device=args.device)
         if args.folder:
             results = run_folder(model, preprocess, args.folder, args.templates or ["imagenet"], args.classnames,
-                                 args.per_class, progress=progress)  # fmt: skip
+                                 args.per_class, progress=progress, precision=args.precision)  # fmt: skip
         else:
             results = [
                 result
                 for by in args.generated or GENERATED
                 for result in run_generated(
-                    model, preprocess, by, args.templates, args.n_per_class, args.seed, progress
+                    model, preprocess, by, args.templates, args.n_per_class, args.seed, progress, args.precision
                 )
             ]
     except ClipsearchError as e:

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from indexer.decode import Decoded, Decoder, DecodeResult, DecodeTask, Failed, Known
 from indexer.lock import IndexLock
@@ -38,7 +37,7 @@ from indexer.workers import start_worker_server
 from retrieval.ann import open_index
 from retrieval.catalog import remove_catalog, save_catalog, table_fingerprint
 from retrieval.errors import StoreError, StoreWriteError
-from retrieval.model.encode import encode_images
+from retrieval.model.encode import Encoder, encode_images, runs_on_cpu
 from retrieval.model.preprocess import Preprocess
 from retrieval.regions import view_boxes
 from retrieval.store import ImageRow, Store, utc_now
@@ -72,7 +71,7 @@ class _BatchEntry(NamedTuple):
 
 def index_folders(
     roots: Sequence[str | os.PathLike[str]],
-    model: torch.nn.Module,
+    model: Encoder,
     preprocess: Preprocess,
     store: Store,
     options: IndexOptions | None = None,
@@ -82,7 +81,8 @@ def index_folders(
 
     Args:
         roots: folders (or image files) to index.
-        model: a CLIP with an image tower and `.info` (its vectors must be the store's).
+        model: what encodes the images (`choose_encoder`: the model's ONNX Runtime export on a CPU, or the
+            torch model), with `.info` (its vectors must be the store's).
         preprocess: the model's preprocessing.
         store: the open store (`Store.open(..., create=True)`).
         options: run settings.
@@ -113,7 +113,7 @@ class _Run:
     def __init__(
         self,
         roots: Sequence[str | os.PathLike[str]],
-        model: torch.nn.Module,
+        model: Encoder,
         preprocess: Preprocess,
         store: Store,
         options: IndexOptions,
@@ -138,7 +138,7 @@ class _Run:
         self.failures: list[Failure] = []
         self.pool: DecoderPool | None = None  # the decoder workers while they run
         # On the CPU the encoder takes every core, so the workers wait while it runs; a GPU leaves them the CPU.
-        self.pause_decoding = next(model.parameters()).device.type == "cpu"
+        self.pause_decoding = runs_on_cpu(model)
         self.run_id = uuid.uuid4().hex
         self.started = utc_now()
         self.last_commit = time.monotonic()
@@ -424,7 +424,7 @@ class _Run:
         if not self.batch:
             return
         start = time.perf_counter()
-        pixels = torch.from_numpy(np.stack([e.pixels for e in self.batch]))  # [B, 3, S, S]
+        pixels = np.stack([e.pixels for e in self.batch])  # [B, 3, S, S]
         paused = self.pool.paused() if self.pool is not None and self.pause_decoding else contextlib.nullcontext()
         with paused:
             vectors = encode_images(self.model, pixels)  # [B, D]
@@ -449,7 +449,7 @@ class _Run:
         """The batch's sub-views through the encoder, in batches of the usual size: [B, V, D]."""
         crops = np.concatenate([e.views for e in self.batch])  # [B * V, 3, S, S]
         step = self.options.batch_size
-        parts = [encode_images(self.model, torch.from_numpy(crops[i : i + step])) for i in range(0, len(crops), step)]
+        parts = [encode_images(self.model, crops[i : i + step]) for i in range(0, len(crops), step)]
         return np.concatenate(parts).reshape(len(self.batch), self.view_count, -1)
 
     def _commit(self) -> None:

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -229,6 +230,17 @@ class Store:
             db = _connect(db_dir)
             return cls(db_dir, db, db.open_table(table_name), stored.model)
         if not create:
+            precisions = sorted(
+                m.model.precision
+                for m in present
+                if _same_space(m.model, replace(model_info, precision=m.model.precision))
+            )
+            if precisions:  # the model's images are there, encoded at another precision
+                raise ModelMismatchError(
+                    f"the store at {db_dir} holds {model_info.name!r}'s images indexed with {precisions[0]} encoders, "
+                    f"not {model_info.precision}; pass --precision {precisions[0]}, or run "
+                    f"`clipsearch index FOLDER --precision {model_info.precision}`"
+                )
             if present:
                 names = ", ".join(sorted({m.model.name for m in present}))
                 raise ModelMismatchError(

@@ -10,9 +10,16 @@ from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS
 
 
+@pytest.fixture(scope="session")
+def _shared_exports(tmp_path_factory):
+    """ONNX exports, shared by the session's tests: keyed by model identity, so each test model is exported once."""
+    return tmp_path_factory.mktemp("onnx-exports")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path, monkeypatch):
+def _isolated_dirs(tmp_path, monkeypatch, _shared_exports):
     monkeypatch.setenv("CLIPSEARCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CLIPSEARCH_EXPORTS", str(_shared_exports))
     monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CLIPSEARCH_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

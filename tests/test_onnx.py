@@ -30,6 +30,12 @@ FAMILIES = Path(__file__).resolve().parent / "data" / "families"
 BATCHES = (1, 3, 8)
 
 
+@pytest.fixture(autouse=True)
+def _own_exports(tmp_path, monkeypatch):
+    """These tests damage exports: each has its own folder."""
+    monkeypatch.setenv("CLIPSEARCH_EXPORTS", str(tmp_path / "exports"))
+
+
 def _tiny() -> CLIP:
     torch.manual_seed(0)
     model = CLIP(PRESETS["tiny-vit"]).eval()

@@ -37,6 +37,12 @@ FAST_FORMS = [
 STORE_FORMS = [["a red circle", "--json"], ["a blue square", "--json", "--where", "width >= 0", "-n", "4"]]
 
 
+@pytest.fixture(autouse=True)
+def _exports_in_each_cache(monkeypatch):
+    """Each cache here holds its own exports (or none): undo conftest's session-wide exports folder."""
+    monkeypatch.delenv("CLIPSEARCH_EXPORTS", raising=False)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A store of 12 images indexed with shapes-mini, the text tower's ONNX export in `cache`, and a cache in which
@@ -46,6 +52,7 @@ def store(tmp_path_factory):
     (root / "torch-cache" / "onnx").write_text("not a folder")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CLIPSEARCH_CACHE", str(root / "cache"))
+        patch.delenv("CLIPSEARCH_EXPORTS", raising=False)  # the exports live in each cache (conftest shares one)
         write_images(root / "photos", 12)
         done = CliRunner().invoke(cli, ["index", str(root / "photos"), "--db", str(root / "db"), "--model", MODEL,
                                         "--workers", "0", "-q"])  # fmt: skip
@@ -67,6 +74,7 @@ def clipsearch(
         paths.insert(0, str(folder))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "CLIPSEARCH_CACHE": str(store / cache)}
     env.pop("CLIPSEARCH_MODEL", None)
+    env.pop("CLIPSEARCH_EXPORTS", None)  # each cache holds its own exports (or none)
     command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "query", "--db", str(store / "db")]
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
 

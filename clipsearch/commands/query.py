@@ -154,6 +154,13 @@ def _common_options(command: Any) -> Any:
             "--model", envvar="CLIPSEARCH_MODEL", help="Model name or checkpoint path [env CLIPSEARCH_MODEL]."
         ),
         click.option(
+            "--precision",
+            type=click.Choice(["float32", "int8"]),
+            default="float32",
+            show_default=True,
+            help="The encoders' precision the images were indexed with (`index --precision`).",
+        ),
+        click.option(
             "--db",
             type=click.Path(file_okay=False, path_type=Path),
             envvar="CLIPSEARCH_HOME",
@@ -215,14 +222,14 @@ def _print_results(results: Sequence[Any], output: str, show_weak: bool = False,
         click.echo("no results", err=True)
 
 
-def _library(db: Path | None, model: str | None, index_type: str | None) -> Any:
+def _library(db: Path | None, model: str | None, index_type: str | None, precision: str = "float32") -> Any:
     """The `Library` for the options (imported here, so `clipsearch --help` stays fast).
 
     A command runs one query: converting the text tower to bfloat16 would cost more than it saves.
     """
     from clipsearch.library import Library
 
-    return Library(db=db, model=model, index_type=index_type, text_precision="float32")
+    return Library(db=db, model=model, index_type=index_type, text_precision="float32", precision=precision)
 
 
 def _output(as_json: bool, plain: bool, paths_only: bool, null: bool) -> str:
@@ -257,6 +264,7 @@ def query(
     null: bool,
     index_type: str | None,
     model: str | None,
+    precision: str,
     db: Path | None,
 ) -> None:
     """Find images by describing them, by example images, or by a weighted mix of both.
@@ -286,7 +294,7 @@ def query(
 
     output = _output(as_json, plain, paths_only, null)
     parsed = parse_terms(terms_from(terms))
-    library = _library(db, model, index_type)
+    library = _library(db, model, index_type, precision)
     results = library.search(
         parsed,
         k=top,
@@ -330,6 +338,7 @@ def similar(
     null: bool,
     index_type: str | None,
     model: str | None,
+    precision: str,
     db: Path | None,
 ) -> None:
     """Find the images most like the image at PATH, indexed or not (an indexed PATH is left out).
@@ -345,7 +354,7 @@ def similar(
       clipsearch similar ./photos/street.jpg --box 0.6,0.1,0.8,0.3   # like the sign in its top right
     """
     output = _output(as_json, plain, paths_only, null)
-    library = _library(db, model, index_type)
+    library = _library(db, model, index_type, precision)
     results = library.similar(
         path,
         k=top,

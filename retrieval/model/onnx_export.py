@@ -10,6 +10,7 @@ place, so concurrent processes and crashes never leave a half-written tower unde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,6 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +65,13 @@ def model_towers(model: EmbeddingModel) -> tuple[str, ...]:
     return {"both": ("image", "text"), "image": ("image",), "text": ("text",)}[model.towers]
 
 
-def ensure_export(model: EmbeddingModel, precision: str = "float32") -> Path:
-    """Export each tower of `model` at `precision` unless a fresh export is in the cache already.
+def ensure_export(model: EmbeddingModel, precision: str = "float32", towers: str = "both") -> Path:
+    """Export the towers of `model` at `precision` unless a fresh export is in the cache already.
 
     Args:
         model: a loaded model with `.info` (`load_model`, or `ModelInfo.for_model`), float32 weights.
         precision: "float32", or "int8" (dynamically quantised from the float32 export, made first if missing).
+        towers: "both" (the towers the model has), "image" or "text".
 
     Returns:
         The export folder, for `OnnxEncoder.open`.
@@ -80,7 +83,9 @@ def ensure_export(model: EmbeddingModel, precision: str = "float32") -> Path:
     if info is None:
         raise ExportError("the model has no `.info`: load it with `load_model`, or set `ModelInfo.for_model`")
     root = export_root(info, precision)
-    for tower in model_towers(model):
+    for tower in model_towers(model) if towers == "both" else (towers,):
+        if tower not in model_towers(model):
+            raise ExportError(f"the model was loaded without its {tower} tower; load it with towers={tower!r}")
         reason = stale_reason(root / tower, info, precision, tower)
         if reason is None:
             continue
@@ -101,17 +106,18 @@ def _make(model: EmbeddingModel, tower: str, precision: str, staging: Path) -> d
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        source = ensure_export(model, "float32") / tower / MODEL_FILE
+        source = ensure_export(model, "float32", tower) / tower / MODEL_FILE
         # Only the MatMul/Gemm weights (~all of a ViT's FLOPs) become int8; the patch convolution, LayerNorms,
         # softmax and activations stay float32. Per-channel scales keep each output's own weight range.
-        quantize_dynamic(
-            source,
-            staging / MODEL_FILE,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True,
-            extra_options={"MatMulConstBOnly": True},
-        )
+        with _quiet_quantizer():
+            quantize_dynamic(
+                source,
+                staging / MODEL_FILE,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=True,
+                extra_options={"MatMulConstBOnly": True},
+            )
     cosine, max_abs = _check(model, tower, staging / MODEL_FILE)
     if cosine < MIN_COSINE[precision]:
         raise ExportError(
@@ -136,6 +142,22 @@ def _make(model: EmbeddingModel, tower: str, precision: str, staging: Path) -> d
         "onnxruntime": ort.__version__,
         "check": {"cosine_min": cosine, "max_abs_diff": max_abs},
     }
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Drop the quantiser's notices, which it logs on the root logger (one per tensor at INFO, and a WARNING
+    suggesting a pre-processing pass that only matters for static quantisation)."""
+
+    def from_quantizer(record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(from_quantizer)
+    try:
+        yield
+    finally:
+        root.removeFilter(from_quantizer)
 
 
 def _trace(model: EmbeddingModel, tower: str, path: Path) -> None:
