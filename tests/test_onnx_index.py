@@ -128,3 +128,17 @@ def test_precision_is_part_of_the_identity_only_when_not_float32():
 def test_an_unknown_precision_is_refused(tmp_path, tiny, precision):
     with pytest.raises(ValueError, match="precision must be one of float32, int8"):
         Library(db=tmp_path / "db", model=tiny, precision=precision)
+
+
+def test_an_export_made_for_another_name_indexes_into_this_models_table(tmp_path):
+    from test_index_support import tiny_model
+
+    from retrieval.model.encode import choose_encoder
+    from retrieval.model.onnx_export import ensure_export
+
+    first, _ = tiny_model(name="first-name")
+    ensure_export(first)  # the export's folder is keyed by the weights: a second name with them shares it
+    second, _ = tiny_model(name="second-name")
+    encoder = choose_encoder(second, "image")
+    assert encoder.info == second.info  # not the identity recorded by the first exporter
+    assert Store.open(tmp_path / "db", encoder.info, create=True).table_name == second.info.table_name

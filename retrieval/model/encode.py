@@ -4,6 +4,7 @@ to the model's device, fp16 autocast on CUDA); float32 numpy rows out."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Union
@@ -72,7 +73,11 @@ def choose_encoder(
             ) from e
         logger.info("cannot write the ONNX export of %s (%s); encoding with torch", model.info.name, e)
         return model
-    return OnnxEncoder.open(export, towers=towers, threads=threads)
+    encoder = OnnxEncoder.open(export, towers=towers, threads=threads)
+    # An export is shared by every model with these weights (its folder is keyed by the embedding space), so its
+    # record may carry another name; the store's table is named after this model.
+    encoder.info = dataclasses.replace(model.info, precision=precision)
+    return encoder
 
 
 def runs_on_cpu(encoder: Encoder) -> bool:
