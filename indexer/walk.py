@@ -35,7 +35,15 @@ class Found(NamedTuple):
 
 def is_image_name(name: str) -> bool:
     """True for a file name with a supported image extension (any case) that is not an AppleDouble file."""
-    return not name.startswith("._") and os.path.splitext(name)[1].lower() in supported_extensions()
+    # `os.path.splitext`'s extension, without its calls (this runs for every file of every walk): none when the name
+    # has no dot or only dots before its last one (".jpg" is a hidden file named "jpg")
+    dot = name.rfind(".")
+    return (
+        dot > 0
+        and name[dot:].lower() in supported_extensions()
+        and not name.startswith("._")
+        and bool(name[:dot].lstrip("."))
+    )
 
 
 def _excluded(name: str, relative: str, patterns: Sequence[str]) -> bool:
@@ -95,11 +103,13 @@ def _walk_dir(
     except OSError as e:
         yield Found(directory, 0, 0, f"cannot list the folder ({e.strerror})")
         return
+    # Once per folder, not per file: a file's path relative to the root is the folder's plus its name.
+    prefix = os.path.relpath(directory, root).replace(os.sep, "/") + "/" if exclude else ""
+    prefix = "" if prefix == "./" else prefix
     subdirs = []
     for entry in entries:
         name = entry.name
-        relative = os.path.relpath(entry.path, root).replace(os.sep, "/")
-        if exclude and _excluded(name, relative, exclude):
+        if exclude and _excluded(name, prefix + name, exclude):
             continue
         try:
             is_dir = entry.is_dir()  # follows symlinks
@@ -109,7 +119,7 @@ def _walk_dir(
             if not name.startswith(".") and name not in SKIPPED_DIRS:
                 subdirs.append(entry)
             continue
-        if not is_image_name(name):
+        if not is_image_name(name):  # on the name alone: a file that is no image costs no system call
             if unsupported is not None and not name.startswith("._") and (ext := unsupported_extension(name)):
                 unsupported[ext] += 1
             continue

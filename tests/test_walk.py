@@ -6,7 +6,7 @@ import os
 from collections import Counter
 
 from indexer.formats import supported_extensions
-from indexer.walk import walk
+from indexer.walk import is_image_name, walk
 
 
 def touch(path, data: bytes = b"x") -> str:
@@ -129,3 +129,20 @@ def test_image_files_nothing_decodes_are_counted_by_extension(tmp_path):
     assert found == [str(tmp_path / "photos" / "keep.jpg")]
     expected = {".svg": 2, ".jxl": 1, ".cr2": 1} | ({} if ".heic" in supported_extensions() else {".heic": 1})
     assert counts == expected
+
+
+def test_exclude_globs_match_relative_paths_of_files_deep_down(tmp_path):
+    keep = touch(tmp_path / "2020" / "06" / "keep.jpg")
+    touch(tmp_path / "2020" / "06" / "drop.jpg")
+    touch(tmp_path / "2020" / "06" / "thumbs" / "t.jpg")
+    other = touch(tmp_path / "2021" / "06" / "drop.jpg")
+    assert found_paths([tmp_path], exclude=("2020/06/drop.jpg", "2020/*/thumbs/*")) == [keep, other]
+    assert found_paths([tmp_path / "2020"], exclude=("06/drop.jpg",)) == [keep, str(tmp_path / "2020/06/thumbs/t.jpg")]
+
+
+def test_image_names_are_told_by_the_extension_splitext_gives():
+    names = ["a.jpg", "A.JPEG", "b.tar.png", ".hidden.jpg", ".jpg", "..jpg", "...png", "._a.jpg", "jpg", "a.", "a",
+             "a.jpg.txt", ". .jpg", "a..jpg", "_.webp", ".._a.jpg"]  # fmt: skip
+    by_splitext = [not n.startswith("._") and os.path.splitext(n)[1].lower() in supported_extensions() for n in names]
+    assert [is_image_name(n) for n in names] == by_splitext
+    assert by_splitext.count(True) == 8  # the list has both kinds
