@@ -4,15 +4,30 @@ The list comes from Pillow itself (`Image.registered_extensions()`), so `.mpo`, 
 `.ico`, `.apng`, `.jfif` and the rest are read as soon as Pillow reads them, and HEIC or JPEG XL as soon as their
 plugin is installed. Image files that nothing installed can decode (`.svg`, camera raw, `.heic` without the
 plugin) are counted, so a run can say what it skipped and what would read them.
+
+Asking Pillow means importing every one of its plugins (~0.1-0.3 s), which would be most of the start-up of an index
+run that finds nothing to do; so the answer is remembered in the cache dir for as long as Pillow, the plugins and
+this module are the files they were when it was worked out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
+import json
+import logging
 import os
+import tempfile
 from collections.abc import Mapping
+from typing import Any
 
-from PIL import Image, ImageFile
+from retrieval.model.download import cache_dir
+
+logger = logging.getLogger(__name__)
+
+_REMEMBERED_FILE = "image-extensions.json"
+_PLUGINS = ("pillow_heif", "pillow_avif", "pillow_jxl")
 
 
 def register_plugins() -> None:
@@ -23,7 +38,7 @@ def register_plugins() -> None:
         register_heif_opener()
     except ImportError:
         pass
-    for module in ("pillow_avif", "pillow_jxl"):  # these register themselves when imported
+    for module in _PLUGINS[1:]:  # these register themselves when imported
         try:
             __import__(module)
         except ImportError:
@@ -42,6 +57,8 @@ _OPENED_AS = {"MPO": "JPEG"}
 
 def _decodes(format_id: str) -> bool:
     """Whether Pillow decodes this registered format by itself (PDF and Palm are write-only, for a start)."""
+    from PIL import Image, ImageFile
+
     factory = Image.OPEN.get(_OPENED_AS.get(format_id, format_id), (None,))[0]
     if factory is None or format_id in _NOT_DECODED:
         return False
@@ -54,10 +71,67 @@ def supported_extensions() -> frozenset[str]:
 
     Worked out on first use, not on import: it imports every Pillow plugin, and the decoder workers' server, which
     imports `indexer.decode` (and so this module) before forking them, starts its workers markedly slower for it.
+    Remembered in the cache dir (`_installation` says for which files), so later processes do not import Pillow.
     """
+    installation = _installation()
+    remembered = _remembered(installation)
+    if remembered is not None:
+        return remembered
+    from PIL import Image
+
     register_plugins()
     Image.init()
-    return frozenset(ext.lower() for ext, format_id in Image.registered_extensions().items() if _decodes(format_id))
+    found = frozenset(ext.lower() for ext, format_id in Image.registered_extensions().items() if _decodes(format_id))
+    _remember(installation, found)
+    return found
+
+
+def _installation() -> list[Any]:
+    """What the extensions depend on: this module, Pillow and each plugin, by file, size and mtime (an upgrade,
+    an install or a removal changes it), found without importing them."""
+    parts: list[Any] = []
+    for name in (__name__, "PIL", *_PLUGINS):
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        try:
+            stat = os.stat(origin) if origin else None
+        except OSError:
+            stat = None
+        parts.append([name, origin, None if stat is None else [stat.st_size, stat.st_mtime_ns, stat.st_ino]])
+    return parts
+
+
+def _remembered(installation: list[Any]) -> frozenset[str] | None:
+    """The extensions worked out for this installation before, if the cache dir has them."""
+    try:
+        data = json.loads((cache_dir() / _REMEMBERED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("installation") != installation:
+        return None
+    extensions = data.get("extensions")
+    if not isinstance(extensions, list) or not all(isinstance(ext, str) for ext in extensions):
+        return None
+    return frozenset(extensions)
+
+
+def _remember(installation: list[Any], extensions: frozenset[str]) -> None:
+    """Keep the extensions for later processes; a read-only cache dir only costs them Pillow's import."""
+    target = cache_dir() / _REMEMBERED_FILE
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{_REMEMBERED_FILE}.", suffix=".part")
+    except OSError as e:
+        logger.debug("cannot remember the image extensions in %s: %s", target.parent, e)
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"installation": installation, "extensions": sorted(extensions)}, f)
+        os.replace(tmp, target)
+    except OSError as e:
+        logger.debug("cannot remember the image extensions in %s: %s", target.parent, e)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 # Image formats met in photo folders that nothing installed may read, with what would read them.

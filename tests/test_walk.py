@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 from indexer.formats import supported_extensions
 from indexer.walk import is_image_name, walk
@@ -146,3 +150,38 @@ def test_image_names_are_told_by_the_extension_splitext_gives():
     by_splitext = [not n.startswith("._") and os.path.splitext(n)[1].lower() in supported_extensions() for n in names]
     assert [is_image_name(n) for n in names] == by_splitext
     assert by_splitext.count(True) == 8  # the list has both kinds
+
+
+def _formats_in_a_new_process(*paths) -> dict:
+    """`supported_extensions()` in a fresh interpreter (`paths` first on its path), and whether it imported Pillow."""
+    code = (
+        "import json, sys\n"
+        "from indexer.formats import supported_extensions\n"
+        "found = sorted(supported_extensions())\n"
+        "print(json.dumps({'pillow': 'PIL' in sys.modules, 'extensions': found}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_image_extensions_are_remembered_until_pillow_or_a_plugin_changes(tmp_path):
+    expected = sorted(supported_extensions())
+    first, second = _formats_in_a_new_process(), _formats_in_a_new_process()
+    assert (first["pillow"], second["pillow"]) == (True, False)  # asked Pillow once, then remembered
+    assert first["extensions"] == second["extensions"] == expected
+
+    plugin = tmp_path / "plugins" / "pillow_jxl"  # a plugin installed since (one that registers nothing)
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("")
+    assert _formats_in_a_new_process(tmp_path / "plugins") == {"pillow": True, "extensions": expected}
+    assert _formats_in_a_new_process(tmp_path / "plugins")["pillow"] is False
+    assert _formats_in_a_new_process()["pillow"] is True  # and removed again
+
+    remembered = Path(os.environ["CLIPSEARCH_CACHE"]) / "image-extensions.json"
+    data = json.loads(remembered.read_text())
+    remembered.write_text(json.dumps({**data, "extensions": [".jpg", 1]}))  # damaged: not trusted
+    assert _formats_in_a_new_process() == {"pillow": True, "extensions": expected}
+    remembered.write_text("{not json")
+    assert _formats_in_a_new_process() == {"pillow": True, "extensions": expected}
