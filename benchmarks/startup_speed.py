@@ -4,8 +4,9 @@ The folder (FILES tiny JPEGs in sub-folders of 100, generated once into --workdi
 shapes-mini model, untimed. Then, interleaved REPEATS times: a whole `clipsearch index FOLDER` process (wall time),
 `python -c pass` (the bare interpreter) as the reference, and a split of the same work in one process timed stage by
 stage: interpreter start, imports (the CLI and the modules an unchanged run needs), the walk, the catalogue read
-(`retrieval.catalog.load_catalog`) and the plan (`indexer.sync.plan_sync`). Medians are printed, with one line a
-machine can parse at the end. The page cache is warm (the untimed first run has read everything).
+(`retrieval.catalog.load_catalog`) and the plan (`indexer.sync.compare`, the part of `plan_sync` it needs). Medians
+are printed, with one line a machine can parse at the end. The page cache is warm (the untimed first run has read
+everything).
 
     python benchmarks/startup_speed.py                       # 10,000 files, 5 repeats
     python benchmarks/startup_speed.py --files 2000 --repeats 3   # a quick look
@@ -36,7 +37,7 @@ from pathlib import Path
 t0 = time.perf_counter()
 import clipsearch.cli, indexer.unchanged
 from collections import Counter
-from indexer.sync import plan_sync
+from indexer.sync import compare
 from indexer.walk import walk
 from indexer.unchanged import catalogued_table
 from retrieval.catalog import load_catalog
@@ -50,7 +51,7 @@ table = catalogued_table(Path(db), known_identity(sys.argv[3]))
 model, catalog = load_catalog(db, table)
 failures = StoreState(Path(db) / f"{table}.state.json").failures()
 t3 = time.perf_counter()
-plan = plan_sync(found, catalog, [folder], failures)
+plan = compare(found, catalog, [folder], failures)
 t4 = time.perf_counter()
 assert not plan.work and not plan.vanished and plan.unchanged == len(found), "the folder is not unchanged"
 print(json.dumps({"imports": t1 - t0, "walk": t2 - t1, "catalogue": t3 - t2, "plan": t4 - t3}))

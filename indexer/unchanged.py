@@ -1,11 +1,12 @@
 """An index run that finds nothing to do, finished before the model, the decoder workers, torch or LanceDB load.
 
 `clipsearch index` calls `finish_if_unchanged` first. It takes the table's lock, and when the table's catalogue
-copy (`retrieval.catalog`) still matches the table, walks the folders and plans against it exactly as a full run
-does (`indexer.sync.plan_sync`). If no file is new, changed or gone, it records the run in the state file as a
-full run would and returns the summary: an unchanged folder costs about the walk. In every other case (no current
-copy, something to do, a model whose identity is not known before it loads, sub-views) it returns None and the
-full run (`indexer.pipeline.index_folders`) does the work, reading the store itself.
+copy (`retrieval.catalog`) still matches the table, walks the folders and compares them with it exactly as a full
+run does (`indexer.sync.compare`, the first step of `plan_sync`). If no file is new, changed or gone, it records the
+run in the state file as a full run would and returns the summary: an unchanged folder costs about the walk. In
+every other case (no current copy, something to do, a model whose identity is not known before it loads, sub-views)
+it returns None and the full run (`indexer.pipeline.index_folders`) does the work, reading the store itself.
+Nothing on this path imports numpy, Pillow, pyarrow, LanceDB, torch or ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from indexer.lock import IndexLock
 from indexer.options import IndexOptions
 from indexer.summary import STAGES, IndexSummary, record_run
-from indexer.sync import plan_sync
+from indexer.sync import compare
 from indexer.walk import walk
 from retrieval.catalog import catalog_model, load_catalog, table_fingerprint
 from retrieval.errors import StoreWriteError
@@ -109,7 +110,7 @@ def _unchanged_run(
     unsupported: Counter[str] = Counter()
     found = list(walk(absolute, options.exclude, unsupported))
     state = StoreState(db / f"{table}.state.json")
-    plan = plan_sync(found, catalog, absolute, state.failures(), options.retry_failed)
+    plan = compare(found, catalog, absolute, state.failures(), options.retry_failed)
     if plan.work or plan.vanished:
         logger.info("%d files to read, %d gone: a full run", len(plan.work), len(plan.vanished))
         return None

@@ -12,12 +12,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from retrieval.errors import StoreError, StoreWriteError
-from retrieval.types import RowIds
+
+if TYPE_CHECKING:
+    from retrieval.types import RowIds
 
 STATE_VERSION = 1
 KEEP_RUNS = 20  # runs remembered for `clipsearch status`
@@ -93,6 +93,8 @@ class StoreState:
 
     def allocate_ids(self, n: int, floor: int) -> RowIds:
         """Reserve `n` ids >= `floor` and above every id reserved before; persisted before they are used."""
+        import numpy as np  # here: an index run with nothing to do reads and records its state without numpy
+
         data = self.load()
         start = max(int(data.get("next_id", 1)), floor)
         data["next_id"] = start + n

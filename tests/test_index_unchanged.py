@@ -15,12 +15,15 @@ from test_cli_basics import run_without
 from test_index_support import pattern, write_images
 
 from clipsearch.cli import cli
-from retrieval.catalog import catalog_path, load_catalog
+from retrieval.catalog import Catalog, catalog_model, catalog_path, load_catalog, save_catalog, table_fingerprint
 from retrieval.model.loading import load_model
 
 MODEL = "shapes-mini"
 # What differs between two runs doing the same: their timing.
 TIMING = ("seconds", "stage_seconds", "files_per_second")
+DIGEST = 64  # the copy ends with the hex SHA-256 of the rest
+# What an unchanged run has no use for: each would cost start-up time (numpy alone ~0.1 s).
+HEAVY = ("numpy", "PIL", "pyarrow", "lancedb", "lance", "torch", "onnxruntime", "tqdm", "multiprocessing")
 
 
 def index(photos, db, *args: str) -> dict:
@@ -72,6 +75,39 @@ def test_an_unchanged_rerun_imports_neither_torch_nor_lancedb_and_says_the_same(
     assert lines[-1] == f"Store: {db} (5 images, model {MODEL})"
 
 
+def loaded_by(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`clipsearch ARGS` in a fresh process, and which of the HEAVY packages it had imported when it exited."""
+    code = (
+        "import atexit, json, sys\n"
+        f"heavy = {HEAVY!r}\n"
+        "report = lambda: print('LOADED', json.dumps([m for m in heavy if m in sys.modules]), file=sys.stderr)\n"
+        "atexit.register(report)\n"
+        "from clipsearch.cli import main\n"
+        "sys.argv = ['clipsearch', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("LOADED ")]
+    return done, json.loads(line.removeprefix("LOADED "))
+
+
+def test_an_unchanged_rerun_imports_nothing_it_does_not_need(tmp_path):
+    photos, db = tmp_path / "photos", tmp_path / "db"
+    write_images(photos, 3)
+    index(photos, db, "--workers", "0")
+    args = ("index", str(photos), "--db", str(db), "--model", MODEL, "--json")
+    loaded_by(*args)  # the image extensions are remembered in the cache dir by the first process that needs them
+    done, loaded = loaded_by(*args)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["unchanged"] == 3
+    assert loaded == []
+    write_images(photos, 1, start=10)  # a new file: the full run, whose imports the check does see
+    full, loaded = loaded_by(*args, "--workers", "0")
+    assert full.returncode == 0 and json.loads(full.stdout)["new"] == 1, full.stderr
+    assert {"numpy", "PIL", "lancedb"} <= set(loaded)
+
+
 def test_new_changed_and_removed_files_take_the_full_run(tmp_path):
     photos, db = tmp_path / "photos", tmp_path / "db"
     paths = write_images(photos, 4)
@@ -91,20 +127,60 @@ def test_a_tampered_catalogue_is_not_trusted(tmp_path):
     index(photos, db, "--workers", "0")
     pattern(30).save(paths[0])  # changed on disk; then the copy is edited to say it is as stored
     copy = catalog_path(db, table(db))
-    with np.load(copy) as data:
-        arrays = {name: data[name] for name in data.files}
-    row = [bytes(p) for p in np.split(arrays["paths"], arrays["offsets"][1:-1])].index(os.fsencode(paths[0]))
+    model, catalog = load_catalog(db, table(db))
+    row = catalog.paths.index(os.fsencode(paths[0]))
     stat = paths[0].stat()
-    arrays["sizes"][row], arrays["mtimes_ns"][row] = stat.st_size, stat.st_mtime_ns
-    with copy.open("wb") as f:
-        np.savez(f, **arrays)
+    catalog.sizes[row], catalog.mtimes_ns[row] = stat.st_size, stat.st_mtime_ns
+    header = copy.read_bytes().split(b"\n", 2)[1]
+    (tmp_path / "edited").mkdir()
+    save_catalog(tmp_path / "edited", table(db), json.loads(header)["fingerprint"], model, catalog)
+    edited = catalog_path(tmp_path / "edited", table(db)).read_bytes()
+    copy.write_bytes(edited[:-DIGEST] + copy.read_bytes()[-DIGEST:])  # the edit, under the digest of before
     assert load_catalog(db, table(db)) is None
     summary = index(photos, db, "--workers", "0")
     assert (summary["changed"], summary["unchanged"]) == (1, 2)
 
-    copy.write_bytes(b"PK\x03\x04 not a zip at all")
+    copy.write_bytes(b"PK\x03\x04 not a catalogue at all")
     assert load_catalog(db, table(db)) is None
     assert index(photos, db, "--workers", "0")["unchanged"] == 3
+    copy.write_bytes(copy.read_bytes()[:-1])  # cut short
+    assert load_catalog(db, table(db)) is None
+
+
+def test_the_catalogue_copy_gives_back_what_was_saved(tmp_path):
+    (tmp_path / "images_t.lance" / "_versions").mkdir(parents=True)
+    (tmp_path / "images_t.lance" / "_versions" / "1.manifest").write_bytes(b"v1")
+    fingerprint = table_fingerprint(tmp_path / "images_t.lance")
+    model = load_model(MODEL, device="cpu", towers="image")[0].info
+    paths = [b"/p/a.jpg", b"/p/caf\xe9 \n.jpg", b"", "/p/\u00e9t\u00e9.png".encode()]
+    rows = Catalog(  # as `Store.catalog()` reads them: numpy columns
+        ids=np.array([3, 1, 2**40, 7], np.int64),
+        paths=paths,
+        sizes=np.array([0, 1, 2**33, 5], np.int64),
+        mtimes_ns=np.array([-1, 1_600_000_000_000_000_001, 0, 2**62], np.int64),
+        hashes=["ab" * 32, "cd" * 32, "", "ef" * 32],
+    )
+    save_catalog(tmp_path, "images_t", fingerprint, model, rows)
+    loaded_model, loaded = load_catalog(tmp_path, "images_t")
+    assert loaded_model == model == catalog_model(tmp_path, "images_t")
+    assert [list(column) for column in loaded] == [list(column) for column in rows]
+
+    save_catalog(tmp_path, "images_t", fingerprint, model, Catalog(np.zeros(0, np.int64), [], [], [], []))
+    assert [list(column) for column in load_catalog(tmp_path, "images_t")[1]] == [[]] * 5
+
+    (tmp_path / "images_t.lance" / "_versions" / "2.manifest").write_bytes(b"v2")  # a commit since
+    assert load_catalog(tmp_path, "images_t") is None
+
+
+def test_an_earlier_versions_catalogue_copy_is_replaced(tmp_path):
+    photos, db = tmp_path / "photos", tmp_path / "db"
+    write_images(photos, 2)
+    index(photos, db, "--workers", "0")
+    legacy = db / f"{table(db)}.catalog.npz"  # what an earlier version left: it is never read
+    legacy.write_bytes(b"PK\x03\x04")
+    catalog_path(db, table(db)).unlink()
+    assert index(photos, db, "--workers", "0")["unchanged"] == 2  # the full run, which writes the copy
+    assert load_catalog(db, table(db)) is not None and not legacy.exists()
 
 
 def test_a_run_killed_before_it_rewrote_the_catalogue_leaves_a_copy_that_is_not_trusted(tmp_path):

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from indexer.options import default_workers
-from indexer.workers import start_worker_server
 
 if TYPE_CHECKING:
     from indexer.summary import IndexSummary
@@ -219,6 +218,8 @@ def index(
             _report(unchanged.summary, folders, as_json, strict, *store_line)
             return
         if workers:
+            from indexer.workers import start_worker_server
+
             start_worker_server()  # the decoder workers' server boots while this process loads the model
     from indexer.pipeline import index_folders
     from retrieval.model.encode import choose_encoder
