@@ -6,7 +6,8 @@ shapes-mini model, untimed. Then, interleaved REPEATS times: a whole `clipsearch
 stage: interpreter start, imports (the CLI and the modules an unchanged run needs), the walk, the catalogue read
 (`retrieval.catalog.load_catalog`) and the plan (`indexer.sync.compare`, the part of `plan_sync` it needs). Medians
 are printed, with one line a machine can parse at the end. The page cache is warm (the untimed first run has read
-everything).
+everything), and so is Python's bytecode cache (`__pycache__`), as after `pip install`, whatever
+PYTHONDONTWRITEBYTECODE says: compiling clipsearch's modules on every run would add ~0.1 s that no user sees.
 
     python benchmarks/startup_speed.py                       # 10,000 files, 5 repeats
     python benchmarks/startup_speed.py --files 2000 --repeats 3   # a quick look
@@ -94,6 +95,7 @@ def main() -> None:
     folder, db = args.workdir / f"photos-{args.files}", args.workdir / f"db-{args.files}"
     make_folder(folder, args.files)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     index = [sys.executable, "-m", "clipsearch", "index", str(folder), "--db", str(db), "--model", MODEL, "--json"]
     seconds, out = timed(index, env)  # the first run indexes everything (or brings an old store up to date)
     first = json.loads(out)
