@@ -11,8 +11,9 @@ one), so a reader sees a whole file or none.
 
 The file is laid out to be read in one go with the standard library (an unchanged run of 10,000 files spends a few
 milliseconds on it): a format line, a JSON header line (fingerprint, model, row count, the byte length of each
-section), the sections (ids, sizes and mtimes as little-endian int64; paths and hashes as the end offset of each,
-then their bytes run together), then the hex SHA-256 of everything before it.
+section), the sections (ids, sizes and mtimes as little-endian int64; paths and hashes joined by NUL, which neither
+holds: one that did would split into too many rows, and the copy would not be trusted), then the hex SHA-256 of
+everything before it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 _FORMAT = b"clipsearch-catalog-2"
 _LEGACY_SUFFIX = ".catalog.npz"  # the numpy copy of earlier versions: removed when a copy is written
-_SECTIONS = ("ids", "sizes", "mtimes_ns", "path_ends", "paths", "hash_ends", "hashes")  # in file order
+_SECTIONS = ("ids", "sizes", "mtimes_ns", "paths", "hashes")  # in file order
 _DIGEST_LENGTH = 64  # hex SHA-256
 
 
@@ -106,21 +107,6 @@ def _int64_bytes(values: Int64s) -> bytes:
     return column.tobytes()
 
 
-def _ends(items: list[bytes]) -> array[int]:
-    """The offset where each item ends when they are run together."""
-    ends, total = array("q"), 0
-    for item in items:
-        total += len(item)
-        ends.append(total)
-    return ends
-
-
-def _split(blob: bytes, ends: array[int]) -> list[bytes]:
-    """The inverse of running items together with `_ends`."""
-    bounds = ends.tolist()
-    return [blob[start:end] for start, end in zip([0, *bounds], bounds, strict=False)]  # one start too many
-
-
 def _int64s(data: bytes) -> array[int]:
     """The inverse of `_int64_bytes`."""
     column = array("q")
@@ -132,15 +118,12 @@ def _int64s(data: bytes) -> array[int]:
 
 def _encode(catalog: Catalog, fingerprint: str, model: ModelInfo) -> bytes:
     """The file's bytes: format line, header line, sections, digest."""
-    hashes = [h.encode() for h in catalog.hashes]
     sections = {
         "ids": _int64_bytes(catalog.ids),
         "sizes": _int64_bytes(catalog.sizes),
         "mtimes_ns": _int64_bytes(catalog.mtimes_ns),
-        "path_ends": _int64_bytes(_ends(catalog.paths)),
-        "paths": b"".join(catalog.paths),
-        "hash_ends": _int64_bytes(_ends(hashes)),
-        "hashes": b"".join(hashes),
+        "paths": b"\0".join(catalog.paths),
+        "hashes": "\0".join(catalog.hashes).encode(),
     }
     header = {
         "fingerprint": fingerprint,
@@ -165,16 +148,12 @@ def _decode(data: bytes) -> tuple[dict, Catalog]:
         offset += int(lengths[name])
     if offset != len(rest):
         raise ValueError("its sections do not add up to its length")
-    path_ends, hash_ends = _int64s(sections["path_ends"]), _int64s(sections["hash_ends"])
-    for ends, blob in ((path_ends, sections["paths"]), (hash_ends, sections["hashes"])):
-        if len(ends) != rows or (ends[-1] if rows else 0) != len(blob):
-            raise ValueError("its paths or hashes do not add up")
     catalog = Catalog(
         ids=_int64s(sections["ids"]),
-        paths=_split(sections["paths"], path_ends),
+        paths=sections["paths"].split(b"\0") if rows else [],
         sizes=_int64s(sections["sizes"]),
         mtimes_ns=_int64s(sections["mtimes_ns"]),
-        hashes=[h.decode() for h in _split(sections["hashes"], hash_ends)],
+        hashes=sections["hashes"].decode().split("\0") if rows else [],
     )
     if {len(column) for column in catalog} != {rows}:
         raise ValueError("its columns differ in length")

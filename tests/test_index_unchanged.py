@@ -168,6 +168,9 @@ def test_the_catalogue_copy_gives_back_what_was_saved(tmp_path):
     save_catalog(tmp_path, "images_t", fingerprint, model, Catalog(np.zeros(0, np.int64), [], [], [], []))
     assert [list(column) for column in load_catalog(tmp_path, "images_t")[1]] == [[]] * 5
 
+    save_catalog(tmp_path, "images_t", fingerprint, model, rows._replace(paths=[b"/p/a\0b.jpg", *paths[1:]]))
+    assert load_catalog(tmp_path, "images_t") is None  # no file has such a name; it must not shift the rows
+    save_catalog(tmp_path, "images_t", fingerprint, model, rows)
     (tmp_path / "images_t.lance" / "_versions" / "2.manifest").write_bytes(b"v2")  # a commit since
     assert load_catalog(tmp_path, "images_t") is None
 
