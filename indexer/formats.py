@@ -91,7 +91,10 @@ def _installation() -> list[Any]:
     an install or a removal changes it), found without importing them."""
     parts: list[Any] = []
     for name in (__name__, "PIL", *_PLUGINS):
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # ValueError: a module put in sys.modules without a spec
+            spec = None
         origin = spec.origin if spec is not None else None
         try:
             stat = os.stat(origin) if origin else None
