@@ -302,6 +302,8 @@ def build(
     with _omp_threads(_cpu_count()):
         index.train(np.ascontiguousarray(sample, np.float32))
     trained_at = time.perf_counter()
+    logger.info("trained %s on %d vectors in %.1f s; adding %d shards", params, len(sample), trained_at - started,
+                len(sources))  # fmt: skip
     rng = np.random.default_rng(0)
     picked = rng.choice(len(sample), size=min(_CALIBRATION_QUERIES, len(sample)), replace=False)
     queries = np.ascontiguousarray(sample[picked], np.float32)
@@ -316,6 +318,7 @@ def build(
         ]
         results = list(run(_fill_shard, tasks))
         added_at = time.perf_counter()
+        logger.info("added %d vectors in %.1f s; merging", sum(r[0] for r in results), added_at - trained_at)
         truth = (np.full((len(queries), 11), -np.inf, np.float32), np.full((len(queries), 11), -1, np.int64))
         for _, scores, ids in results:
             truth = _merge_top_k(truth, (scores, ids), 11)
