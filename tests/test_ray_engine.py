@@ -336,3 +336,32 @@ def test_the_cli_runs_the_ray_engine_and_names_the_extra_when_ray_is_missing(tmp
     local = [*command[:5], str(tmp_path / "list.csv"), "--db", str(tmp_path / "db"), "--model", str(checkpoint)]
     done = subprocess.run(local, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "is a URI or a manifest: index it with --engine ray" in done.stderr
+
+
+def test_an_object_store_db_is_refused_with_what_to_do(tmp_path):
+    """`--db s3://...` (or $CLIPSEARCH_HOME) is not a store yet: one line saying what is supported, no local
+    directory named `s3:` made on the way, whatever the engine or command."""
+    from test_index_support import tiny_checkpoint
+
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    checkpoint = str(tiny_checkpoint(tmp_path / "model"))
+    cli = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+    expected = (
+        "the store must be a directory (local, or a network file system every node mounts); object-store URIs are "
+        "not supported as --db, since the lock and state files kept beside the table are local files: mount the "
+        "bucket (s3fs, gcsfuse, blobfuse) and pass the mount's path"
+    )
+    for args, env in (
+        (["index", str(photos), "--db", "s3://bucket/store", "--model", checkpoint], {}),
+        (["index", str(photos), "--db", "gs://bucket/store", "--model", checkpoint, "--engine", "ray"], {}),
+        (["index", str(photos), "--model", checkpoint], {"CLIPSEARCH_HOME": "s3://bucket/store"}),
+        (["query", "a photo", "--db", "s3://bucket/store"], {}),
+    ):
+        done = subprocess.run(
+            [*cli, *args], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env}, timeout=600
+        )
+        assert done.returncode == 1, (args, done.stderr)
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(("Error: s3:/", "Error: gs:/")) and last.endswith(expected), (args, last)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("s3:", "gs:"))] == []
