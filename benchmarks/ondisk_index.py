@@ -177,6 +177,7 @@ def child_build(uri: str, out: str, workers: int) -> dict:
         "build_s": seconds,
         "stages_s": index.stage_seconds,
         "params": index.params.__dict__,
+        "calibrated_recall": index.calibrated_recall,  # on the build's own calibration queries (sampled rows)
         # CPU time of the driver and its shard processes: what the build costs, whatever else shares the cores
         "cpu_s": sum(
             getattr(resource.getrusage(who), field)
@@ -280,6 +281,7 @@ def run_index_part(sizes: list[int], workdir: Path, workers: int, flat_max: int)
                 "build_worker_rss_mb": round(build.report["worker_rss_mb"]),
                 "query_rss_mb": round(query["rss_mb"]),
                 "recall_at_10": round(_recall(query["found"], truth), 4),
+                "calibration_recall_at_10": round(build.report["calibrated_recall"], 4),
                 "p50_ms": round(query["p50_ms"], 2),
                 "p95_ms": round(query["p95_ms"], 2),
                 "flat": None,
@@ -305,7 +307,8 @@ def _print_index_result(r: dict) -> None:
         f"{r['vectors']:>11,} vectors  build {r['build_s']:7.1f} s ({r['build_cpu_s']:.0f} CPU s) {r['stages_s']}  "
         f"index {r['index_bytes'] / gb:.2f} GB (raw {r['raw_bytes'] / gb:.1f} GB)  "
         f"RSS build {r['build_driver_rss_mb']} MB driver / {r['build_worker_rss_mb']} MB worker, "
-        f"query {r['query_rss_mb']} MB  recall@10 {r['recall_at_10']:.3f}  p50 {r['p50_ms']:.1f} ms  {r['params']}",
+        f"query {r['query_rss_mb']} MB  recall@10 {r['recall_at_10']:.3f} (calibration "
+        f"{r['calibration_recall_at_10']:.3f})  p50 {r['p50_ms']:.1f} ms  {r['params']}",
         file=sys.stderr,
     )
     if r["flat"]:
