@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger("ondisk_index")
 
 SIZES = (1_000_000,)  # vectors per index-part run
 DIM = 512  # ViT-B/32's embedding width
@@ -68,12 +71,33 @@ def synthetic_chunk(start: int, stop: int, seed: int = 1) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _batches(n: int) -> Iterator[object]:
+class TopK:
+    """The exact top k ids of each query, updated chunk by chunk: bounded memory whatever the collection's size."""
+
+    def __init__(self, queries: np.ndarray, k: int) -> None:
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), k), -np.inf, np.float32)
+        self.ids = np.full((len(queries), k), -1, np.int64)
+
+    def update(self, start: int, vectors: np.ndarray) -> None:
+        """Merge rows [start, start + len(vectors)) into the running top k."""
+        stop = start + len(vectors)
+        scores = np.concatenate([self.scores, self.queries @ vectors.T], axis=1)
+        ids = np.concatenate([self.ids, np.broadcast_to(np.arange(start, stop), (len(self.queries), stop - start))], 1)
+        top = np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k]
+        self.scores, self.ids = np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
+
+
+def _batches(n: int, truth: TopK | None) -> Iterator[object]:
     import pyarrow as pa
 
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
         vectors = synthetic_chunk(start, stop)
+        if truth is not None:  # the ground truth in the same pass: 10M vectors are generated once, not twice
+            truth.update(start, vectors)
+        if start % (10 * CHUNK) == 0:
+            logger.info("dataset: %d of %d rows generated (load %.1f)", start, n, os.getloadavg()[0])
         yield pa.record_batch(
             [
                 pa.array(np.arange(start, stop, dtype=np.int64)),
@@ -83,28 +107,23 @@ def _batches(n: int) -> Iterator[object]:
         )
 
 
-def write_dataset(uri: str, n: int) -> float:
-    """Stream n synthetic rows into a Lance dataset; returns seconds."""
+def write_dataset(uri: str, n: int, truth: TopK | None = None) -> float:
+    """Stream n synthetic rows into a Lance dataset, updating `truth` on the way; returns seconds."""
     import lance
     import pyarrow as pa
 
     started = time.perf_counter()
     schema = pa.schema([pa.field("id", pa.int64()), pa.field("vector", pa.list_(pa.float32(), DIM))])
-    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, _batches(n)), uri, schema=schema)
+    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, _batches(n, truth)), uri, schema=schema)
     return time.perf_counter() - started
 
 
 def exact_truth(n: int, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k ids of each query by a streamed scan over the regenerated collection."""
-    best_scores = np.full((len(queries), k), -np.inf, np.float32)
-    best_ids = np.full((len(queries), k), -1, np.int64)
+    truth = TopK(queries, k)
     for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        scores = np.concatenate([best_scores, queries @ synthetic_chunk(start, stop).T], axis=1)
-        ids = np.concatenate([best_ids, np.broadcast_to(np.arange(start, stop), (len(queries), stop - start))], axis=1)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        best_scores, best_ids = np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
-    return best_ids
+        truth.update(start, synthetic_chunk(start, min(start + CHUNK, n)))
+    return truth.ids
 
 
 def held_out_queries() -> np.ndarray:
@@ -123,9 +142,9 @@ class _Child:
 def _run_child(args: list[str]) -> _Child:
     started = time.perf_counter()
     command = [sys.executable, __file__, *args]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)  # its log goes to our stderr
     if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): see its log above")
     return _Child(json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - started)
 
 
@@ -158,6 +177,7 @@ def child_build(uri: str, out: str, workers: int) -> dict:
         "build_s": seconds,
         "stages_s": index.stage_seconds,
         "params": index.params.__dict__,
+        "calibrated_recall": index.calibrated_recall,  # on the build's own calibration queries (sampled rows)
         # CPU time of the driver and its shard processes: what the build costs, whatever else shares the cores
         "cpu_s": sum(
             getattr(resource.getrusage(who), field)
@@ -237,12 +257,16 @@ def run_index_part(sizes: list[int], workdir: Path, workers: int, flat_max: int)
         root = Path(tempfile.mkdtemp(prefix=f"ondisk-{n}-", dir=workdir))
         try:
             uri = str(root / "vectors.lance")
-            write_s = write_dataset(uri, n)
-            truth = exact_truth(n, held_out_queries(), K)
+            top = TopK(held_out_queries(), K)
+            write_s = write_dataset(uri, n, top)
+            truth = top.ids
+            logger.info("dataset written in %.0f s; building", write_s)
             out = root / "index"
             out.mkdir()
             build = _run_child(["--child", "build", uri, str(out), str(workers)])
+            logger.info("built: %s", {k: v for k, v in build.report.items()})
             query = _run_child(["--child", "query", uri, str(out), str(n)]).report
+            logger.info("queried: p50 %.1f ms, RSS %.0f MB", query["p50_ms"], query["rss_mb"])
             result = {
                 "part": "index",
                 "vectors": n,
@@ -257,6 +281,7 @@ def run_index_part(sizes: list[int], workdir: Path, workers: int, flat_max: int)
                 "build_worker_rss_mb": round(build.report["worker_rss_mb"]),
                 "query_rss_mb": round(query["rss_mb"]),
                 "recall_at_10": round(_recall(query["found"], truth), 4),
+                "calibration_recall_at_10": round(build.report["calibrated_recall"], 4),
                 "p50_ms": round(query["p50_ms"], 2),
                 "p95_ms": round(query["p95_ms"], 2),
                 "flat": None,
@@ -282,7 +307,8 @@ def _print_index_result(r: dict) -> None:
         f"{r['vectors']:>11,} vectors  build {r['build_s']:7.1f} s ({r['build_cpu_s']:.0f} CPU s) {r['stages_s']}  "
         f"index {r['index_bytes'] / gb:.2f} GB (raw {r['raw_bytes'] / gb:.1f} GB)  "
         f"RSS build {r['build_driver_rss_mb']} MB driver / {r['build_worker_rss_mb']} MB worker, "
-        f"query {r['query_rss_mb']} MB  recall@10 {r['recall_at_10']:.3f}  p50 {r['p50_ms']:.1f} ms  {r['params']}",
+        f"query {r['query_rss_mb']} MB  recall@10 {r['recall_at_10']:.3f} (calibration "
+        f"{r['calibration_recall_at_10']:.3f})  p50 {r['p50_ms']:.1f} ms  {r['params']}",
         file=sys.stderr,
     )
     if r["flat"]:
@@ -305,6 +331,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where the data goes")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s: %(message)s", stream=sys.stderr)
     if args.child:
         kind, *rest = args.child
         if kind == "build":

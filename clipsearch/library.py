@@ -181,11 +181,9 @@ class Library(ConceptMethods, ServingMethods):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if runtime not in ("auto", "onnx", "torch"):
             raise ValueError(f"runtime must be 'auto', 'onnx' or 'torch', got {runtime!r}")
-        if db is None:
-            from retrieval.catalog import default_db_dir
+        from retrieval.catalog import store_dir
 
-            db = default_db_dir()
-        self.db = Path(db).expanduser().absolute()
+        self.db = store_dir(db).absolute()  # None: $CLIPSEARCH_HOME or the default; a URI is refused
         self.device = device
         self.index_type = index_type
         self.row_cache = row_cache

@@ -8,9 +8,11 @@ work runs:
 
 - decoding runs as Ray tasks (`map_batches` over the plan's work units);
 - encoding runs in a pool of Ray actors (`_EncodeAndWrite`), each loading the model once (one GPU each, fp16 autocast,
-  when the cluster has GPUs), which also write the encoded rows as Lance fragments (`lance_ray`'s writer);
+  when the cluster has GPUs), which also write the encoded rows as Lance fragments (`lance_ray`'s writer); with
+  sub-views (`--views`) the decode tasks cut the crops and the actors encode them too, returning their vectors;
 - the driver commits those fragments in chunks (`Store.apply_fragments`), together with the rows it stages itself
-  (moved, touched and copied files) and the deletions that go with them.
+  (moved, touched and copied files) and the deletions that go with them; the chunk's sub-views are written to the
+  views table just before, as the local engine writes them (an interrupted run's orphans are deleted by the next).
 
 Crash safety: ids are allocated (and persisted) by the driver before any work unit is dispatched, so a Ray retry of a
 decode task or of an encoder batch writes the same ids again; a fragment is part of the table only once the driver
@@ -48,6 +50,7 @@ from indexer.walk import Found
 from retrieval.errors import ClipsearchError, StoreError
 from retrieval.model.encode import encode_images
 from retrieval.model.preprocess import Preprocess
+from retrieval.regions import view_boxes
 from retrieval.store import FragmentTarget, ImageRow, Store, WrittenFragment, rows_to_arrow, utc_now
 
 logger = logging.getLogger(__name__)
@@ -99,7 +102,7 @@ def index_with_ray(
         model: a CLIP with an image tower and `.info`; shipped to every encoder actor.
         preprocess: the model's preprocessing.
         store: the open store (`Store.open(..., create=True)`).
-        options: run settings, as for the local engine (`workers` and `views` aside).
+        options: run settings, as for the local engine (`workers` aside).
         ray_options: the cluster and the actor pool.
         decoder: what the decode tasks run on each file; tests pass a subclass to inject faults.
 
@@ -107,14 +110,13 @@ def index_with_ray(
         The run's counts, timings and failures, as the local engine reports them.
 
     Raises:
-        DistributedError: Ray is not installed, the cluster cannot be reached, or `options.views` is set.
+        DistributedError: Ray is not installed, or the cluster cannot be reached.
+        StoreError: `options.views` differs from the setting the table was indexed with.
         StoreLockedError: another indexer holds the table's lock for longer than `options.lock_wait`.
     """
     options = options or IndexOptions()
     ray_options = ray_options or RayOptions()
     ray = import_ray()
-    if options.views:
-        raise DistributedError("the Ray engine does not index sub-views (--views) yet; use --engine local for them")
     lock = IndexLock(store.path / f"{store.table_name}.lock")
     lock.acquire(wait=options.lock_wait)
     started = False
@@ -190,6 +192,7 @@ class _RayRun(_Run):
         self.pause_decoding = False  # decoding runs elsewhere
         self.fragments: list[WrittenFragment] = []  # written by the actors, waiting for the next commit
         self.written: list[tuple[int, str]] = []  # (id, content hash) of the rows in `fragments`
+        self.written_views: dict[int, np.ndarray] = {}  # id -> [V, D] sub-view vectors of the rows in `fragments`
         self.handled: set[int] = set()  # ids of the units whose result has come back (a retried batch may repeat)
 
     def _list(self, unsupported: Counter[str]) -> list[Found]:
@@ -211,7 +214,7 @@ class _RayRun(_Run):
             {"unit": pickle.dumps(_Unit(item, row_id, check_known and item.size in self.plan.stored_sizes))}
             for item, row_id in zip(items, ids, strict=True)
         ]
-        decoder = dataclasses.replace(self.decoder, known=self.plan.known, views=0)
+        decoder = dataclasses.replace(self.decoder, known=self.plan.known, views=self.view_count)
         ro = self.ray_options
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
         dataset = (
@@ -237,20 +240,26 @@ class _RayRun(_Run):
         waited = time.perf_counter()
         for out in dataset.iter_rows():
             self.stages["wait"] += time.perf_counter() - waited
-            self._take(pickle.loads(out["records"]), pickle.loads(out["fragments"]))
+            self._take(pickle.loads(out["records"]), pickle.loads(out["fragments"]), pickle.loads(out["views"]))
             self.stages["encode"] += float(out["encode_seconds"])
             self.stages["write"] += float(out["write_seconds"])
             self._commit_when_due()
             waited = time.perf_counter()
 
-    def _take(self, records: list[tuple[_Unit, DecodeResult]], fragments: list[WrittenFragment]) -> None:
-        """Stage one encoder batch's results: its fragment, and each file's result."""
+    def _take(
+        self,
+        records: list[tuple[_Unit, DecodeResult]],
+        fragments: list[WrittenFragment],
+        views: dict[int, np.ndarray],
+    ) -> None:
+        """Stage one encoder batch's results: its fragment, its rows' sub-view vectors, and each file's result."""
         fresh = [(unit, result) for unit, result in records if unit.row_id not in self.handled]
         if len(fresh) < len(records):
             logger.debug("%d results came back twice (a retried batch)", len(records) - len(fresh))
         if any(set(f.ids) & {i for i, _ in self.written} for f in fragments):
             self._commit()  # a retried batch's fragment: committed on its own, it replaces its rows (an upsert)
         self.fragments.extend(fragments)
+        self.written_views.update(views)
         self.handled.update(unit.row_id for unit, _ in records)
         for unit, result in fresh:
             if isinstance(result, Decoded):
@@ -273,36 +282,48 @@ class _RayRun(_Run):
         self.summary.encoded += 1
 
     def _write(self, rows: list[ImageRow]) -> list[tuple[int, str]]:
+        if self.views is not None:  # first, as the local engine: a crash before the rows land leaves orphans only
+            self._write_views()  # the driver's rows: copies take their source's views, moved rows keep theirs
+            ids = [row_id for row_id, _ in self.written]
+            boxes = np.asarray(view_boxes(self.view_count), np.float32)  # [V, 4]
+            self.views.replace(ids, boxes, [self.written_views[i] for i in ids])
         self.store.apply_fragments(self.fragments, rows, sorted(self.pending_deletes))
         written = [(row.id, row.metadata.content_hash) for row in rows] + self.written
         self.fragments = []
         self.written = []
+        self.written_views = {}
         return written
 
 
 def _decode(batch: dict[str, np.ndarray], decoder: Decoder) -> dict[str, np.ndarray]:
     """A Ray task: decode a batch of units with the local engine's `Decoder`.
 
-    Returns the units, each result without its pixels (pickled), and the pixels as one [B, 3, S, S] array (zeros for
-    files that were not decoded: known content, failures).
+    Returns the units, each result without its pixels (pickled), the pixels as one [B, 3, S, S] array and, with
+    sub-views, the views as one [B, V, 3, S, S] array (zeros for files that were not decoded: known content,
+    failures).
     """
     size = decoder.preprocess.image_size
     pixels = np.zeros((len(batch["unit"]), 3, size, size), np.float32)
+    views = np.zeros((len(batch["unit"]), decoder.views, 3, size, size), np.float32) if decoder.views else None
     results = []
     for i, raw in enumerate(batch["unit"]):
         unit: _Unit = pickle.loads(raw)
         result = decoder(DecodeTask(unit.item.path, unit.check_known))
         if isinstance(result, Decoded):
             pixels[i] = result.pixels
-            result = result._replace(pixels=None)
+            if decoder.views:
+                views[i] = result.views
+            result = result._replace(pixels=None, views=None)
         results.append(pickle.dumps(result))
-    return {"unit": batch["unit"], "result": np.array(results, dtype=object), "pixels": pixels}
+    out = {"unit": batch["unit"], "result": np.array(results, dtype=object), "pixels": pixels}
+    return out if views is None else {**out, "views": views}
 
 
 class _EncodeAndWrite:
     """A Ray actor: encodes the decoded images of a batch and writes their rows as one Lance fragment.
 
-    Returns one row per batch: every unit's result (for the driver's bookkeeping) and the fragment (for its commit).
+    Returns one row per batch: every unit's result (for the driver's bookkeeping), the fragment (for its commit) and
+    the sub-view vectors of its rows (the driver writes them to the views table with the commit).
     """
 
     def __init__(self, model: str | Any, target: FragmentTarget, threads: int) -> None:
@@ -328,8 +349,18 @@ class _EncodeAndWrite:
         chosen = [i for i, r in enumerate(results) if isinstance(r, Decoded)]
         start = time.perf_counter()
         fragments: list[WrittenFragment] = []
+        views: dict[int, np.ndarray] = {}
         if chosen:
             vectors = encode_images(self.model, torch.from_numpy(batch["pixels"][chosen]))  # [B, D]
+            if "views" in batch:
+                crops = batch["views"][chosen]  # [B, V, 3, S, S]
+                flat = crops.reshape(-1, *crops.shape[2:])  # [B * V, 3, S, S]
+                step = len(units)  # the crops in batches of the usual size, as the local engine encodes them
+                parts = [
+                    encode_images(self.model, torch.from_numpy(flat[i : i + step])) for i in range(0, len(flat), step)
+                ]
+                per_image = np.concatenate(parts).reshape(*crops.shape[:2], -1)  # [B, V, D]
+                views = {units[i].row_id: v for i, v in zip(chosen, per_image, strict=True)}
         encoded = time.perf_counter()
         if chosen:
             now = utc_now()
@@ -349,6 +380,7 @@ class _EncodeAndWrite:
         return {
             "records": np.array([pickle.dumps(list(zip(units, results, strict=True)))], dtype=object),
             "fragments": np.array([pickle.dumps(fragments)], dtype=object),
+            "views": np.array([pickle.dumps(views)], dtype=object),
             "encode_seconds": np.array([encoded - start]),
             "write_seconds": np.array([time.perf_counter() - encoded]),
         }

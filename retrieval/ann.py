@@ -22,12 +22,15 @@ Two ways in:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
 import os
+import struct
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -80,16 +83,60 @@ class PathMap:
 
     @classmethod
     def load(cls, path: Path) -> PathMap:
-        """Read a file written by `save` (OSError, ValueError or KeyError when it is missing or damaged)."""
+        """Map a file written by `save`: a lookup reads only the pages of the ids it searches and the paths it
+        returns, so a one-shot query over 100M rows (~8 GB of paths) does not read them all. Raises OSError,
+        ValueError or KeyError when the file is missing or damaged."""
+        try:
+            return cls(*_map_npz(path, ("ids", "offsets", "blob")))
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path}: not a paths file ({e})") from e
+        except _NotMappable as e:  # compressed, or not laid out as `np.savez` writes it: read it whole
+            logger.debug("%s: %s; reading it whole", path, e)
         with np.load(path, allow_pickle=False) as data:
             return cls(data["ids"], data["offsets"], data["blob"])
 
     def get(self, row_id: int) -> str | None:
         """The path of an id (exact file system path, as `Store.rows` gives it), or None."""
-        i = int(np.searchsorted(self._ids, row_id))
+        # bisect, not np.searchsorted: a member of an .npz is mapped at any byte offset, and numpy copies a
+        # misaligned array whole before searching it (8 B a row); bisect reads the ~log2(N) entries it compares
+        i = bisect.bisect_left(self._ids, row_id)
         if i == len(self._ids) or self._ids[i] != row_id:
             return None
         return os.fsdecode(self._blob[self._offsets[i] : self._offsets[i + 1]].tobytes())
+
+
+class _NotMappable(Exception):
+    """An .npz member that cannot be memory-mapped in place."""
+
+
+def _map_npz(path: Path, names: tuple[str, ...]) -> list[np.ndarray]:
+    """Read-only memory maps of the named arrays of an uncompressed .npz (`np.savez` stores each member as is)."""
+    arrays = []
+    with zipfile.ZipFile(path) as archive, path.open("rb") as raw:
+        for name in names:
+            info = archive.getinfo(f"{name}.npy")  # KeyError: not one of our files
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise _NotMappable(f"{name}.npy is compressed")
+            raw.seek(info.header_offset)
+            local = raw.read(30)  # the member's local header: its own name and extra field lengths come last
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: damaged archive (member {name}.npy)")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            raw.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(raw)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+            else:
+                raise _NotMappable(f"{name}.npy has format version {version}")
+            if fortran or dtype.hasobject or len(shape) != 1:
+                raise _NotMappable(f"{name}.npy is not a flat array")
+            if not shape[0]:
+                arrays.append(np.zeros(0, dtype))
+                continue
+            arrays.append(np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape))
+    return arrays
 
 
 class SavedIndex(NamedTuple):

@@ -23,11 +23,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
+
+from retrieval.errors import StoreError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,6 +62,27 @@ def default_db_dir() -> Path:
     """`$CLIPSEARCH_HOME`, else `~/.local/share/clipsearch`."""
     home = os.environ.get("CLIPSEARCH_HOME")
     return Path(home).expanduser() if home else Path.home() / ".local" / "share" / "clipsearch"
+
+
+# "s3://bucket", "gs://...", "az://..."; also as `Path` leaves them ("s3:/bucket"). Two letters at least: not "C:/".
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def store_dir(db_dir: str | os.PathLike[str] | None) -> Path:
+    """The store directory (`default_db_dir()` for None); an object-store URI is refused with what to do instead.
+
+    Raises:
+        StoreError: `db_dir` (or `$CLIPSEARCH_HOME`) is a URI.
+    """
+    path = Path(db_dir).expanduser() if db_dir is not None else default_db_dir()
+    if _URI.match(os.fspath(db_dir) if db_dir is not None else os.fspath(path)):
+        where = os.fspath(db_dir) if db_dir is not None else os.environ.get("CLIPSEARCH_HOME", os.fspath(path))
+        raise StoreError(
+            f"{where}: the store must be a directory (local, or a network file system every node mounts); "
+            "object-store URIs are not supported as --db, since the lock and state files kept beside the table "
+            "are local files: mount the bucket (s3fs, gcsfuse, blobfuse) and pass the mount's path"
+        )
+    return path
 
 
 def hash_key(content_hash: str) -> np.uint64:

@@ -302,6 +302,8 @@ def build(
     with _omp_threads(_cpu_count()):
         index.train(np.ascontiguousarray(sample, np.float32))
     trained_at = time.perf_counter()
+    logger.info("trained %s on %d vectors in %.1f s; adding %d shards", params, len(sample), trained_at - started,
+                len(sources))  # fmt: skip
     rng = np.random.default_rng(0)
     picked = rng.choice(len(sample), size=min(_CALIBRATION_QUERIES, len(sample)), replace=False)
     queries = np.ascontiguousarray(sample[picked], np.float32)
@@ -316,6 +318,7 @@ def build(
         ]
         results = list(run(_fill_shard, tasks))
         added_at = time.perf_counter()
+        logger.info("added %d vectors in %.1f s; merging", sum(r[0] for r in results), added_at - trained_at)
         truth = (np.full((len(queries), 11), -np.inf, np.float32), np.full((len(queries), 11), -1, np.int64))
         for _, scores, ids in results:
             truth = _merge_top_k(truth, (scores, ids), 11)
@@ -339,12 +342,13 @@ def build(
         "calibrate": time.perf_counter() - merged_at,
     }
     logger.info(
-        "built %s over %d vectors in %d shards: %s s (%s)",
+        "built %s over %d vectors in %d shards: %s s (%s; calibration recall@10 %.3f)",
         LARGE_KIND,
         total,
         len(sources),
         {stage: round(seconds, 1) for stage, seconds in disk.stage_seconds.items()},
         disk.params,
+        disk.calibrated_recall,
     )
     return disk
 
@@ -368,6 +372,7 @@ class DiskIndex(AnnIndex):
         self.written_as = written_as  # the lists' path recorded inside the index file
         self.reader = reader
         self.stage_seconds: dict[str, float] = {}  # a build's wall time per stage (train, add, merge, calibrate)
+        self.calibrated_recall: float | None = None  # a build's recall@10 on its calibration queries, as set
         super().__init__(index, params, tombstones)
 
     @classmethod
@@ -553,6 +558,7 @@ class DiskIndex(AnnIndex):
             if recall > best[0]:
                 best = (recall, nprobes[p], reranks[r])
             if recall >= TARGET_RECALL:
+                self.calibrated_recall = recall
                 return
             stalled = recall - previous < 0.005 or p == len(nprobes) - 1
             previous = recall
@@ -563,6 +569,7 @@ class DiskIndex(AnnIndex):
             else:
                 logger.warning("%s reaches recall@10 %.3f at most (target %.2f)", LARGE_KIND, best[0], TARGET_RECALL)
                 self.params = replace(self.params, nprobe=best[1], rerank=best[2])
+                self.calibrated_recall = best[0]
                 return
 
     def _move_to_gpu(self) -> None:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from retrieval.catalog import Catalog, default_db_dir
+from retrieval.catalog import Catalog, default_db_dir, store_dir  # noqa: F401  (default_db_dir: re-exported)
 from retrieval.errors import ModelMismatchError, QueryError, StoreError, StoreWriteError
 from retrieval.model.identity import ModelInfo
 from retrieval.store_state import StoreState
@@ -204,8 +204,7 @@ class Store:
             ModelMismatchError: the table exists but holds another model's vectors, or the store only holds
                 other models' tables.
         """
-        db_dir = Path(db_dir).expanduser() if db_dir is not None else default_db_dir()
-        db_dir = db_dir.absolute()
+        db_dir = store_dir(db_dir).absolute()
         present = cls.models(db_dir)
         by_name = {m.table_name: m for m in present}
         table_name = model_info.table_name
@@ -270,7 +269,7 @@ class Store:
         Raises:
             StoreError: a table's clipsearch metadata is unreadable.
         """
-        db_dir = Path(db_dir).expanduser() if db_dir is not None else default_db_dir()
+        db_dir = store_dir(db_dir)
         if not db_dir.is_dir():
             return []
         db = _connect(db_dir)

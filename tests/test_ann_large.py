@@ -142,3 +142,47 @@ def test_incremental_update_uses_a_delta_and_keeps_the_merged_files(large):
     allowed = new_ids[::2]
     _, found = reloaded.search(added[:20], 5, allowed=allowed)
     assert np.isin(found, allowed).all()
+
+
+def test_a_one_shot_query_reads_only_the_paths_of_its_hits(tmp_path):
+    """The saved id -> path map of 1M rows (~170 MB; ~8 GB at 100M) is mapped, not read whole: a fresh process that
+    looks up a few ids holds none of it in its own memory, and maps far less than the file of the page cache (the
+    kernel maps a whole page-cache folio, up to 2 MB, per fault); a damaged file is an error the caller handles."""
+    from retrieval.ann import PathMap
+
+    n = 1_000_000
+    ids = np.arange(n, dtype=np.int64) * 7 + 3
+    folder = "/photos/" + "a-folder-name-as-long-as-a-real-one/" * 3
+    paths = [f"{folder}{i % 997:03d}/an-image-file-name-long-enough-to-count-{i:09d}.jpg".encode() for i in range(n)]
+    saved = tmp_path / "table.paths.npz"
+    PathMap.from_paths(ids[::-1].copy(), paths[::-1]).save(saved)
+    size = saved.stat().st_size
+    assert size > 150_000_000
+    wanted = [3, 7 * 123_456 + 3, 7 * (n - 1) + 3, 5]  # the first, one inside, the last, and an id not stored
+    child = textwrap.dedent(
+        f"""
+        import json
+        from pathlib import Path
+        from retrieval.ann import PathMap
+
+        def rss_kb():  # (anonymous: the process's own memory, file: pages of mapped files)
+            status = Path("/proc/self/status").read_text()
+            return [int(status.split(f"{{kind}}:")[1].split()[0]) for kind in ("RssAnon", "RssFile")]
+
+        before = rss_kb()
+        paths = PathMap.load(Path({str(saved)!r}))
+        found = [paths.get(i) for i in {wanted!r}]
+        anon, file = (after - was for after, was in zip(rss_kb(), before))
+        print(json.dumps({{"anon_kb": anon, "file_kb": file, "found": found}}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["found"] == [os.fsdecode(paths[0]), os.fsdecode(paths[123_456]), os.fsdecode(paths[-1]), None]
+    assert report["anon_kb"] * 1024 < size / 20, report  # read whole, it grew by the file's size
+    assert report["file_kb"] * 1024 < size / 4, report
+
+    saved.write_bytes(saved.read_bytes()[: size // 2])  # cut short: no central directory
+    with pytest.raises(ValueError, match="not a paths file"):
+        PathMap.load(saved)

@@ -27,6 +27,7 @@ from indexer.decode import Decoder, DecodeTask
 from indexer.pipeline import IndexOptions, index_folders
 from retrieval.model.clip import CLIP
 from retrieval.store import Store
+from retrieval.views import ViewStore
 
 N_IMAGES = 200
 KILLED_RUN_IMAGES = 120  # with `SlowDecoder`, a run of several seconds at least: time to kill it after a commit
@@ -62,8 +63,8 @@ def run_ray(model, store, *sources, decoder=None, **changes):
     return index_with_ray([str(s) for s in sources], model[0], model[1], store, options, decoder=decoder)
 
 
-def run_local(model, store, *roots):
-    return index_folders(roots, model[0], model[1], store, OPTIONS)
+def run_local(model, store, *roots, **changes):
+    return index_folders(roots, model[0], model[1], store, IndexOptions(**{**OPTIONS.__dict__, **changes}))
 
 
 def counts(summary) -> dict[str, int]:
@@ -114,6 +115,45 @@ def test_same_rows_and_sync_as_the_local_engine(tmp_path, cluster, model):
     assert_same_store(distributed, local)
     assert distributed.state.failures() == local.state.failures() == []
     assert counts(run_ray(model, distributed, photos))["unchanged"] == N_IMAGES + 3 + 1
+
+
+def views_by_path(store) -> dict[str, np.ndarray]:
+    """Each image's sub-view vectors [V, D] keyed by its path."""
+    paths = {r["id"]: r["path"] for r in store.rows(store.ids(), columns=["id", "path"])}
+    stored = ViewStore.open(store).for_images(sorted(paths))
+    return {paths[i]: vectors for i, (_, vectors) in stored.items()}
+
+
+def assert_same_views(ours, reference):
+    """Every image has its views, as the reference's to cosine >= 0.9999, and no view outlives its image."""
+    a, b = views_by_path(ours), views_by_path(reference)
+    assert sorted(a) == sorted(b) == sorted(r["path"] for r in ours.rows(ours.ids(), columns=["path"]))
+    assert min(float(np.min(np.sum(a[p] * b[p], axis=1))) for p in b) >= 0.9999
+    assert ViewStore.open(ours).count() == 5 * ours.count()
+
+
+def test_sub_views_are_stored_as_the_local_engine_stores_them(tmp_path, cluster, model):
+    photos = tmp_path / "photos"
+    paths = write_images(photos, 40)
+    local = Store.open(tmp_path / "local", model[0].info, create=True)
+    distributed = Store.open(tmp_path / "ray", model[0].info, create=True)
+    run_local(model, local, photos, views=5)
+    assert run_ray(model, distributed, photos, views=5, commit_every=16).commits >= 2  # views written per chunk
+    assert_same_store(distributed, local)
+    assert_same_views(distributed, local)
+
+    # without --views, the store's setting: new and changed files get views, a copy its source's, a moved file keeps
+    # its own, a deleted file's go with it
+    write_images(photos, 3, start=1000)
+    pattern(5000).save(paths[0])
+    os.utime(paths[0], ns=(1, 1_000_000_000))
+    os.rename(paths[1], photos / "renamed.jpg")
+    paths[2].unlink()
+    shutil.copy(paths[3], photos / "copy.jpg")
+    second = run_local(model, local, photos), run_ray(model, distributed, photos)
+    assert counts(second[1]) == counts(second[0])
+    assert_same_store(distributed, local)
+    assert_same_views(distributed, local)
 
 
 def test_a_fragment_committed_twice_is_stored_once_with_its_deletions(tmp_path, model):
@@ -206,6 +246,7 @@ import test_ray_engine as t
 cloudpickle.register_pickle_by_value(t)
 from indexer.ray_engine import RayOptions, index_with_ray
 from retrieval.store import Store
+from retrieval.views import ViewStore
 model, preprocess = t.tiny_model()
 store = Store.open({str(db)!r}, model.info)
 options = t.IndexOptions(workers=0, batch_size=8, commit_every=16, progress=False)
@@ -295,3 +336,32 @@ def test_the_cli_runs_the_ray_engine_and_names_the_extra_when_ray_is_missing(tmp
     local = [*command[:5], str(tmp_path / "list.csv"), "--db", str(tmp_path / "db"), "--model", str(checkpoint)]
     done = subprocess.run(local, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "is a URI or a manifest: index it with --engine ray" in done.stderr
+
+
+def test_an_object_store_db_is_refused_with_what_to_do(tmp_path):
+    """`--db s3://...` (or $CLIPSEARCH_HOME) is not a store yet: one line saying what is supported, no local
+    directory named `s3:` made on the way, whatever the engine or command."""
+    from test_index_support import tiny_checkpoint
+
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    checkpoint = str(tiny_checkpoint(tmp_path / "model"))
+    cli = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+    expected = (
+        "the store must be a directory (local, or a network file system every node mounts); object-store URIs are "
+        "not supported as --db, since the lock and state files kept beside the table are local files: mount the "
+        "bucket (s3fs, gcsfuse, blobfuse) and pass the mount's path"
+    )
+    for args, env in (
+        (["index", str(photos), "--db", "s3://bucket/store", "--model", checkpoint], {}),
+        (["index", str(photos), "--db", "gs://bucket/store", "--model", checkpoint, "--engine", "ray"], {}),
+        (["index", str(photos), "--model", checkpoint], {"CLIPSEARCH_HOME": "s3://bucket/store"}),
+        (["query", "a photo", "--db", "s3://bucket/store"], {}),
+    ):
+        done = subprocess.run(
+            [*cli, *args], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env}, timeout=600
+        )
+        assert done.returncode == 1, (args, done.stderr)
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(("Error: s3:/", "Error: gs:/")) and last.endswith(expected), (args, last)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("s3:", "gs:"))] == []
