@@ -146,7 +146,7 @@ class Library(EncoderMethods, ConceptMethods, ServingMethods):
         precision: str = "float32",
         runtime: str = "auto",
     ) -> None:
-        from retrieval.model.onnx_runtime import PRECISIONS
+        from retrieval.model.export_files import PRECISIONS
 
         if text_precision not in ("auto", "float32"):
             raise ValueError(f"text_precision must be 'auto' or 'float32', got {text_precision!r}")
