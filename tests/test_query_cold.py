@@ -23,7 +23,7 @@ from retrieval.model.onnx_export import ensure_export
 from retrieval.model.onnx_runtime import MODEL_FILE, find_export
 
 MODEL = "shapes-mini"
-BLOCKED = ("torch", "lancedb", "onnxruntime")
+BLOCKED = ("torch", "lancedb", "onnxruntime", "pyarrow")
 # The query forms served from the saved index and the numpy text tower alone (no torch, ONNX Runtime or LanceDB).
 FAST_FORMS = [
     ["a red circle"],

@@ -9,14 +9,11 @@ while a file that was modified in any way is hashed (and so verified) again.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import logging
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -114,6 +111,9 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True) -> Path:
         ModelDownloadError: the URL cannot be fetched (the message names the URL and where to put the file by
             hand) or the bytes do not match sha256. No partial file is left behind either way.
     """
+    import http.client  # here: every model load hashes files with this module, few download (~0.05 s to import)
+    import urllib.request
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
@@ -152,6 +152,8 @@ def _fetch_error(url: str, dest: Path, reason: str) -> ModelDownloadError:
 
 def _reason(error: BaseException) -> str:
     """A short human reason for a failed request."""
+    import urllib.error
+
     if isinstance(error, urllib.error.HTTPError):
         return f"HTTP {error.code} {error.reason}"
     if isinstance(error, urllib.error.URLError):
