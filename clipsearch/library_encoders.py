@@ -151,24 +151,32 @@ class EncoderMethods:
         return self._onnx_text
 
     def _encode_texts(self, batch: list[str]) -> Embeddings:
-        """Embed a query's texts with the cheapest encoder at hand: a fresh ONNX export without torch (one-shot),
-        else the query text model (bfloat16 where native), else the model's `choose_encoder` text encoder."""
+        """Embed a query's texts with the cheapest encoder at hand: a fresh export without torch (one-shot), else the
+        query text model (bfloat16 where native), else the model's `choose_encoder` text encoder.
+
+        The export the next one-shot query runs from is made where the encoder is chosen (`choose_encoder`), once;
+        only a model that `choose_encoder` keeps in torch (on a GPU, or `runtime="torch"`) is exported here.
+        """
         encoder = self._onnx_text_encoder(len(batch))
         if encoder is not None:
             return encode_onnx_query_texts(encoder, batch)
-        if self._query_text_model is None:
+        first = self._query_text_model is None
+        if first:
             model = self._model("text")[0]
             bfloat16_ok = self.text_precision == "auto" and self.precision == "float32"
             self._query_text_model = query_text_model(model) if bfloat16_ok else model
-            if self.text_precision == "float32" and self._given_model is None and self.precision == "float32":
-                export_text_tower(model)  # the next one-shot query then runs without torch
         model = self._query_text_model
         if model.config.family != "siglip":  # the count is CLIP's tokenizer's (MobileCLIP's too)
             warn_if_cut(batch, model.config.text.context_length)
         if model is self._model("text")[0]:  # not the bfloat16 copy a CPU with native bfloat16 gets
+            from retrieval.model.encode import model_device
             from retrieval.model.onnx_runtime import OnnxEncoder
 
             encoder = self._encoder("text")
             if isinstance(encoder, OnnxEncoder):
                 return encoder.encode_texts(np.asarray(model.tokenize(batch)))
+            one_shot = self.text_precision == "float32" and self._given_model is None and self.precision == "float32"
+            kept_in_torch = self.runtime == "torch" or model_device(model).type != "cpu"  # not exported by choice
+            if first and one_shot and kept_in_torch:
+                export_text_tower(model)  # the next one-shot query then runs without torch
         return encode_query_texts(model, batch)

@@ -1,5 +1,5 @@
-"""The numpy text tower (`retrieval.model.numpy_text`): parity with the torch tower, and its export beside the ONNX
-export (refused when stale)."""
+"""The numpy text tower (`retrieval.model.numpy_text`): parity with the torch tower, its export beside the ONNX
+export (refused when stale), and a library that exports the text tower once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from test_index_support import tiny_model
 
 from retrieval.errors import ExportError
-from retrieval.model import numpy_text
+from retrieval.model import numpy_text, onnx_export
 from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS
 from retrieval.model.identity import ModelInfo
@@ -125,3 +125,30 @@ def test_a_model_the_numpy_tower_does_not_cover_gets_only_its_onnx_export(tmp_pa
     ensure_export(model)
     assert find_export(model.info, towers="text") is not None
     assert find_numpy_text(model.info) is None
+
+
+def test_a_one_shot_library_exports_the_text_tower_once(tmp_path, monkeypatch):
+    from test_index_support import write_images
+
+    from clipsearch.library import Library
+
+    write_images(tmp_path / "photos", 3)
+    Library(db=tmp_path / "db", model="shapes-mini", device="cpu").index([tmp_path / "photos"], workers=0)
+    exports = []
+    real = onnx_export.ensure_export
+
+    def counting(model, precision="float32", towers="both"):
+        exports.append((precision, towers))
+        return real(model, precision, towers)
+
+    monkeypatch.setattr(onnx_export, "ensure_export", counting)
+    first = Library(db=tmp_path / "db", model="shapes-mini", text_precision="float32")
+    assert first._onnx_text_encoder(1) is None  # no text export yet: this query runs in torch and makes one
+    vector = first.encode("a red circle")
+    assert exports == [("float32", "text")]
+    info = load_model("shapes-mini", device="cpu", towers="text")[0].info
+    assert find_numpy_text(info) is not None and find_export(info, towers="text") is not None
+
+    second = Library(db=tmp_path / "db", model="shapes-mini", text_precision="float32")
+    np.testing.assert_allclose(second.encode("a red circle"), vector, atol=1e-5, rtol=0)
+    assert isinstance(second._onnx_text, NumpyTextEncoder) and exports == [("float32", "text")]
