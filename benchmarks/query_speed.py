@@ -10,12 +10,16 @@ from the stored collection's distribution (random-weight text vectors have no re
 
 Cold (`--cold` runs only this): a whole `clipsearch query` process on a store of 100k planted vectors (synthetic,
 written through the store's own write API, with a saved random-weights ViT-B/32 checkpoint as the model and its
-text tower exported to ONNX, as the first query or `clipsearch index` leaves it), interleaved run by run with
-`python -c "import onnxruntime"` and `python -c "import torch"`. The store is unchanged since its index was saved
-(as after `clipsearch index`), so the default table output is answered from the saved index without opening
-LanceDB and the text is encoded in ONNX Runtime without torch; `--json` needs every result's metadata from the
-store (LanceDB), and is timed too. The page cache is warm (the first, untimed round reads the files); "cold"
-means a new process that imports and loads everything.
+text tower exported (ONNX, and the numpy tower's weights), as the first query leaves it), interleaved run by run
+with `python -c "pass"`, `python -c "import onnxruntime"` and `python -c "import torch"`. The store is unchanged
+since its index was saved (as after `clipsearch index`), so the default table output is answered from the saved
+index without opening LanceDB and the text is encoded in numpy without torch or ONNX Runtime; `--json` needs every
+result's metadata from the store (LanceDB), and is timed too. The page cache is warm (the first, untimed round reads
+the files, and writes the byte-code of any module that has none, as an installed package has; so
+PYTHONDONTWRITEBYTECODE is dropped from the processes' environment); "cold" means a new process that imports and
+loads everything. A stage split of the same query, in a process of its own per round: imports (the CLI and the
+library), catalogue (the saved index and its paths, FAISS), tokenize (the vocabulary included), encode (opening the
+text tower and running it), search, print.
 
 The vectors are random but clustered like image embeddings: unit vectors around 4096 centres, spread in a
 shared 64-dimensional subspace plus isotropic noise.
@@ -31,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -226,23 +231,69 @@ def build_cold_store(root: Path, n: int) -> tuple[Path, Path]:
     return checkpoint, db
 
 
-def wall_seconds(argv: list[str], env: dict[str, str]) -> float:
-    """Wall-clock seconds of one run of a process, which must succeed."""
+def wall_seconds(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall-clock and CPU (user + system) seconds of one run of a process, which must succeed. The CPU time is what
+    the process costs on an idle machine, which a loaded one inflates far less than the wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+# The cold query's stages, timed in a process of their own as `clipsearch query TEXT -n 10` runs them.
+STAGES = """
+import json, sys, time
+start = time.perf_counter()
+import click
+from clipsearch.cli import cli
+from clipsearch.library import Library
+from retrieval.query import search_saved
+imported = time.perf_counter()
+library = Library(db=sys.argv[1], model=sys.argv[2], text_precision="float32")
+library._check_searchable()
+saved = library._saved_index()
+assert saved is not None, "the saved index is not current"
+catalogued = time.perf_counter()
+from retrieval.model.tokenizer import tokenize
+tokens = tokenize([sys.argv[3]], truncate=True)
+tokenized = time.perf_counter()
+encoder = library._onnx_text_encoder(1)
+assert encoder is not None, "no fresh text export"
+vector = encoder.encode_texts(tokens)[0]
+encoded = time.perf_counter()
+results = search_saved(saved, vector, 10)
+searched = time.perf_counter()
+with open("/dev/null", "w") as null:
+    for r in results:
+        click.echo(f"{r.rank:>4}  {r.score:>6.3f}  {r.path}", file=null)
+printed = time.perf_counter()
+marks = [start, imported, catalogued, tokenized, encoded, searched, printed]
+names = ["imports", "catalogue", "tokenize", "encode", "search", "print"]
+print(json.dumps({n: b - a for n, a, b in zip(names, marks, marks[1:])}))
+print(type(encoder).__name__, file=sys.stderr)
+"""
+
+
+def stage_seconds(argv: list[str], env: dict[str, str]) -> dict[str, float]:
+    """The per-stage seconds one run of the `STAGES` process reports."""
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the stage split failed:\n{done.stderr}")
+    return json.loads(done.stdout)
 
 
 def cold(n: int, runs: int) -> dict:
     """Median wall times of whole processes, interleaved run by run so that drifts in machine load hit each alike: a
-    text `clipsearch query` (table output, then --json), `python -c "import onnxruntime"` and `python -c "import
-    torch"`; and the query's ratio to `import torch`."""
+    text `clipsearch query` (table output, then --json), `python -c "pass"`, `python -c "import onnxruntime"` and
+    `python -c "import torch"`; the query's ratio to `import torch`; and the median of each stage of the query."""
     with tempfile.TemporaryDirectory(prefix="query_speed_") as tmp:
         root = Path(tmp)
         env = {**os.environ, "CLIPSEARCH_CACHE": str(root / "cache"), "CLIPSEARCH_HOME": str(root / "db")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # byte-code is written once, in the untimed round, as installed
         os.environ["CLIPSEARCH_CACHE"] = env["CLIPSEARCH_CACHE"]  # the weights hash and the ONNX export live there
         started = time.perf_counter()
         checkpoint, db = build_cold_store(root, n)
@@ -255,24 +306,38 @@ def cold(n: int, runs: int) -> dict:
         commands = {
             "query": query,
             "json": [*query, "--json"],
+            "python": [sys.executable, "-c", "pass"],
             "onnxruntime": [sys.executable, "-c", "import onnxruntime"],
             "torch": [sys.executable, "-c", "import torch"],
         }
+        stages_argv = [sys.executable, "-c", STAGES, str(db), str(checkpoint), "a photo of a dog"]
         times: dict[str, list[float]] = {name: [] for name in commands}
+        cpu: dict[str, list[float]] = {name: [] for name in commands}
+        stages: list[dict[str, float]] = []
         for i in range(runs + 1):  # the first round, untimed, warms the page cache
             for name, argv in commands.items():
-                elapsed = wall_seconds(argv, env)
+                elapsed, cpu_seconds = wall_seconds(argv, env)
                 if i:
                     times[name].append(elapsed)
+                    cpu[name].append(cpu_seconds)
+            split = stage_seconds(stages_argv, env)
+            if i:
+                stages.append(split)
     median = {name: statistics.median(values) for name, values in times.items()}
+    median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
     return {
         "n": n,
         "clipsearch_query_s": round(median["query"], 3),
         "clipsearch_query_json_s": round(median["json"], 3),
+        "python_s": round(median["python"], 3),
         "import_onnxruntime_s": round(median["onnxruntime"], 3),
         "import_torch_s": round(median["torch"], 3),
         "query_vs_import_torch": round(median["query"] / median["torch"], 3),
         "json_vs_import_torch": round(median["json"] / median["torch"], 3),
+        "cpu_s": {name: round(value, 3) for name, value in median_cpu.items()},
+        "cpu_query_vs_import_torch": round(median_cpu["query"] / median_cpu["torch"], 3),
+        "stages_ms": {name: round(statistics.median(s[name] for s in stages) * 1000, 1) for name in stages[0]},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         **{f"{name}_runs_s": [round(t, 3) for t in values] for name, values in times.items()},
     }
 
@@ -319,7 +384,11 @@ def main() -> None:
             f"({c['clipsearch_query_json_s']:.2f} s with --json); `python -c 'import onnxruntime'`: "
             f"{c['import_onnxruntime_s']:.2f} s; `python -c 'import torch'`: {c['import_torch_s']:.2f} s; "
             f"query / import torch = {c['query_vs_import_torch']:.2f}x (target <= 0.35), --json "
-            f"{c['json_vs_import_torch']:.2f}x"
+            f"{c['json_vs_import_torch']:.2f}x; CPU seconds {c['cpu_s']['query']:.2f} against "
+            f"{c['cpu_s']['torch']:.2f}, {c['cpu_query_vs_import_torch']:.2f}x; "
+            f"`python -c pass`: {c['python_s']:.2f} s; stages (ms, median): "
+            + ", ".join(f"{name} {ms:.0f}" for name, ms in c["stages_ms"].items())
+            + f"; load average {c['load_average'][0]:.2f}"
         )
     summary["total_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary))

@@ -17,7 +17,6 @@ Models load lazily and only the tower a query needs: a text query builds the tex
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -29,16 +28,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from clipsearch.library_concepts import ConceptMethods
+from clipsearch.library_encoders import EncoderMethods, default_model_for  # noqa: F401  # commands import it here
 from clipsearch.library_serving import ServingMethods, unchanged_since_indexed
 from retrieval.errors import ImageLoadError, ModelMismatchError, NotFoundError, QueryError, StoreError
-from retrieval.model.query_text import (
-    encode_onnx_query_texts,
-    encode_query_texts,
-    export_text_tower,
-    onnx_text_encoder,
-    query_text_model,
-    warn_if_cut,
-)
+from retrieval.model.query_text import encode_query_texts, query_text_model  # noqa: F401  # benchmarks import them here
 from retrieval.query import (
     IMAGENET_TEMPLATES,
     SearchResult,
@@ -70,9 +63,6 @@ if TYPE_CHECKING:
     from retrieval.duplicates import DuplicateGroup
     from retrieval.faiss_index import AnnIndex
     from retrieval.model.clip import CLIP
-    from retrieval.model.encode import Encoder
-    from retrieval.model.identity import ModelInfo
-    from retrieval.model.onnx_runtime import OnnxEncoder
     from retrieval.model.preprocess import Preprocess
     from retrieval.row_cache import RowCache
     from retrieval.store import Store
@@ -89,23 +79,6 @@ class Embedded(NamedTuple):
     ids: RowIds  # [N] stable row ids
     paths: list[str]  # [N] file paths
     vectors: Embeddings  # [N, D] float32, rows L2-normalised
-
-
-def default_model_for(db: str | os.PathLike[str] | None) -> str:
-    """The model to use when none is named: `$CLIPSEARCH_MODEL`, else the store's only registered model, else
-    the registry default (ViT-B/32)."""
-    from retrieval.ann import saved_models
-    from retrieval.model.registry import default_model_name, is_registered
-
-    if os.environ.get("CLIPSEARCH_MODEL"):
-        return os.environ["CLIPSEARCH_MODEL"]
-    models = saved_models(db) if db is not None else None  # answers without importing LanceDB when it can
-    if models is None:
-        from retrieval.store import Store
-
-        models = [m.model for m in Store.models(db)]
-    names = {m.name for m in models if is_registered(m.name)}
-    return names.pop() if len(names) == 1 else default_model_name()
 
 
 def _check_folder(store: Store, in_dir: str | os.PathLike[str]) -> None:
@@ -138,7 +111,7 @@ def _is_auto(threshold: float | str | None, terms: Sequence[Term]) -> bool:
     return True
 
 
-class Library(ConceptMethods, ServingMethods):
+class Library(EncoderMethods, ConceptMethods, ServingMethods):
     """One store of images embedded with one model.
 
     Args:
@@ -173,7 +146,7 @@ class Library(ConceptMethods, ServingMethods):
         precision: str = "float32",
         runtime: str = "auto",
     ) -> None:
-        from retrieval.model.onnx_runtime import PRECISIONS
+        from retrieval.model.export_files import PRECISIONS
 
         if text_precision not in ("auto", "float32"):
             raise ValueError(f"text_precision must be 'auto' or 'float32', got {text_precision!r}")
@@ -184,31 +157,14 @@ class Library(ConceptMethods, ServingMethods):
         from retrieval.catalog import store_dir
 
         self.db = store_dir(db).absolute()  # None: $CLIPSEARCH_HOME or the default; a URI is refused
-        self.device = device
         self.index_type = index_type
         self.row_cache = row_cache
         self._row_cache: RowCache | None = None
-        self.text_precision = text_precision
-        self.precision = precision
-        self.runtime = runtime
-        self._encoders: dict[str, Encoder] = {}
-        self._given_model = model if model is not None and not isinstance(model, str | os.PathLike) else None
-        if self._given_model is not None and getattr(self._given_model, "info", None) is None:
-            raise ValueError(
-                "a model passed in needs `.info` to match it with a store: load it with `load_model`, or set "
-                "`model.info = ModelInfo.for_model(model, name)`"
-            )
-        self._model_name = None if self._given_model is not None or model is None else os.fspath(model)
-        self._models: dict[str, tuple[CLIP, Preprocess]] = {}
+        self._init_encoders(model, device, text_precision, precision, runtime)
         self._store: Store | None = None
         self._index: AnnIndex | None = None
         self._index_version: int | None = None
         self._saved: SavedIndex | None = None
-        self._query_text_model: CLIP | None = None
-        self._onnx_text: OnnxEncoder | None = None
-        self._onnx_looked_for = False
-        self._stored: ModelInfo | None = None
-        self._stored_read = False
         self._store_checked = False
         self._duplicates: tuple[tuple[int, float], list[DuplicateGroup]] | None = None
         self._views: tuple[int, ViewIndex | None] | None = None  # (store version, the sub-views' index)
@@ -217,74 +173,6 @@ class Library(ConceptMethods, ServingMethods):
         self._spread_sample: tuple[int, Embeddings] | None = None  # (store version, `_score_sample`)
 
     # ---- parts, loaded on first use ------------------------------------------------------------
-
-    @property
-    def model_name(self) -> str:
-        """The name or path of the model this library embeds with."""
-        if self._given_model is not None:
-            return self._given_model.info.name
-        if self._model_name is None:
-            self._model_name = default_model_for(self.db)
-        return self._model_name
-
-    def _model(self, towers: str) -> tuple[CLIP, Preprocess]:
-        """The model with (at least) the tower asked for: "text" or "image"."""
-        if self._given_model is not None:
-            from retrieval.model.preprocess import Preprocess
-
-            return self._given_model, Preprocess.from_config(self._given_model.config)
-        if towers not in self._models:
-            from retrieval.model.loading import load_model
-
-            self._models[towers] = load_model(self.model_name, device=self.device, towers=towers)
-        return self._models[towers]
-
-    @property
-    def model_info(self) -> ModelInfo:
-        """The identity of the model's embedding space: a loaded tower's, else the store's record of it when that
-        can be read without torch (`_stored_info`), else the text tower's (loading it)."""
-        if not self._models and self._given_model is None and self.precision == "float32":
-            stored = self._stored_info()
-            if stored is not None:
-                return stored
-        model, _ = next(iter(self._models.values())) if self._models else self._model("text")
-        return dataclasses.replace(model.info, precision=self.precision)
-
-    def _encoder(self, towers: str) -> Encoder:
-        """What runs the model's "image" or "text" tower (`choose_encoder`: ONNX Runtime on a CPU)."""
-        if towers not in self._encoders:
-            from retrieval.model.encode import choose_encoder
-
-            model = self._model(towers)[0]
-            self._encoders[towers] = choose_encoder(model, towers, self.precision, self.runtime)
-        return self._encoders[towers]
-
-    def _stored_info(self) -> ModelInfo | None:
-        """The identity the store's saved index records for this library's model, read without torch: only for a
-        registry model whose (name, weights hash) is known before it loads (`known_identity`), and only while every
-        table's saved index is current (`saved_tables`); else None."""
-        if not self._stored_read:
-            from retrieval.ann import saved_tables
-            from retrieval.model.registry import known_identity
-
-            self._stored_read = True
-            identity = known_identity(self.model_name)
-            tables = saved_tables(self.db) if identity is not None and self.db.is_dir() else None
-            for model, _ in tables or []:
-                float32 = getattr(model, "precision", "float32") == "float32"  # an int8 table is another space
-                if (model.name, model.weights_sha256) == identity and float32:
-                    self._stored = model
-        return self._stored
-
-    def _onnx_text_encoder(self, texts: int) -> OnnxEncoder | None:
-        """For a one-shot library (`text_precision="float32"`) that has no torch text tower loaded and was given no
-        model: the text tower of a fresh ONNX export of the model (`onnx_text_encoder`), looked for once; None means
-        torch."""
-        one_shot = self.text_precision == "float32" and self._given_model is None and self.precision == "float32"
-        if not self._onnx_looked_for and self._query_text_model is None and one_shot:
-            self._onnx_looked_for = True
-            self._onnx_text = onnx_text_encoder(self.model_info, texts)
-        return self._onnx_text
 
     def store(self) -> Store:
         """The open store for this model.
@@ -434,28 +322,7 @@ class Library(ConceptMethods, ServingMethods):
         """The unit query vector for a query (see `search` for the forms a query may take)."""
         terms = as_terms(query)
 
-        def texts(batch: list[str]) -> Embeddings:
-            encoder = self._onnx_text_encoder(len(batch))
-            if encoder is not None:
-                return encode_onnx_query_texts(encoder, batch)
-            if self._query_text_model is None:
-                model = self._model("text")[0]
-                bfloat16_ok = self.text_precision == "auto" and self.precision == "float32"
-                self._query_text_model = query_text_model(model) if bfloat16_ok else model
-                if self.text_precision == "float32" and self._given_model is None and self.precision == "float32":
-                    export_text_tower(model)  # the next one-shot query then runs without torch
-            model = self._query_text_model
-            if model.config.family != "siglip":  # the count is CLIP's tokenizer's (MobileCLIP's too)
-                warn_if_cut(batch, model.config.text.context_length)
-            if model is self._model("text")[0]:  # not the bfloat16 copy a CPU with native bfloat16 gets
-                from retrieval.model.onnx_runtime import OnnxEncoder
-
-                encoder = self._encoder("text")
-                if isinstance(encoder, OnnxEncoder):
-                    return encoder.encode_texts(np.asarray(model.tokenize(batch)))
-            return encode_query_texts(model, batch)
-
-        return encode_query(terms, texts, self._encode_images, ensemble=ensemble, templates=templates)
+        return encode_query(terms, self._encode_texts, self._encode_images, ensemble=ensemble, templates=templates)
 
     def _encode_images(self, images: list[Any]) -> Embeddings:
         """Embed query images: paths, PIL images, `StoredImage`s and `Region`s (a whole stored image takes its

@@ -118,7 +118,9 @@ class AnnIndex:
         self.params = params
         self.dim = int(index.d)
         # ids still inside an HNSW graph but gone from the store; excluded from every search
-        self._tombstones = np.unique(as_ids(tombstones if tombstones is not None else np.empty(0, np.int64)))
+        tombstones = as_ids(tombstones if tombstones is not None else np.empty(0, np.int64))
+        # np.unique imports numpy.ma (~10 ms), which a cold query otherwise never needs: none is the common case
+        self._tombstones = np.unique(tombstones) if len(tombstones) else tombstones
         self._gpu_index: faiss.Index | None = None
         self._gpu_resources: Any = None
         self._move_to_gpu()

@@ -31,13 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import pyarrow as pa
 
 from retrieval.errors import StoreError
 from retrieval.regions import Box, view_boxes
 from retrieval.types import Embeddings, RowIds
 
+# pyarrow (~0.1 s to import) is imported by the functions that use it: a text query served from the saved index
+# imports this module for `views_table_name` alone.
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from retrieval.faiss_index import AnnIndex
     from retrieval.model.identity import ModelInfo
     from retrieval.store import Catalog, Store
@@ -166,6 +169,8 @@ class ViewStore:
         Returns:
             None when there is no views table and none is to be created.
         """
+        import pyarrow as pa
+
         from retrieval.store import _connect
 
         exists = has_views(store)
@@ -230,6 +235,8 @@ class ViewStore:
 
     def for_images(self, image_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """image id -> (boxes [V, 4], vectors [V, D]) of the given images, views in id order."""
+        import pyarrow as pa
+
         parts = [
             self._table.search().where(clause).select(["id", "image_id", "box", "vector"]).limit(None).to_arrow()
             for clause in _clauses(image_ids)
@@ -248,6 +255,8 @@ class ViewStore:
     def replace(self, image_ids: Sequence[int], boxes: np.ndarray, vectors: Sequence[np.ndarray]) -> None:
         """Store the views of `image_ids` (vectors[i]: [V, D] of image i, boxes [V, 4] shared), dropping any
         stored for them before (a retried commit writes the same images again)."""
+        import pyarrow as pa
+
         self.delete_for(image_ids)
         rows = [(i, v) for i, v in zip(image_ids, vectors, strict=True) if len(v)]
         if not rows:
@@ -427,6 +436,8 @@ def best_views(
 
 def _fixed(column: pa.ChunkedArray, width: int) -> np.ndarray:
     """A fixed-size-list column as a [N, width] float32 array."""
+    import pyarrow as pa
+
     column = column.combine_chunks()
     values = column.values if len(column) else pa.array([], pa.float32())
     return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)

@@ -1,5 +1,6 @@
-"""A one-shot text query runs without torch (ONNX Runtime, from a fresh export of the store's model) and, when the
-saved index is current, without LanceDB; it gives the torch path's results, and never uses a stale export."""
+"""A one-shot text query runs without torch and ONNX Runtime (CLIP's text tower in numpy, from a fresh export of the
+store's model; else its ONNX export) and, when the saved index is current, without LanceDB; it gives the torch path's
+results, and never uses a stale export."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from test_index_support import write_images
 from clipsearch.cli import cli
 from clipsearch.library import Library
 from retrieval.model.loading import load_model
+from retrieval.model.numpy_text import TOWER, WEIGHTS_FILE, find_numpy_text
 from retrieval.model.onnx_export import ensure_export
 from retrieval.model.onnx_runtime import MODEL_FILE, find_export
 
 MODEL = "shapes-mini"
-BLOCKED = ("torch", "lancedb")
-# The query forms served from the saved index and the ONNX text tower alone (no torch, no LanceDB).
+BLOCKED = ("torch", "lancedb", "onnxruntime", "pyarrow")
+# The query forms served from the saved index and the numpy text tower alone (no torch, ONNX Runtime or LanceDB).
 FAST_FORMS = [
     ["a red circle"],
     ["a blue square", "--plain", "-n", "3"],
@@ -80,7 +82,7 @@ def clipsearch(
 
 
 @pytest.mark.parametrize("args", FAST_FORMS, ids=lambda a: " ".join(a))
-def test_the_fast_forms_need_neither_torch_nor_lancedb_and_print_what_torch_prints(store, args):
+def test_the_fast_forms_need_no_torch_onnxruntime_or_lancedb_and_print_what_torch_prints(store, args):
     fast = clipsearch(store, args, blocked=BLOCKED)
     assert fast.returncode == 0, fast.stderr
     slow = clipsearch(store, args, cache="torch-cache")
@@ -120,16 +122,21 @@ def test_onnx_ranks_and_scores_match_torch_within_1e_4(store, monkeypatch, query
         np.testing.assert_allclose([r.score for r in got], [r.score for r in want], atol=1e-4, rtol=0)
 
 
+def _corrupt(path: Path) -> None:
+    """Change a file after it was exported and checked."""
+    with path.open("ab") as f:
+        f.write(b"\0")
+
+
 def test_a_stale_export_is_never_used(store, tmp_path):
     stale = tmp_path / "stale-cache"
     subprocess.run(["cp", "-r", str(store / "cache"), str(stale)], check=True)
     model_info = load_model(MODEL, device="cpu", towers="text")[0].info
-    text_onnx = next(stale.glob(f"onnx/*/text/{MODEL_FILE}"))
-    with text_onnx.open("ab") as f:
-        f.write(b"\0")  # changed after it was exported and checked
-    without_torch = clipsearch(store, ["a red circle"], cache=str(stale), blocked=BLOCKED)
+    _corrupt(next(stale.glob(f"onnx/*/text/{MODEL_FILE}")))
+    _corrupt(next(stale.glob(f"onnx/*/{TOWER}/{WEIGHTS_FILE}")))
+    without_torch = clipsearch(store, ["a red circle"], cache=str(stale), blocked=("torch", "lancedb"))
     assert without_torch.returncode != 0
-    assert "a cold query must not import torch" in without_torch.stderr  # it went for torch, not the stale file
+    assert "a cold query must not import torch" in without_torch.stderr  # it went for torch, not the stale files
 
     again = clipsearch(store, ["a red circle"], cache=str(stale))
     assert again.returncode == 0, again.stderr
@@ -137,6 +144,18 @@ def test_a_stale_export_is_never_used(store, tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CLIPSEARCH_CACHE", str(stale))
         assert find_export(model_info, towers="text") is not None  # the torch run exported it afresh
+        assert find_numpy_text(model_info) is not None
+
+
+def test_without_a_fresh_numpy_tower_the_onnx_export_serves_the_query(store, tmp_path):
+    stale = tmp_path / "stale-cache"
+    subprocess.run(["cp", "-r", str(store / "cache"), str(stale)], check=True)
+    _corrupt(next(stale.glob(f"onnx/*/{TOWER}/{WEIGHTS_FILE}")))
+    without_numpy = clipsearch(store, ["a red circle"], cache=str(stale), blocked=("torch", "lancedb"))
+    assert without_numpy.returncode == 0, without_numpy.stderr
+    assert without_numpy.stdout == clipsearch(store, ["a red circle"], cache="torch-cache").stdout
+    without_onnxruntime = clipsearch(store, ["a red circle"], cache=str(stale), blocked=BLOCKED)
+    assert "a cold query must not import onnxruntime" in without_onnxruntime.stderr  # the ONNX export served it
 
 
 def test_status_needs_no_torch(store):

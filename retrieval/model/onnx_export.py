@@ -91,7 +91,71 @@ def ensure_export(model: EmbeddingModel, precision: str = "float32", towers: str
             continue
         logger.info("exporting the %s encoder of %s to ONNX (%s): %s", tower, info.name, precision, reason)
         _publish(root, tower, lambda staging, t=tower: _make(model, t, precision, staging))
+    if "text" in (model_towers(model) if towers == "both" else (towers,)) and precision == "float32":
+        _ensure_numpy_text(model, root)
     return root
+
+
+def _ensure_numpy_text(model: EmbeddingModel, root: Path) -> None:
+    """Write the text tower's weights for `numpy_text` beside its ONNX export, unless fresh ones are there: what a
+    cold text query encodes with. A model it does not cover, or weights it does not reproduce, only leave that
+    query on the ONNX export (logged)."""
+    from retrieval.model import numpy_text
+
+    if not numpy_text.supports(model.config.family, model.info):
+        return
+    reason = numpy_text.numpy_stale_reason(root / numpy_text.TOWER, model.info)
+    if reason is None:
+        return
+    logger.info("writing the text encoder of %s for numpy: %s", model.info.name, reason)
+    try:
+        _publish(root, numpy_text.TOWER, lambda staging: _make_numpy_text(model, staging), numpy_text.WEIGHTS_FILE)
+    except ExportError as e:
+        logger.warning("%s; cold text queries use the ONNX export instead", e)
+
+
+def _make_numpy_text(model: EmbeddingModel, staging: Path) -> dict:
+    """Write the text tower's float32 weights into `staging` and check them against the torch model; returns the
+    record (less the file's hash)."""
+    from retrieval.model import numpy_text
+
+    info = dataclasses.replace(model.info, precision="float32")
+    config, text = model.config, model.config.text
+    state = model.state_dict()
+    dtype = state["token_embedding.weight"].dtype
+    if dtype != torch.float32:
+        raise ExportError(f"only float32 models are written for numpy, this one is {dtype}")
+    tensors = {name: state[name].detach().cpu().numpy() for name in numpy_text.tensor_names(text.layers)}
+    shape = {
+        "width": text.width,
+        "heads": text.heads,
+        "layers": text.layers,
+        "context_length": text.context_length,
+        "vocab_size": text.vocab_size,
+        "embed_dim": config.embed_dim,
+        "quick_gelu": config.quick_gelu,
+    }
+    layout = numpy_text.write_weights(staging, tensors, shape)
+    inputs = _inputs(model, "text", batch=3, seed=1)
+    with torch.inference_mode():
+        expected = _Tower(model, "text")(inputs.to(next(model.parameters()).device)).float().cpu().numpy()
+    got = numpy_text.NumpyTextEncoder.map(info, layout, staging / numpy_text.WEIGHTS_FILE).encode_texts(inputs.numpy())
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    cosine = float(np.min(np.sum(got * expected, axis=1)))
+    if cosine < MIN_COSINE["float32"]:
+        raise ExportError(
+            f"the numpy text encoder of {info.name} does not reproduce the torch model (cosine {cosine:.6f})"
+        )
+    return {
+        "format": EXPORT_FORMAT,
+        "identity": info.to_dict(),
+        "precision": "float32",
+        "tower": numpy_text.TOWER,
+        "context_length": text.context_length,
+        "torch": torch.__version__,
+        "check": {"cosine_min": cosine, "max_abs_diff": float(np.max(np.abs(got - expected)))},
+        **layout,
+    }
 
 
 def _make(model: EmbeddingModel, tower: str, precision: str, staging: Path) -> dict:
@@ -216,13 +280,14 @@ def _check(model: EmbeddingModel, tower: str, path: Path) -> tuple[float, float]
     return cosine, float(np.max(np.abs(got - expected)))
 
 
-def _publish(root: Path, tower: str, make) -> None:
-    """Make a tower in a staging folder, then rename it into place (another process's fresh one wins)."""
+def _publish(root: Path, tower: str, make, model_file: str = MODEL_FILE) -> None:
+    """Make a tower (its `model_file`) in a staging folder, then rename it into place (another process's fresh one
+    wins)."""
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{tower}.", suffix=".part"))
     try:
         record = make(staging)
-        record["file"] = {"size": (staging / MODEL_FILE).stat().st_size, "sha256": file_sha256(staging / MODEL_FILE)}
+        record["file"] = {"size": (staging / model_file).stat().st_size, "sha256": file_sha256(staging / model_file)}
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
         final = root / tower
         if final.exists():  # stale (or made meanwhile by another process: then either copy is as good)
@@ -237,7 +302,7 @@ def _publish(root: Path, tower: str, make) -> None:
         except OSError:
             if not (final / RECORD_FILE).is_file():  # not another process's finished export
                 raise
-        file_sha256(final / MODEL_FILE)  # remembered under its final path, so opening it does not hash it again
+        file_sha256(final / model_file)  # remembered under its final path, so opening it does not hash it again
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -3,15 +3,12 @@
 Imports numpy and onnxruntime, never torch: a process that only encodes (a text query, an index run on the CPU)
 starts in a fraction of torch's import time, and ONNX Runtime runs the same graph faster on a CPU.
 
-An export is a folder per model identity and precision in the cache dir, with one sub-folder per tower: the
-`model.onnx` and an `export.json` record (the identity, precision, export format, opset, the torch and
-onnxruntime versions, the file's size and SHA-256). A tower whose record does not match what is asked for, or
-whose file does not match its record, is stale and never run.
+Exports live in the cache `export_files` describes: per tower, the `model.onnx` and an `export.json` record (the
+identity, precision, export format, opset, the torch and onnxruntime versions, the file's size and SHA-256).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,32 +19,23 @@ import numpy as np
 import onnxruntime as ort
 
 from retrieval.errors import ExportError
-from retrieval.model.download import cache_dir, file_sha256
+from retrieval.model import export_files
+from retrieval.model.export_files import (  # noqa: F401  # re-exported: the exporter and tests import them here
+    EXPORT_FORMAT,
+    MODEL_FILE,
+    PRECISIONS,
+    RECORD_FILE,
+    export_root,
+    exports_dir,
+)
 from retrieval.model.identity import ModelInfo
 from retrieval.types import Embeddings
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1  # bump when what an export holds, or how it is made, changes: older exports become stale
-PRECISIONS = ("float32", "int8")
 TOWER_NAMES = ("image", "text")
-MODEL_FILE = "model.onnx"
-RECORD_FILE = "export.json"
 # Texts or images per session run: bounds the activations' memory when many are encoded at once.
 RUN_BATCH = 64
-
-
-def export_root(info: ModelInfo | dict[str, Any], precision: str = "float32") -> Path:
-    """The folder an export of this model at this precision lives in (whether or not it exists yet)."""
-    identity = _space(info)
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    name = f"{identity['weights_sha256'][:12]}-{digest}-{_check_precision(precision)}-v{EXPORT_FORMAT}"
-    return exports_dir() / name
-
-
-def exports_dir() -> Path:
-    """Where exports live: `$CLIPSEARCH_EXPORTS`, else `onnx/` in the cache dir."""
-    return Path(os.environ.get("CLIPSEARCH_EXPORTS") or cache_dir() / "onnx").expanduser()
 
 
 def find_export(info: ModelInfo | dict[str, Any], precision: str = "float32", towers: str = "both") -> Path | None:
@@ -69,32 +57,9 @@ def find_export(info: ModelInfo | dict[str, Any], precision: str = "float32", to
 
 
 def stale_reason(tower_dir: Path, info: ModelInfo | dict[str, Any], precision: str, tower: str) -> str | None:
-    """Why the export in `tower_dir` must not be used for this model, precision and tower; None when it is fresh."""
-    try:
-        record = json.loads((tower_dir / RECORD_FILE).read_text())
-    except FileNotFoundError:
-        return "it has not been exported"
-    except (OSError, ValueError) as e:
-        return f"its record is unreadable ({e})"
-    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
-        return f"it was made by another export format ({record.get('format') if isinstance(record, dict) else '?'})"
-    if record.get("tower") != tower or record.get("precision") != precision:
-        return f"it holds the {record.get('tower')} tower at {record.get('precision')}"
-    try:
-        if _space(record.get("identity") or {}) != _space(info):
-            return "it was exported from other weights"
-    except (KeyError, TypeError, ValueError) as e:
-        return f"its recorded identity is unreadable ({e!r})"
-    if _minor(record.get("onnxruntime", "")) != _minor(ort.__version__):
-        return f"it was made for onnxruntime {record.get('onnxruntime')}, this is {ort.__version__}"
-    model = tower_dir / MODEL_FILE
-    expected = record.get("file") or {}
-    try:
-        if model.stat().st_size != expected.get("size") or file_sha256(model) != expected.get("sha256"):
-            return f"{model} does not match its record (changed or truncated)"
-    except OSError as e:
-        return f"{model} cannot be read ({e})"
-    return None
+    """Why the ONNX export in `tower_dir` must not be used for this model, precision and tower (made for another
+    onnxruntime minor version, among `export_files.stale_reason`'s reasons); None when it is fresh."""
+    return export_files.stale_reason(tower_dir, info, precision, tower, runtime=("onnxruntime", ort.__version__))
 
 
 class OnnxEncoder:
@@ -198,26 +163,9 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _space(info: ModelInfo | dict[str, Any]) -> dict[str, Any]:
-    """What of an identity decides the vectors, as JSON-able values: all but the name and the precision."""
-    d = info.to_dict() if isinstance(info, ModelInfo) else ModelInfo.from_dict(info).to_dict()
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if k not in ("name", "precision")}
-
-
-def _check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
 def _tower_names(towers: str) -> tuple[str, ...]:
     if towers == "both":
         return TOWER_NAMES
     if towers not in TOWER_NAMES:
         raise ValueError(f"towers must be 'both', 'image' or 'text', got {towers!r}")
     return (towers,)
-
-
-def _minor(version: str) -> str:
-    """ "1.32.0" -> "1.32": exports are checked against onnxruntime's minor version."""
-    return ".".join(str(version).split(".")[:2])

@@ -1,8 +1,8 @@
 """Query texts to vectors, tuned for the shape of a query: a handful of short texts, one at a time.
 
-Two ways: the model's text tower in torch, or, without importing torch at all, a fresh ONNX export of it run in
-ONNX Runtime (`onnx_text_encoder`), which is what lets a one-shot `clipsearch query` start in a fraction of
-torch's import time.
+Two ways: the model's text tower in torch, or, without importing torch at all, a fresh export of it
+(`onnx_text_encoder`): CLIP's text tower in numpy over memory-mapped weights (`numpy_text`), else its ONNX graph in
+ONNX Runtime. That is what lets a one-shot `clipsearch query` start in a fraction of torch's import time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from retrieval.model.clip import CLIP
     from retrieval.model.identity import ModelInfo
+    from retrieval.model.numpy_text import NumpyTextEncoder
     from retrieval.model.onnx_runtime import OnnxEncoder
     from retrieval.types import Embeddings
 
@@ -71,9 +72,10 @@ def encode_query_texts(model: CLIP, texts: list[str]) -> Embeddings:
         torch.set_num_threads(previous)
 
 
-def onnx_text_encoder(info: ModelInfo, texts: int) -> OnnxEncoder | None:
-    """The text tower of a fresh ONNX export of the model `info` identifies, opened in ONNX Runtime (no torch);
-    None when there is no fresh export (`find_export` never returns a stale one), or the model's tokenizer is not
+def onnx_text_encoder(info: ModelInfo, texts: int) -> NumpyTextEncoder | OnnxEncoder | None:
+    """The text tower of a fresh export of the model `info` identifies, without torch: in numpy (`numpy_text`: CLIP's
+    causal tower; nothing to build, the weights are memory-mapped) where there is one, else its ONNX export opened in
+    ONNX Runtime; None when there is no fresh export (a stale one is never used), or the model's tokenizer is not
     CLIP's (a hub tokenizer's file comes with the torch checkpoint).
 
     Args:
@@ -82,6 +84,11 @@ def onnx_text_encoder(info: ModelInfo, texts: int) -> OnnxEncoder | None:
     """
     if info.tokenizer != "clip-bpe":
         return None
+    from retrieval.model.numpy_text import NumpyTextEncoder, find_numpy_text
+
+    folder = find_numpy_text(info)
+    if folder is not None:
+        return NumpyTextEncoder.open(folder)
     from retrieval.model.onnx_runtime import OnnxEncoder, find_export
 
     export = find_export(info, towers="text")
@@ -90,7 +97,7 @@ def onnx_text_encoder(info: ModelInfo, texts: int) -> OnnxEncoder | None:
     return OnnxEncoder.open(export, towers="text", threads=1 if texts <= FEW_TEXTS else None)
 
 
-def encode_onnx_query_texts(encoder: OnnxEncoder, texts: list[str]) -> Embeddings:
+def encode_onnx_query_texts(encoder: NumpyTextEncoder | OnnxEncoder, texts: list[str]) -> Embeddings:
     """Embed query texts with an `onnx_text_encoder`: CLIP's tokens (over-long texts cut, with a warning)."""
     from retrieval.model.tokenizer import tokenize
 
