@@ -159,8 +159,9 @@ class ServingMethods:
         return self._row_cache
 
     def warm_up(self) -> int:
-        """Load now what a search needs, rather than on the first search: the text tower (and its query copy),
-        the store, the FAISS index and, with `row_cache`, the rows' metadata.
+        """Load now what a search needs, rather than on the first search: the text tower (and its query copy, its
+        weights prepacked for a server's many one-text queries: `retrieval.model.prepacked`), the store, the FAISS
+        index and, with `row_cache`, the rows' metadata.
 
         Returns:
             The number of images in the store.
@@ -170,6 +171,11 @@ class ServingMethods:
         """
         store = self._searchable_store()
         self.encode("a photo")
+        if self._query_text_model is not None:
+            from retrieval.model.prepacked import prepacked_text_model
+
+            self._query_text_model = prepacked_text_model(self._query_text_model)
+            self.encode("a photo")  # the packed copy's first run, off the first search's time
         self.ann_index()
         cache = self._rows()
         if cache is not None:
