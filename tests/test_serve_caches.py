@@ -53,3 +53,22 @@ def test_more_like_this_takes_each_stored_vector_from_the_version_served(tmp_pat
     assert len(gone) == 4 and len(set(after) - set(before)) == 5
     for row_id in gone:
         assert like(client, row_id)[0] == 404
+
+
+def test_the_roots_kept_between_requests_follow_an_index_run_that_adds_a_folder(tmp_path):
+    db = tmp_path / "db"
+    generate(tmp_path / "photos", 4, seed=1, size_range=(64, 96))
+    Library(db=db, model="shapes-mini").index([tmp_path / "photos"], workers=0, progress=False)
+    served = Library(db=db, model="shapes-mini", row_cache=True)
+    client = TestClient(create_app(served), base_url=BASE)
+    assert [r["name"] for r in client.get("/api/status").json()["roots"]] == ["photos"]
+    assert served.roots() is served.roots()  # kept while the state file stays the same
+    everything = {"q": "a shape", "k": 50, "threshold": "none"}
+    assert client.get("/api/search", params={**everything, "in": "more"}).status_code == 400  # no such root yet
+
+    generate(tmp_path / "more", 3, seed=2, size_range=(64, 96))
+    Library(db=db, model="shapes-mini").index([tmp_path / "more"], workers=0, progress=False)
+    assert [r["name"] for r in client.get("/api/status").json()["roots"]] == ["photos", "more"]
+    hits = client.get("/api/search", params={**everything, "in": "more"}).json()["results"]
+    assert len(hits) == 3 and {h["root"] for h in hits} == {"more"}
+    assert client.get(hits[0]["thumb"]).status_code == 200  # its files are served: they are under a root now
