@@ -5,9 +5,10 @@ A bfloat16 `nn.Linear` on the CPU hands its [out, in] weight to oneDNN, which re
 layout its AMX/AVX512-BF16 kernels read, on every call. For a query of ~10 tokens that reorder is a large part
 of the work: each of the text transformer's 48 matrices is read and rewritten once per query only to be
 multiplied by a handful of rows. Reordering once, when the server warms up, leaves only the product: the
-ViT-B/32 text tower took 14.7 instead of 20.0 CPU ms a query (medians, the same run, load ~19), with the same
-vectors bit for bit. This is what PyTorch's own inductor does when it freezes a bfloat16 model
-(`torch.ops.mkldnn._reorder_linear_weight`, `torch.ops.mkldnn._linear_pointwise`).
+ViT-B/32 text tower took 13.3-14.8 instead of 19.2-20.8 CPU ms a query (medians of 40 queries, four rounds
+interleaved, two runs at load ~19-22), with the same vectors bit for bit. This is what PyTorch's own inductor does
+when it freezes a bfloat16 model (`torch.ops.mkldnn._reorder_linear_weight`, `torch.ops.mkldnn._linear_pointwise`).
+Packed tensors are opaque: the copy cannot be deep-copied or saved, only run.
 """
 
 from __future__ import annotations
