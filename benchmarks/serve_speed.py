@@ -197,13 +197,14 @@ def latencies(client: Client, paths: list[str], warmup: int, pid: int) -> dict:
 
 
 def encode_reference(checkpoint: Path, texts: list[str], warmup: int) -> dict:
-    """p50 of encoding one query text in this process, as the server does it (`query_text_model`, one thread):
-    the part of a text search no server can save; the rest is the server's own overhead."""
+    """p50 of encoding one query text in this process, as the server does it (`query_text_model`, its weights
+    prepacked, one thread): the part of a text search no server can save; the rest is the server's own overhead."""
     from clipsearch.library import encode_query_texts, query_text_model
     from retrieval.model.loading import load_model
+    from retrieval.model.prepacked import prepacked_text_model
 
     model, _ = load_model(checkpoint, device="cpu", towers="text")
-    model = query_text_model(model)
+    model = prepacked_text_model(query_text_model(model))
     times = []
     for i, text in enumerate(texts):
         started = time.perf_counter()

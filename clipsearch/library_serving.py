@@ -45,6 +45,8 @@ class StoredFile(NamedTuple):
 class ServingMethods:
     """The web app's half of `Library`: pages, "more like this" by id, and checked files."""
 
+    _roots: tuple[tuple[int, int, int], Roots] | None = None  # (the state file's inode, mtime, size), its roots
+
     def search_page(
         self,
         query: Any,
@@ -159,8 +161,9 @@ class ServingMethods:
         return self._row_cache
 
     def warm_up(self) -> int:
-        """Load now what a search needs, rather than on the first search: the text tower (and its query copy),
-        the store, the FAISS index and, with `row_cache`, the rows' metadata.
+        """Load now what a search needs, rather than on the first search: the text tower (and its query copy, its
+        weights prepacked for a server's many one-text queries: `retrieval.model.prepacked`), the store, the FAISS
+        index and, with `row_cache`, the rows' metadata.
 
         Returns:
             The number of images in the store.
@@ -170,6 +173,11 @@ class ServingMethods:
         """
         store = self._searchable_store()
         self.encode("a photo")
+        if self._query_text_model is not None:
+            from retrieval.model.prepacked import prepacked_text_model
+
+            self._query_text_model = prepacked_text_model(self._query_text_model)
+            self.encode("a photo")  # the packed copy's first run, off the first search's time
         self.ann_index()
         cache = self._rows()
         if cache is not None:
@@ -177,8 +185,21 @@ class ServingMethods:
         return store.count()
 
     def roots(self) -> Roots:
-        """The folders indexed into this model's table, with display names."""
-        return Roots(self.store().state.roots())
+        """The folders indexed into this model's table, with display names.
+
+        Every search and every file served asks for them, and the state file they come from also lists the failed
+        files (thousands, in some stores): it is parsed again only when an index run has replaced it (an atomic
+        rename: a new inode).
+        """
+        state = self.store().state
+        try:
+            stat = os.stat(state.path)
+        except OSError:
+            return Roots(state.roots())  # no state file yet: nothing to keep
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._roots is None or self._roots[0] != key:
+            self._roots = (key, Roots(state.roots()))
+        return self._roots[1]
 
     def image_file(self, row_id: int) -> StoredFile:
         """A stored image's file, checked before it is read for someone else: the id is in the store, the file

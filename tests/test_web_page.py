@@ -433,7 +433,7 @@ def test_no_results_and_bad_input_say_so(page, server):
 def test_a_query_with_no_good_match_says_so_and_shows_the_weak_ones_on_request(page, server):
     from playwright.sync_api import expect
 
-    assert api(server, q="a red circle") == []  # the pictures hold red circles only beside other shapes
+    assert api(server, q="a red circle") == []  # the pictures hold red cut only beside other shapes
     open_page(page, server, "?q=a+red+circle")
     message = page.locator("#message")
     expect(message).to_have_attribute("data-state", "no-match")
@@ -503,6 +503,94 @@ def test_tiles_selected_by_keyboard_teach_a_concept_whose_chip_searches_it(page,
     page.wait_for_selector("body[data-ready]")
     assert tiles(page, len(expected)) == ids(expected)
     expect(page.locator("#concepts .concept", has_text="@my_squares")).to_be_visible()
+
+
+def send_json(url: str, method: str, body: dict | None = None) -> tuple[int, dict]:
+    """A JSON request other than GET, as a script sends it (no Origin header)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def concept_names(server: str) -> list[str]:
+    return [c["name"] for c in get_json(f"{server}/api/concepts")[1]["concepts"]]
+
+
+def test_a_concept_is_forgotten_from_its_chip_after_a_confirm_step(page, server):
+    from playwright.sync_api import expect
+
+    squares = api(server, q="a square", threshold="none", **{"in": "shapes/square"})
+    body = {"name": "to_forget", "positives": ids(squares), "method": "probe"}
+    assert send_json(f"{server}/api/concepts", "POST", body)[0] == 201
+    open_page(page, server, "?q=a+square")
+    item = page.locator('#concepts .concept-item[data-name="to_forget"]')
+    expect(item.locator(".concept")).to_have_text("@to_forget")
+    forget = page.get_by_role("button", name="Forget @to_forget")
+    forget.focus()
+    page.keyboard.press("Enter")  # asks first: nothing is sent yet
+    question = page.get_by_role("group", name="Forget @to_forget?")
+    expect(question).to_be_visible()
+    expect(question.get_by_role("button", name="Keep")).to_be_focused()
+    page.keyboard.press("Escape")  # keeps it, and gives focus back to the control
+    expect(question).to_have_count(0)
+    expect(forget).to_be_focused()
+    assert "to_forget" in concept_names(server)
+
+    forget.click()
+    page.get_by_role("group", name="Forget @to_forget?").get_by_role("button", name="Forget").click()
+    expect(page.locator("#concepts-message")).to_have_text("Forgot @to_forget.")
+    expect(item).to_have_count(0)
+    assert "to_forget" not in concept_names(server)
+    expect(page.locator("#q")).to_be_focused()
+    page.reload()  # it stays forgotten
+    page.wait_for_selector("body[data-ready]")
+    expect(page.locator('#concepts .concept-item[data-name="to_forget"]')).to_have_count(0)
+
+
+def test_the_selection_lives_in_the_url_through_reload_back_and_forward(page, server):
+    from playwright.sync_api import expect
+
+    open_page(page, server, "?q=a+blue+square&threshold=none")
+    first = ids(api(server, q="a blue square", threshold="none"))
+    assert tiles(page, len(first)) == first and len(first) > 3
+    for picked in first[:2]:
+        page.locator(f'#results .tile[data-id="{picked}"] .pick').check()
+    assert params_of(page)["sel"] == ",".join(first[:2])
+    expect(page.locator("#selected-count")).to_have_text("2 photos selected")
+
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    assert tiles(page, len(first)) == first
+    expect(page.locator("#results .tile.selected")).to_have_count(2)
+    expect(page.locator(f'#results .tile[data-id="{first[0]}"] .pick')).to_be_checked()
+    expect(page.locator("#selected-count")).to_have_text("2 photos selected")
+
+    page.locator("#q").fill("a green heart")  # a new search keeps the selection; the API never sees it
+    page.locator("#q").press("Enter")
+    page.wait_for_url(re.compile(r"/\?q=a\+green\+heart&sel="))
+    second = ids(api(server, q="a green heart"))
+    assert tiles(page, len(second)) == second and second
+    expect(page.locator("#message")).to_be_hidden()  # no error: the API was not sent `sel`
+    assert params_of(page) == {"q": "a green heart", "sel": ",".join(first[:2])}
+    expect(page.locator("#selected-count")).to_have_text("2 photos selected")
+
+    page.go_back()  # the search before, with the selection as it is now
+    assert tiles(page, len(first)) == first
+    assert params_of(page)["sel"] == ",".join(first[:2])
+    page.locator(f'#results .tile[data-id="{first[2]}"] .pick').check()
+    page.locator(f'#results .tile[data-id="{first[0]}"] .pick').uncheck()
+    assert params_of(page)["sel"] == ",".join([first[1], first[2]])
+    page.go_forward()  # the selection goes along
+    assert tiles(page, len(second)) == second
+    assert params_of(page)["sel"] == ",".join([first[1], first[2]])
+    expect(page.locator("#selected-count")).to_have_text("2 photos selected")
+    page.locator("#unselect").click()
+    expect(page.locator("#selection")).to_be_hidden()
+    assert "sel" not in params_of(page)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,13 @@
 // documented in clipsearch/web/app.py. Every search lives in the URL (q, like, upload, box, in, after, before,
 // weak, threshold), so a search can be bookmarked, reloaded and gone back to; the page renders whatever the URL
 // says. An optional k in the URL sets how many results each request fetches. A text search is cut where its good
-// matches end (the API's calibrated "auto" threshold); weak=1 shows the weaker matches too, marked.
+// matches end (the API's calibrated "auto" threshold); weak=1 shows the weaker matches too, marked. The tiles ticked
+// for "Learn as…" are in the URL too (sel=ID,ID,…): a basket kept across searches, reloads, back and forward.
 
 const PAGE_SIZE = 50;
-const STATE_KEYS = ["q", "like", "upload", "box", "in", "after", "before", "k", "weak", "threshold"];
+const STATE_KEYS = ["q", "like", "upload", "box", "in", "after", "before", "k", "weak", "threshold", "sel"];
+const SEARCH_KEYS = STATE_KEYS.filter((key) => key !== "sel"); // what the search API takes
+const ID = /^[0-9]{1,18}$/; // a stored image's id (clipsearch/web/app.py)
 const MIN_BOX = 0.03; // a drag smaller than this (a fraction of the photo's side) is a click, not a box
 const BOX_STEP = 0.05; // how far an arrow key moves or resizes the keyboard's box (a fraction of the photo's side)
 const CONCEPT_NAME = /^[A-Za-z][A-Za-z0-9_]{0,63}$/; // what can follow @ in a query (retrieval/concepts.py)
@@ -23,7 +26,7 @@ const view = {
   opener: null, // the element to give focus back to when the lightbox closes
   keyBox: null, // [x0, y0, x1, y1] of the box being drawn with the keyboard, or null
   images: null, // how many images the store holds (from /api/status)
-  selected: new Map(), // id -> hit: the tiles ticked to learn a concept from (kept across searches)
+  selected: new Set(), // ids of the tiles ticked to learn a concept from (the URL's sel, kept across searches)
 };
 
 // ---- the URL is the state ----------------------------------------------------------------------
@@ -46,9 +49,22 @@ function stateUrl(state) {
 }
 
 function filtersOf(state) {
+  // what a new search keeps of the current one: its filters, and the selection
   const filters = {};
-  for (const key of ["in", "after", "before", "k"]) if (state[key]) filters[key] = state[key];
+  for (const key of ["in", "after", "before", "k", "sel"]) if (state[key]) filters[key] = state[key];
   return filters;
+}
+
+function selectionOf(state) {
+  return new Set((state.sel || "").split(",").filter((id) => ID.test(id)));
+}
+
+function withSelection(state) {
+  // the state with the current selection as its sel
+  const next = { ...state };
+  if (view.selected.size) next.sel = [...view.selected].join(",");
+  else delete next.sel;
+  return next;
 }
 
 function go(state) {
@@ -95,6 +111,8 @@ function fillFolders(names) {
 
 function render() {
   const state = readState();
+  view.selected = selectionOf(state);
+  showSelection();
   syncControls(state);
   showQuery(state);
   clearResults();
@@ -185,7 +203,7 @@ function codeSpans(text) {
 async function search(state, offset) {
   const generation = view.generation;
   const params = new URLSearchParams({ k: String(PAGE_SIZE), offset: String(offset) });
-  for (const key of STATE_KEYS) if (state[key]) params.set(key, state[key]);
+  for (const key of SEARCH_KEYS) if (state[key]) params.set(key, state[key]);
   view.loading = true;
   $("results").setAttribute("aria-busy", "true");
   // hidden while loading: when it shows again still within reach, the observer sees it appear and loads the next page
@@ -304,7 +322,7 @@ function tile(hit, index) {
   pick.className = "pick";
   pick.checked = view.selected.has(hit.id);
   pick.setAttribute("aria-label", `Select ${name(hit)}`);
-  pick.addEventListener("change", () => select(hit, pick.checked));
+  pick.addEventListener("change", () => select(hit.id, pick.checked));
 
   figure.classList.toggle("selected", pick.checked);
   figure.append(open, score, like, pick);
@@ -351,14 +369,20 @@ function moreLike(id, box) {
 
 // ---- personal concepts: select tiles, learn, search with @name ------------------------------------
 
-function select(hit, on) {
-  if (on) view.selected.set(hit.id, hit);
-  else view.selected.delete(hit.id);
-  for (const figure of document.querySelectorAll(`#results .tile[data-id="${CSS.escape(hit.id)}"]`)) {
+function select(id, on) {
+  if (on) view.selected.add(id);
+  else view.selected.delete(id);
+  markSelected(id, on);
+  // the same search with another selection: the address changes, the history does not grow
+  history.replaceState(null, "", stateUrl(withSelection(readState())));
+  showSelection();
+}
+
+function markSelected(id, on) {
+  for (const figure of document.querySelectorAll(`#results .tile[data-id="${CSS.escape(id)}"]`)) {
     figure.classList.toggle("selected", on);
     figure.querySelector(".pick").checked = on;
   }
-  showSelection();
 }
 
 function showSelection() {
@@ -369,7 +393,7 @@ function showSelection() {
 }
 
 function clearSelection() {
-  for (const hit of [...view.selected.values()]) select(hit, false);
+  for (const id of [...view.selected]) select(id, false);
   $("concept-message").textContent = "";
 }
 
@@ -394,7 +418,7 @@ async function learnConcept(event) {
   $("learn").disabled = true;
   conceptMessage("busy", `Learning @${name} from ${view.selected.size} photos…`);
   try {
-    const body = JSON.stringify({ name, method, positives: [...view.selected.keys()] });
+    const body = JSON.stringify({ name, method, positives: [...view.selected] });
     const answer = await api("/api/concepts", { method: "POST", headers: { "Content-Type": "application/json" }, body });
     const concept = answer.concept;
     const accuracy = concept.accuracy === null ? "too few photos to hold any out" : `held-out accuracy ${concept.accuracy.toFixed(2)}`;
@@ -420,17 +444,83 @@ async function loadConcepts() {
 function showConcepts(concepts) {
   const nav = $("concepts");
   nav.hidden = concepts.length === 0;
-  nav.querySelectorAll(".concept").forEach((chip) => chip.remove());
-  for (const concept of concepts) {
-    const chip = document.createElement("button");
-    chip.type = "button";
-    chip.className = "chip concept";
-    chip.textContent = concept.query;
-    chip.title = `Search for ${concept.query} (${concept.method}, ${concept.examples} example photos)`;
-    chip.addEventListener("click", () => go({ ...filtersOf(readState()), q: concept.query }));
-    nav.append(chip);
-  }
+  nav.querySelectorAll(".concept-item").forEach((item) => item.remove());
+  for (const concept of concepts) nav.append(conceptItem(concept));
   syncControls(readState());
+}
+
+function conceptItem(concept) {
+  // a chip that searches the concept, and a control that forgets it (after asking)
+  const item = document.createElement("span");
+  item.className = "concept-item";
+  item.dataset.name = concept.name;
+  const chip = document.createElement("button");
+  chip.type = "button";
+  chip.className = "chip concept";
+  chip.textContent = concept.query;
+  chip.title = `Search for ${concept.query} (${concept.method}, ${concept.examples} example photos)`;
+  chip.addEventListener("click", () => go({ ...filtersOf(readState()), q: concept.query }));
+  const forget = document.createElement("button");
+  forget.type = "button";
+  forget.className = "forget";
+  forget.textContent = "×";
+  forget.setAttribute("aria-label", `Forget ${concept.query}`);
+  forget.title = `Forget ${concept.query}`;
+  forget.addEventListener("click", () => askToForget(item, concept));
+  item.append(chip, forget);
+  return item;
+}
+
+function askToForget(item, concept) {
+  // the confirm step: the chip gives way to a question with Forget and Keep (Esc keeps)
+  const question = document.createElement("span");
+  question.className = "forget-confirm";
+  question.setAttribute("role", "group");
+  question.setAttribute("aria-label", `Forget ${concept.query}?`);
+  const text = document.createElement("span");
+  text.textContent = `Forget ${concept.query}?`;
+  const yes = document.createElement("button");
+  yes.type = "button";
+  yes.className = "button danger";
+  yes.textContent = "Forget";
+  const no = document.createElement("button");
+  no.type = "button";
+  no.className = "button";
+  no.textContent = "Keep";
+  const parts = [...item.children];
+  const keep = () => {
+    question.replaceWith(...parts);
+    item.querySelector(".forget").focus();
+  };
+  yes.addEventListener("click", () => forgetConcept(concept, yes));
+  no.addEventListener("click", keep);
+  question.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape") return;
+    event.preventDefault();
+    keep();
+  });
+  question.append(text, yes, no);
+  item.replaceChildren(question);
+  no.focus();
+}
+
+async function forgetConcept(concept, button) {
+  button.disabled = true;
+  try {
+    await api(`/api/concepts/${encodeURIComponent(concept.name)}`, { method: "DELETE" });
+    conceptsMessage("done", `Forgot ${concept.query}.`);
+    await loadConcepts();
+    $("q").focus();
+  } catch (error) {
+    button.disabled = false;
+    conceptsMessage("error", error.message);
+  }
+}
+
+function conceptsMessage(kind, text) {
+  const message = $("concepts-message");
+  message.dataset.state = kind;
+  message.textContent = text;
 }
 
 // ---- the lightbox ------------------------------------------------------------------------------
@@ -813,6 +903,8 @@ async function start() {
   wireDrop();
   window.addEventListener("popstate", () => {
     closeLightbox();
+    // the selection is a basket: back and forward carry it to the search they go to
+    history.replaceState(null, "", stateUrl(withSelection(readState())));
     render();
   });
   showMessage("busy", "Opening the store…", "The model and the search index are loading.");
