@@ -8,6 +8,8 @@ start-up, and every decode, may take any time on a busy machine, so no assertion
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -148,3 +150,51 @@ def test_a_worker_killed_while_held_is_replaced_and_nothing_hangs(tmp_path):
         assert pool.restarts == 1
     assert len(reasons) == len(paths)
     assert [r for r in reasons if "crashed" in r] == ["decoder worker crashed (SIGKILL)"]  # the file it held
+
+
+@dataclass(frozen=True)
+class StarvedDecoder(Decoder):
+    """On "busy" files: moves to the core `cpu` at niceness `niceness` and computes for 0.3 s of CPU time there; on
+    "hang" files: never returns."""
+
+    cpu: int = 0
+    niceness: int = 19
+
+    def __call__(self, task: DecodeTask):
+        if "hang" in task.path:
+            time.sleep(3600)
+        os.sched_setaffinity(0, {self.cpu})
+        os.nice(max(0, self.niceness - os.nice(0)))
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            pass
+        return Failed("worker", "computed")
+
+
+def test_a_worker_waiting_for_a_core_is_not_timed_out_but_a_hang_is(tmp_path):
+    # A process computing without pause on the same core, 9 steps of niceness above the worker, leaves it about a
+    # tenth of that core (CFS and EEVDF share a core by weight, 1.25x per step), so the worker takes about 3 s of
+    # wall time or more for 0.3 s of work: a wall-clock timeout of 1 s killed it. Waiting for a core is not hanging.
+    cpu = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, {cpu})
+        _, preprocess = tiny_model()
+        paths = [tmp_path / "busy-1.png", tmp_path / "busy-2.png", tmp_path / "hang.png"]
+        with DecoderPool(
+            StarvedDecoder(preprocess, cpu=cpu, niceness=min(19, os.nice(0) + 9)), workers=1, timeout=1.0
+        ) as pool:
+            with pool.paused():  # the worker's start-up (importing this module) is not under test
+                consumer = Consumer(pool, paths)
+                wait_until(workers_ready(pool, 1), "the worker to start")
+            consumer.finish()
+        results = {Path(task.path).name: result.reason for task, result in consumer.results}
+    finally:
+        hog.kill()
+        hog.wait()
+    assert results == {
+        "busy-1.png": "computed",
+        "busy-2.png": "computed",
+        "hang.png": "decoding took longer than 1 s",  # sleeping is not waiting for a core: a hang is still caught
+    }
+    assert pool.restarts == 1
