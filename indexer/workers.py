@@ -102,7 +102,7 @@ def start_worker_server() -> None:
         return
 
     def launch() -> None:
-        os.nice(WORKER_NICENESS)
+        lower_priority()  # to the workers' niceness, not 10 more: a run started with `nice -n 10` stays at 10
         multiprocessing.forkserver.ensure_running()
 
     thread = threading.Thread(target=launch, name="clipsearch-forkserver-launch")
