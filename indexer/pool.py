@@ -6,7 +6,8 @@ when one dies (a segfault in a codec, an out-of-memory kill) or hangs past the t
 is known: it is reported as failed, the worker's other tasks are re-sent, and a fresh worker takes its place.
 
 A background thread does all pipe traffic and buffers finished images; the bounded buffer stops dispatching
-when the encoder falls behind. `paused()` holds the workers between files while the caller encodes on the CPU.
+when the encoder falls behind. `paused()` holds the workers between files while the caller encodes on the CPU
+with torch.
 
 The timeout counts the time a worker runs or waits on something (a read, a lock, a sleep), not the time it is ready
 to run but waiting for a core (Linux's /proc/PID/schedstat; elsewhere wall time): a file that hangs is caught after

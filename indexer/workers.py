@@ -20,10 +20,10 @@ import threading
 from multiprocessing import reduction, spawn, util
 from typing import Any
 
-# Workers yield the CPU to the main process: the file a worker is still finishing when a CPU batch starts (the
-# pool pauses them for the encoder, `DecoderPool.paused`), and decoding beside a GPU encoder, must not hold up
-# the threads that encode, feed the GPU or collect results; a decoder competing with the encoder's threads at
-# equal priority stalls all of them at each synchronisation point.
+# Workers yield the CPU to the main process: the file a worker is still finishing when a torch CPU batch starts (the
+# pool pauses them for that encoder, `DecoderPool.paused`), and decoding beside ONNX Runtime or a GPU encoder, must
+# not hold up the threads that encode, feed the GPU or collect results; a decoder competing with the encoder's
+# threads at equal priority stalls all of them at each synchronisation point.
 WORKER_NICENESS = 10
 
 
