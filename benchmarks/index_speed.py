@@ -117,45 +117,59 @@ def checkpoint(cache: Path, arch: str, name: str) -> Path:
 
 
 def tree_usage(pid: int, stop: threading.Event, usage: dict[str, float], memory: bool) -> None:
-    """Sample a process tree: each process's user+system CPU seconds (the last value seen per process is summed),
-    and with `memory` the summed RSS and PSS (shared pages split between sharers).
+    """Sample a process tree from /proc (Linux): each process's user+system CPU seconds and context switches (the
+    last value seen per process is summed), and with `memory` the summed RSS and PSS (shared pages split between
+    sharers).
 
-    CPU times are cheap to read. PSS walks every mapping of every process (~4 ms each, holding the process's memory
-    map lock), which at the RSS rate would itself slow the pipeline measurably on 2 cores, so it is read less often,
-    and only in runs that are not timed.
+    CPU times are cheap to read. PSS walks every mapping of every process (holding the process's memory map lock),
+    which at the RSS rate would itself slow the pipeline measurably on 2 cores, so it is read less often, and only in
+    runs that are not timed.
     """
-    import psutil
+    from benchmarks.index_memory import tree
 
+    tick_seconds = os.sysconf("SC_CLK_TCK")
     cpu: dict[int, float] = {}
-    try:
-        root = psutil.Process(pid)
-        tick = 0
-        while not stop.is_set():
-            rss = pss = 0
-            full = memory and tick % PSS_EVERY == 0
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    times = proc.cpu_times()
-                    cpu[proc.pid] = times.user + times.system
-                    if memory:
-                        info = proc.memory_full_info() if full else proc.memory_info()
-                        rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            usage["cpu"] = sum(cpu.values())
-            usage["rss"] = max(usage["rss"], rss)
-            if full:
-                usage["pss"] = max(usage["pss"], pss)
-            tick += 1
-            time.sleep(MEMORY_POLL_SECONDS if memory else CPU_POLL_SECONDS)
-    except psutil.NoSuchProcess:
-        return
+    switches: dict[int, int] = {}
+    tick = 0
+    while not stop.is_set():
+        rss = pss = 0
+        full = memory and tick % PSS_EVERY == 0
+        for proc in tree(pid):
+            try:
+                # after the ")" closing the command name: state is field 3, utime and stime fields 14 and 15
+                fields = Path(f"/proc/{proc}/stat").read_text().rpartition(")")[2].split()
+                cpu[proc] = (int(fields[11]) + int(fields[12])) / tick_seconds
+                status = _proc_fields(f"/proc/{proc}/status")
+                switches[proc] = status["voluntary_ctxt_switches"] + status["nonvoluntary_ctxt_switches"]
+                if memory:
+                    rss += status["VmRSS"] * 1024
+                    pss += _proc_fields(f"/proc/{proc}/smaps_rollup")["Pss"] * 1024 if full else 0
+            except (OSError, KeyError, IndexError, ValueError):  # gone meanwhile, or a zombie without memory
+                continue
+        usage["cpu"] = sum(cpu.values())
+        usage["switches"] = sum(switches.values())
+        usage["rss"] = max(usage["rss"], rss)
+        if full:
+            usage["pss"] = max(usage["pss"], pss)
+        tick += 1
+        time.sleep(MEMORY_POLL_SECONDS if memory else CPU_POLL_SECONDS)
+
+
+def _proc_fields(path: str) -> dict[str, int]:
+    """The "Name: number [kB]" lines of a /proc file (status, smaps_rollup) as {name: number}."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        name, _, rest = line.partition(":")
+        value = rest.split()
+        if value and value[0].isdigit():
+            out[name] = int(value[0])
+    return out
 
 
 def run_measured(command: list[str], memory: bool = False) -> tuple[dict, float, dict[str, float]]:
     """Run a contender's command (it prints one JSON object last): (that object, wall seconds, its tree's usage:
     CPU seconds, and with `memory` peak RSS and PSS in bytes)."""
-    usage = {"cpu": 0.0, "rss": 0, "pss": 0}
+    usage = {"cpu": 0.0, "switches": 0, "rss": 0, "pss": 0}
     stop = threading.Event()
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

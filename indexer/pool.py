@@ -6,7 +6,12 @@ when one dies (a segfault in a codec, an out-of-memory kill) or hangs past the t
 is known: it is reported as failed, the worker's other tasks are re-sent, and a fresh worker takes its place.
 
 A background thread does all pipe traffic and buffers finished images; the bounded buffer stops dispatching
-when the encoder falls behind. `paused()` holds the workers between files while the caller encodes on the CPU.
+when the encoder falls behind. `paused()` holds the workers between files while the caller encodes on the CPU
+with torch.
+
+The timeout counts the time a worker runs or waits on something (a read, a lock, a sleep), not the time it is ready
+to run but waiting for a core (Linux's /proc/PID/schedstat; elsewhere wall time): a file that hangs is caught after
+the timeout however busy the machine, and one that only waits for other processes to leave it a core is not.
 """
 
 from __future__ import annotations
@@ -117,6 +122,15 @@ class _Gate:
         return now - held
 
 
+def _runqueue_seconds(pid: int) -> float:
+    """Seconds the process's main thread has spent ready to run but waiting for a core; 0.0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as f:  # "<ns on a core> <ns waiting for one> <time slices>"
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class _Worker:
     """One worker process, its pipe, and the tasks it holds (oldest first)."""
 
@@ -129,13 +143,17 @@ class _Worker:
         child.close()
         self.gate = gate
         self.inflight: collections.deque[tuple[int, DecodeTask]] = collections.deque()
-        self.busy_since = gate.clock()
+        self.busy_since = self.clock()
         self.ready = False  # set once the process has started and unpickled the decoder
+
+    def clock(self) -> float:
+        """Seconds on a clock that stands still while the workers are held and while this one waits for a core."""
+        return self.gate.clock() - _runqueue_seconds(self.process.pid)
 
     def send(self, seq: int, task: DecodeTask) -> None:
         """Hand over a task; the clock starts when it is the worker's current one."""
         if not self.inflight and self.ready:
-            self.busy_since = self.gate.clock()
+            self.busy_since = self.clock()
         self.inflight.append((seq, task))
         self.conn.send((seq, task))
 
@@ -164,7 +182,7 @@ class DecoderPool:
         prefetch: tasks queued per worker, so it never waits for the next one.
         buffer: finished results held while the consumer is busy.
         timeout: seconds one file may take before its worker is killed and the file reported (time the workers
-            spend held by `paused()` does not count).
+            spend held by `paused()`, or waiting for a core on a busy machine, does not count).
     """
 
     def __init__(
@@ -281,21 +299,21 @@ class DecoderPool:
                             logger.debug(
                                 "decoder worker %d ready after %.2f s; heavy modules loaded: %s",
                                 worker.process.pid,
-                                self._gate.clock() - worker.busy_since,
+                                worker.clock() - worker.busy_since,
                                 ", ".join(message[1]) or "none",
                             )
                             worker.ready = True
-                            worker.busy_since = self._gate.clock()
+                            worker.busy_since = worker.clock()
                             continue
                         _, result = message
                         _, task = worker.inflight.popleft()
-                        worker.busy_since = self._gate.clock()
+                        worker.busy_since = worker.clock()
                         if not self._put((task, result)):
                             return
                     elif worker.process.sentinel in ready:
                         worker.process.join()
                         self._replace(i, retry, _crash_reason(worker.process.exitcode))
-                    elif worker.inflight and self._gate.clock() - worker.busy_since > self.timeout:
+                    elif worker.inflight and worker.clock() - worker.busy_since > self.timeout:
                         self._replace(i, retry, f"decoding took longer than {self.timeout:g} s")
         except BaseException as e:  # hand any dispatcher failure to the consumer instead of hanging it
             self._put(e)

@@ -20,10 +20,10 @@ import threading
 from multiprocessing import reduction, spawn, util
 from typing import Any
 
-# Workers yield the CPU to the main process: the file a worker is still finishing when a CPU batch starts (the
-# pool pauses them for the encoder, `DecoderPool.paused`), and decoding beside a GPU encoder, must not hold up
-# the threads that encode, feed the GPU or collect results; a decoder competing with the encoder's threads at
-# equal priority stalls all of them at each synchronisation point.
+# Workers yield the CPU to the main process: the file a worker is still finishing when a torch CPU batch starts (the
+# pool pauses them for that encoder, `DecoderPool.paused`), and decoding beside ONNX Runtime or a GPU encoder, must
+# not hold up the threads that encode, feed the GPU or collect results; a decoder competing with the encoder's
+# threads at equal priority stalls all of them at each synchronisation point.
 WORKER_NICENESS = 10
 
 
@@ -102,7 +102,7 @@ def start_worker_server() -> None:
         return
 
     def launch() -> None:
-        os.nice(WORKER_NICENESS)
+        lower_priority()  # to the workers' niceness, not 10 more: a run started with `nice -n 10` stays at 10
         multiprocessing.forkserver.ensure_running()
 
     thread = threading.Thread(target=launch, name="clipsearch-forkserver-launch")

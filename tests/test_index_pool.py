@@ -1,5 +1,6 @@
 """Decoder worker processes run below the encoder's priority, starting their server early leaves this process's
-priority alone, and `DecoderPool.paused()` holds them.
+priority alone, `DecoderPool.paused()` holds them (for a torch encoder on the CPU; beside ONNX Runtime they decode
+while it encodes), and the decode timeout counts neither a pause nor a wait for a core.
 
 The pause tests hold the workers from before they start and let them go when the test says so: a worker's
 start-up, and every decode, may take any time on a busy machine, so no assertion here races the wall clock.
@@ -7,18 +8,27 @@ start-up, and every decode, may take any time on a busy machine, so no assertion
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from test_index_support import NicenessDecoder, tiny_model, write_images
+import numpy as np
+from test_index_support import NicenessDecoder, tiny_model, vectors_by_path, write_images
 
 from indexer.decode import Decoder, DecodeResult, DecodeTask, Failed
+from indexer.options import IndexOptions
+from indexer.pipeline import index_folders
 from indexer.pool import DecoderPool
 from indexer.workers import WORKER_NICENESS, start_worker_server
+from retrieval.model.encode import choose_encoder
+from retrieval.model.onnx_runtime import OnnxEncoder
+from retrieval.store import Store
 
 PATIENCE = 120.0  # seconds a test waits for something that takes milliseconds on an idle machine
 
@@ -148,3 +158,107 @@ def test_a_worker_killed_while_held_is_replaced_and_nothing_hangs(tmp_path):
         assert pool.restarts == 1
     assert len(reasons) == len(paths)
     assert [r for r in reasons if "crashed" in r] == ["decoder worker crashed (SIGKILL)"]  # the file it held
+
+
+@dataclass(frozen=True)
+class StarvedDecoder(Decoder):
+    """On "busy" files: moves to the core `cpu` at niceness `niceness` and computes for 0.3 s of CPU time there; on
+    "hang" files: never returns."""
+
+    cpu: int = 0
+    niceness: int = 19
+
+    def __call__(self, task: DecodeTask):
+        if "hang" in task.path:
+            time.sleep(3600)
+        os.sched_setaffinity(0, {self.cpu})
+        os.nice(max(0, self.niceness - os.nice(0)))
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            pass
+        return Failed("worker", "computed")
+
+
+def test_a_worker_waiting_for_a_core_is_not_timed_out_but_a_hang_is(tmp_path):
+    # A process computing without pause on the same core, 9 steps of niceness above the worker, leaves it about a
+    # tenth of that core (CFS and EEVDF share a core by weight, 1.25x per step), so the worker takes about 3 s of
+    # wall time or more for 0.3 s of work: a wall-clock timeout of 1 s killed it. Waiting for a core is not hanging.
+    cpu = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, {cpu})
+        _, preprocess = tiny_model()
+        paths = [tmp_path / "busy-1.png", tmp_path / "busy-2.png", tmp_path / "hang.png"]
+        with DecoderPool(
+            StarvedDecoder(preprocess, cpu=cpu, niceness=min(19, os.nice(0) + 9)), workers=1, timeout=1.0
+        ) as pool:
+            with pool.paused():  # the worker's start-up (importing this module) is not under test
+                consumer = Consumer(pool, paths)
+                wait_until(workers_ready(pool, 1), "the worker to start")
+            consumer.finish()
+        results = {Path(task.path).name: result.reason for task, result in consumer.results}
+    finally:
+        hog.kill()
+        hog.wait()
+    assert results == {
+        "busy-1.png": "computed",
+        "busy-2.png": "computed",
+        "hang.png": "decoding took longer than 1 s",  # sleeping is not waiting for a core: a hang is still caught
+    }
+    assert pool.restarts == 1
+
+
+OVERLAP_WAIT = 30.0  # seconds an encoder call waits for a decoder to start a file meanwhile
+
+
+@dataclass(frozen=True)
+class OverlapDecoder(Decoder):
+    """Notes in `folder` whether it started a file while the encoder was running (`folder/encoding` exists)."""
+
+    folder: str = ""
+
+    def __call__(self, task: DecodeTask):
+        if (Path(self.folder) / "encoding").exists():
+            (Path(self.folder) / "decoded-while-encoding").touch()
+        return super().__call__(task)
+
+
+class OverlapEncoder(OnnxEncoder):
+    """An ONNX Runtime encoder that marks its runs in `folder/encoding` and, in its first two, waits (at most
+    OVERLAP_WAIT s) for a decoder to start a file before encoding."""
+
+    folder: Path
+    waits = 2
+
+    def encode_images(self, pixels):
+        marker, seen = self.folder / "encoding", self.folder / "decoded-while-encoding"
+        marker.touch()
+        try:
+            deadline = time.monotonic() + OVERLAP_WAIT
+            while self.waits and not seen.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.waits = max(0, self.waits - 1)
+            return super().encode_images(pixels)
+        finally:
+            marker.unlink()
+
+
+def test_workers_decode_while_onnx_runtime_encodes_and_store_the_same_vectors(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPSEARCH_EXPORTS", str(tmp_path / "exports"))
+    model, preprocess = tiny_model()
+    plain = choose_encoder(model, "image")
+    assert isinstance(plain, OnnxEncoder)
+    encoder = OverlapEncoder(plain.info, plain.sessions, plain.context_length)
+    encoder.folder = tmp_path
+    write_images(tmp_path / "photos", 40)
+    options = IndexOptions(workers=2, batch_size=4, progress=False)
+    decoder = OverlapDecoder(preprocess, folder=str(tmp_path))
+    overlapped = Store.open(tmp_path / "overlapped", plain.info, create=True)
+    assert index_folders([tmp_path / "photos"], encoder, preprocess, overlapped, options, decoder).indexed == 40
+    assert (tmp_path / "decoded-while-encoding").exists()  # the workers were not held while the encoder ran
+    # The same rows and vectors as decoding and encoding in turn, in this process.
+    alone = Store.open(tmp_path / "alone", plain.info, create=True)
+    index_folders([tmp_path / "photos"], plain, preprocess, alone, dataclasses.replace(options, workers=0))
+    got, expected = vectors_by_path(overlapped), vectors_by_path(alone)
+    assert sorted(got) == sorted(expected) and len(got) == 40
+    assert max(float(np.abs(got[p] - expected[p]).max()) for p in expected) < 1e-5
