@@ -11,9 +11,11 @@ on a split of the K shots, CoOp on a tie or at one shot). Each K is repeated ove
 the mean and the spread (min-max), and one line per set can be parsed:
 `few_shot set=<name> zero_shot=<acc> probe@16=<acc> coop@16=<acc> auto@16=<acc>`.
 
-Seeds: CoOp's zero-shot anchor (form and weight) was designed with `--data-seed 777 --first-seed 10` (generated
-sets of seed 777, draws 10-12) and is judged on the defaults, never used while designing: sets of seed 5151,
-draws 0-2.
+Seeds (fixed before the method's design, for design and held-out runs alike: 3 draws, 50 test images a class):
+CoOp's zero-shot anchor (its form, and the weight `ANCHOR_WEIGHT / shots`) was designed only on generated sets of
+seeds 777, 778 and 779, draws 10-12 (`--data-seed 777 --first-seed 10`). Sets of seed 5151, draws 0-2, were the
+held-out sets of the previous design and have been looked at since: reported, never designed on. The held-out
+sets are seed 9393, draws 0-2 (the defaults), run once with every constant fixed and committed.
 
 Run it from the repository root:
 
@@ -74,10 +76,10 @@ from retrieval.zeroshot import build_classifier
 logger = logging.getLogger(__name__)
 
 SHOTS = (1, 2, 4, 8, 16)  # training images per class
-SEEDS = (0, 1, 2)  # repeats per number of shots: the held-out draws (the method was designed on 10, 11, 12)
-TEST_PER_CLASS = 25  # test images per class, the same for every seed and K
+SEEDS = (0, 1, 2)  # repeats per number of shots: the held-out draws (designed on 10, 11, 12)
+TEST_PER_CLASS = 50  # test images per class, the same for every seed and K (400 on 8 classes: one image is 0.25 %)
 GENERATED = ("colour", "shape", "marker")
-SEED = 5151  # seed of the generated sets, held out (design: 777); never used to train shapes-mini
+SEED = 9393  # seed of the generated sets, held out (design: 777-779; 5151 was looked at before); never trained on
 MARKER = (255, 0, 255)  # the uncaptioned marker's colour (no named colour of the generator)
 MARKER_TEMPLATES = ("a photo of a {} shape",)
 MARKER_CLASSES = ("plain", "marked")
@@ -130,7 +132,7 @@ def run_set(
     seeds: Sequence[int] = SEEDS,
     test_per_class: int = TEST_PER_CLASS,
     steps: int = DEFAULT_STEPS,
-    anchor_weight: float = ANCHOR_WEIGHT,
+    anchor_weight: float | None = None,
 ) -> Curve:
     """The methods on one embedded labelled set; CoOp is kept near the zero-shot classifier's class vectors."""
     started = time.perf_counter()
@@ -227,9 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS), help="shots per class")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="repeats per number of shots (>= 3)")
     parser.add_argument("--first-seed", type=int, default=SEEDS[0], help="seed of the first repeat (design: 10)")
-    parser.add_argument("--data-seed", type=int, default=SEED, help="seed of the generated sets (design: 777)")
+    parser.add_argument("--data-seed", type=int, default=SEED, help="seed of the generated sets (design: 777-779)")
     parser.add_argument(
-        "--anchor-weight", type=float, default=ANCHOR_WEIGHT, help="CoOp's pull to zero-shot (0: plain)"
+        "--anchor-weight", type=float, help=f"CoOp pull to zero-shot, fixed (0: plain); default {ANCHOR_WEIGHT:g}/shots"
     )
     parser.add_argument("--test-per-class", type=int, default=TEST_PER_CLASS, help="test images per class")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="CoOp optimisation steps")

@@ -17,8 +17,10 @@ from clipsearch.library import Library
 from retrieval import shapes
 from retrieval.ann import saved_tables
 from retrieval.concepts import (
+    ANCHOR_WEIGHT,
     Concept,
     ConceptBook,
+    anchor_weight_for,
     fit_logistic,
     learn_concept,
     pick_method,
@@ -156,6 +158,10 @@ def test_coop_is_kept_near_the_zero_shot_class_vectors():
     assert not np.allclose(kept.context, start.context)  # it did learn
     drift = [float(np.min(np.sum(fit.text * anchor, axis=1))) for fit in (plain, kept)]
     assert drift[1] > 0.9 > drift[0], drift  # plain CoOp leaves the zero-shot classes; KgCoOp stays near them
+    by_default = train_coop(model, classes, x, y, steps=3, anchor=anchor)  # 2 examples a class
+    explicit = train_coop(model, classes, x, y, steps=3, anchor=anchor, anchor_weight=ANCHOR_WEIGHT / 2)
+    np.testing.assert_array_equal(by_default.text, explicit.text)  # the weight falls as 1/shots
+    assert anchor_weight_for(16) == ANCHOR_WEIGHT / 16 and anchor_weight_for(0.5) == ANCHOR_WEIGHT
     with pytest.raises(QueryError, match=r"anchor must be \[3, 64\]"):
         train_coop(model, classes, x, y, steps=1, anchor=anchor[:2])
 
