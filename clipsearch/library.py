@@ -93,7 +93,7 @@ class Embedded(NamedTuple):
 
 def default_model_for(db: str | os.PathLike[str] | None) -> str:
     """The model to use when none is named: `$CLIPSEARCH_MODEL`, else the store's only registered model, else
-    the registry default (ViT-B/32)."""
+    the registry default (MobileCLIP2-S0)."""
     from retrieval.ann import saved_models
     from retrieval.model.registry import default_model_name, is_registered
 
@@ -145,7 +145,7 @@ class Library(ConceptMethods, ServingMethods):
         db: the store directory; None means `$CLIPSEARCH_HOME` (default `~/.local/share/clipsearch`).
         model: a registry name, a checkpoint path, or a loaded `CLIP` (with `.info`, as `load_model` sets);
             None means `$CLIPSEARCH_MODEL`, else the store's model when it holds exactly one registered model,
-            else ViT-B/32.
+            else MobileCLIP2-S0.
         device: torch device for the model ("auto": cuda, then mps, then cpu).
         index_type: force the FAISS index type (flat, hnsw, ivf, ivfpq); None keeps the saved one or chooses
             by the collection's size.

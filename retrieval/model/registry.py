@@ -1,4 +1,5 @@
-"""Named models: OpenAI's published CLIP checkpoints (downloaded on first use) and the bundled shapes-mini."""
+"""Named models: OpenAI's published CLIP checkpoints, OpenCLIP, SigLIP2 and MobileCLIP2 weights from the hub
+(downloaded on first use), and the bundled shapes-mini; and the default among them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from typing import Any
 
 from retrieval.errors import UnknownModelError
 
-DEFAULT_MODEL = "ViT-B/32"
+# Issue 13's rule: the highest published Flickr30k text->image R@1 among the models whose image encoding on a
+# 2-core CPU, in the runtime `index` uses there (ONNX Runtime fp32), is no slower than ViT-B/32's, measured side
+# by side (`speed_vs_vit_b32` below). MobileCLIP2-S0: 69.2 against ViT-B/32's 58.8, at 0.80x its time per image
+# (quartiles 0.61-0.83, load 17); the more accurate S2 (2.1x) and SigLIP2 B/32 (1.4x) are slower. Stores filled
+# by another model keep it (`clipsearch.library.default_model_for`).
+DEFAULT_MODEL = "MobileCLIP2-S0"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
@@ -41,6 +47,9 @@ class ModelSpec:
     flickr_t2i_r1: float | None = None  # published zero-shot Flickr30k text->image recall@1, in %
     flickr_source: str = ""  # where that figure is published
     arch: str | None = None  # the config preset with its architecture (benchmarks build it with random weights)
+    # Image encoding's images/s relative to ViT-B/32 in ONNX Runtime fp32 (what `index` runs on a CPU), measured by
+    # `benchmarks/encode_speed.py --families` on a 2-core Intel Xeon (AVX-512, VNNI, AMX); None: not measured.
+    speed_vs_vit_b32: float | None = None
 
     def __post_init__(self) -> None:
         # The revision becomes part of a URL and of a cache folder's name: nothing that could climb out of either.
@@ -79,7 +88,14 @@ _MOBILECLIP_RESULTS = "apple/ml-mobileclip results/mobileclip2_s*.jsonl (Flickr 
 
 
 def _openai(
-    name: str, sha256: str, filename: str, description: str, embed_dim: int, download_mb: float, flickr: float
+    name: str,
+    sha256: str,
+    filename: str,
+    description: str,
+    embed_dim: int,
+    download_mb: float,
+    flickr: float,
+    speed: float | None = None,
 ) -> ModelSpec:
     """An OpenAI release, whose URL carries the file's SHA-256 as its second-last segment."""
     return ModelSpec(
@@ -93,6 +109,7 @@ def _openai(
         flickr_t2i_r1=flickr,
         flickr_source=_OPEN_CLIP_RESULTS,
         arch=name,
+        speed_vs_vit_b32=speed,
     )
 
 
@@ -163,10 +180,11 @@ _REGISTRY: dict[str, ModelSpec] = {
             "ViT-B/32",
             "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
             "ViT-B-32.pt",
-            "OpenAI CLIP ViT-B/32, 224 px, 512-d (fast; a good default)",
+            "OpenAI CLIP ViT-B/32, 224 px, 512-d (the default until MobileCLIP2-S0)",
             embed_dim=512,
             download_mb=338,
             flickr=58.78,
+            speed=1.0,
         ),
         _openai(
             "ViT-B/16",
@@ -206,6 +224,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=66.78,
             flickr_source=_OPEN_CLIP_RESULTS,
             arch="ViT-B-32",
+            speed_vs_vit_b32=1.04,
         ),
         _hub(
             "ViT-B-32-256/datacomp_s34b_b86k",
@@ -241,6 +260,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=768,
             download_mb=1520,
             arch="ViT-B-32-SigLIP2-256",
+            speed_vs_vit_b32=0.73,
         ),
         _hub(
             "ViT-B-16-SigLIP2-256",
@@ -256,13 +276,14 @@ _REGISTRY: dict[str, ModelSpec] = {
             "MobileCLIP2-S0",
             "timm/MobileCLIP2-S0-OpenCLIP",
             _OPEN_CLIP_FILES,
-            "Apple MobileCLIP2-S0 (FastViT-MCi0) trained on DFNDR-2B, 256 px, 512-d (fast image tower)",
+            "Apple MobileCLIP2-S0 (FastViT-MCi0) trained on DFNDR-2B, 256 px, 512-d (the default)",
             family="MobileCLIP2",
             embed_dim=512,
             download_mb=300,
             flickr_t2i_r1=69.22,
             flickr_source=_MOBILECLIP_RESULTS,
             arch="MobileCLIP2-S0",
+            speed_vs_vit_b32=1.25,
         ),
         _hub(
             "MobileCLIP2-S2",
@@ -275,6 +296,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=74.82,
             flickr_source=_MOBILECLIP_RESULTS,
             arch="MobileCLIP2-S2",
+            speed_vs_vit_b32=0.47,
         ),
         ModelSpec(
             "shapes-mini",
@@ -384,5 +406,5 @@ def register_model(spec: ModelSpec) -> None:
 
 
 def default_model_name() -> str:
-    """The model used when none is named: `$CLIPSEARCH_MODEL`, else ViT-B/32."""
+    """The model used when none is named and no store says otherwise: `$CLIPSEARCH_MODEL`, else `DEFAULT_MODEL`."""
     return os.environ.get("CLIPSEARCH_MODEL") or DEFAULT_MODEL
