@@ -14,9 +14,9 @@ from retrieval.errors import UnknownModelError
 
 # Issue 13's rule: the highest published Flickr30k text->image R@1 among the models whose image encoding on a
 # 2-core CPU, in the runtime `index` uses there (ONNX Runtime fp32), is no slower than ViT-B/32's, measured side
-# by side (`speed_vs_vit_b32` below). MobileCLIP2-S0: 69.2 against ViT-B/32's 58.8, at 0.80x its time per image
-# (quartiles 0.61-0.83, load 17); the more accurate S2 (2.1x) and SigLIP2 B/32 (1.4x) are slower. Stores filled
-# by another model keep it (`clipsearch.library.default_model_for`).
+# by side (`speed_vs_vit_b32` below, README "Models"). MobileCLIP2-S0: 69.2 against ViT-B/32's 58.8, at 0.67x its
+# time per image (quartiles 0.56-0.79; two more runs 0.80x and 0.61x); the more accurate S2 (1.9x) and SigLIP2
+# B/32 (1.4x) are slower. Stores filled by another model keep it (`clipsearch.library.default_model_for`).
 DEFAULT_MODEL = "MobileCLIP2-S0"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -194,6 +194,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=512,
             download_mb=335,
             flickr=62.16,
+            speed=0.23,  # the architecture ViT-B-16/dfn2b was measured with
         ),
         _openai(
             "ViT-L/14",
@@ -224,7 +225,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=66.78,
             flickr_source=_OPEN_CLIP_RESULTS,
             arch="ViT-B-32",
-            speed_vs_vit_b32=1.04,
+            speed_vs_vit_b32=1.06,
         ),
         _hub(
             "ViT-B-32-256/datacomp_s34b_b86k",
@@ -237,6 +238,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=64.92,
             flickr_source=_OPEN_CLIP_RESULTS,
             arch="ViT-B-32-256",
+            speed_vs_vit_b32=0.77,
         ),
         _hub(
             "ViT-B-16/dfn2b",
@@ -250,6 +252,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=69.12,
             flickr_source=_OPEN_CLIP_RESULTS,
             arch="ViT-B/16",
+            speed_vs_vit_b32=0.23,
         ),
         _hub(
             "ViT-B-32-SigLIP2-256",
@@ -260,7 +263,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=768,
             download_mb=1520,
             arch="ViT-B-32-SigLIP2-256",
-            speed_vs_vit_b32=0.73,
+            speed_vs_vit_b32=0.69,
         ),
         _hub(
             "ViT-B-16-SigLIP2-256",
@@ -271,6 +274,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=768,
             download_mb=1500,
             arch="ViT-B-16-SigLIP2-256",
+            speed_vs_vit_b32=0.18,
         ),
         _hub(
             "MobileCLIP2-S0",
@@ -283,7 +287,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=69.22,
             flickr_source=_MOBILECLIP_RESULTS,
             arch="MobileCLIP2-S0",
-            speed_vs_vit_b32=1.25,
+            speed_vs_vit_b32=1.49,
         ),
         _hub(
             "MobileCLIP2-S2",
@@ -296,7 +300,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=74.82,
             flickr_source=_MOBILECLIP_RESULTS,
             arch="MobileCLIP2-S2",
-            speed_vs_vit_b32=0.47,
+            speed_vs_vit_b32=0.54,
         ),
         ModelSpec(
             "shapes-mini",
