@@ -154,6 +154,20 @@ def test_hub_model_is_fetched_verified_and_matches_the_reference(hub):
     assert sum(hub.hits.values()) == requests
 
 
+def test_a_fetched_hub_models_identity_is_known_before_it_loads(hub):
+    # What lets an unchanged re-run and a cold text query of a store skip loading the model (the default is a hub
+    # model): the (name, weights hash) `load_model` records, known from the verified cache alone.
+    assert registry.known_identity("tiny-siglip2-hub") is None  # not fetched yet: no hash to go by
+    model, _ = load_model("tiny-siglip2-hub")
+    requests = sum(hub.hits.values())
+    assert registry.known_identity("tiny-siglip2-hub") == (model.info.name, model.info.weights_sha256)
+    assert sum(hub.hits.values()) == requests  # from the cache alone
+    weights = hub_folder(hub.spec) / "open_clip_model.safetensors"
+    body = weights.read_bytes()
+    weights.write_bytes(body[:-1] + bytes([body[-1] ^ 1]))  # changed since it was verified
+    assert registry.known_identity("tiny-siglip2-hub") is None
+
+
 def test_an_interrupted_download_resumes_where_it_stopped(hub):
     hub.cut.add("open_clip_model.safetensors")
     size = len(hub.files["open_clip_model.safetensors"])

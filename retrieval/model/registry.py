@@ -359,9 +359,10 @@ def check_model_name(name: str) -> None:
 
 def known_identity(name: str) -> tuple[str, str] | None:
     """(name, weights SHA-256) that `load_model(name)` records in the model's `ModelInfo`, known without loading
-    it (so without torch): a download's pinned hash, or for a bundled model or a clipsearch checkpoint folder the
-    hash of its weights file (remembered in the cache dir, `download.file_sha256`). None for hub models, whose
-    weights are hashed once fetched, and for checkpoints in other formats.
+    it (so without torch): a download's pinned hash; for a hub model, the hash its weights file was verified with,
+    once all its files are cached (`hub.cached_weights_sha256`); for a bundled model or a clipsearch checkpoint
+    folder, the hash of its weights file (remembered in the cache dir, `download.file_sha256`). None for a hub
+    model not fetched yet, and for checkpoints in other formats.
     """
     from retrieval.model.download import file_sha256
     from retrieval.model.files import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE
@@ -370,7 +371,12 @@ def known_identity(name: str) -> tuple[str, str] | None:
         spec = get_spec(name)
         if spec.bundled:
             folder, recorded = spec.path, spec.name
-        elif spec.on_hub or spec.sha256 is None:
+        elif spec.on_hub:
+            from retrieval.model.hub import cached_weights_sha256
+
+            sha256 = cached_weights_sha256(spec)
+            return None if sha256 is None else (spec.name, sha256)
+        elif spec.sha256 is None:
             return None
         else:
             return spec.name, spec.sha256
