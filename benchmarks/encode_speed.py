@@ -15,8 +15,8 @@ medians, because the CPU may be shared; the load average is printed beside them.
     python benchmarks/encode_speed.py
     python benchmarks/encode_speed.py --reference-model-py /path/to/clip/model.py --repeats 9
     python benchmarks/encode_speed.py --families --threads 2
-    python benchmarks/encode_speed.py --families --models ViT-B/32 ViT-B-16-SigLIP2-256
-    python benchmarks/encode_speed.py --families --models MobileCLIP2-S0 MobileCLIP2-S2 --threads 2
+    python benchmarks/encode_speed.py --families --text-runs 0 --batch-size 8 --repeats 7   # the README's table
+    python benchmarks/encode_speed.py --families --models ViT-B/32 MobileCLIP2-S0 --exports /tmp/exports
     python benchmarks/encode_speed.py --batch-size 8 --reference-model-py clip/model.py
 """
 
@@ -226,7 +226,7 @@ def measure_families(
         image_calls[f"{name} torch"] = functools.partial(tower.encode_image, pixels)
         # Models with the same text tower (architecture and activation) share one timing.
         text_key = f"{config.family} {config.text} {config.quick_gelu}"
-        if f"{text_key} onnx" not in text_calls:
+        if text_runs and f"{text_key} onnx" not in text_calls:
             tower = build_towers(config, towers="text").eval()
             tokens = family_tokens(config, prompt)
             onnx = onnx_tower(tower, name, "text", threads)
@@ -234,23 +234,32 @@ def measure_families(
             text_calls[f"{text_key} torch"] = functools.partial(tower.encode_text, tokens)
         text_of[name] = text_key
     image_times = time_interleaved(image_calls, repeats, warmup)
-    text_times = time_interleaved(text_calls, text_runs, warmup)
+    text_times = time_interleaved(text_calls, text_runs, warmup) if text_runs else {}
     rows = []
     for name, config in configs.items():
         row = {"model": name, "arch": get_spec(name).arch if is_registered(name) else name, "family": config.family}
         for runtime in RUNTIMES:
             image, text = f"{name} {runtime}", f"{text_of[name]} {runtime}"
             image_ratio = _ratios(image_times, image, f"{baseline} {runtime}")
-            text_ratio = _ratios(text_times, text, f"{text_of[baseline]} {runtime}")
             row[runtime] = {
                 "images_per_s": round(batch_size / statistics.median(image_times[image]), 3),
                 "image_time_vs_baseline": round(image_ratio[0], 4),
                 "image_time_vs_baseline_iqr": [round(image_ratio[1], 4), round(image_ratio[2], 4)],
-                "text_latency_ms": round(1000 * statistics.median(text_times[text]), 3),
-                "text_latency_vs_baseline": round(text_ratio[0], 4),
+                "text_latency_ms": None,
+                "text_latency_vs_baseline": None,
             }
+            if text_times:
+                row[runtime]["text_latency_ms"] = round(1000 * statistics.median(text_times[text]), 3)
+                row[runtime]["text_latency_vs_baseline"] = round(
+                    _ratios(text_times, text, f"{text_of[baseline]} {runtime}")[0], 4
+                )
         rows.append(row)
     return rows
+
+
+def _ms(value: float | None) -> str:
+    """A latency cell; "-" when text was not timed (--text-runs 0)."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 def run_families(args: argparse.Namespace) -> None:
@@ -288,7 +297,7 @@ def run_families(args: argparse.Namespace) -> None:
         ]
         print(
             f"{row['model']:<34} {cells[0]:^22} {cells[1]:^22} {onnx['images_per_s']:>8.2f} "
-            f"{eager['images_per_s']:>8.2f} {onnx['text_latency_ms']:>8.2f} {eager['text_latency_ms']:>8.2f}"
+            f"{eager['images_per_s']:>8.2f} {_ms(onnx['text_latency_ms']):>8} {_ms(eager['text_latency_ms']):>8}"
         )
     summary = {
         "baseline": BASELINE,
@@ -308,10 +317,17 @@ def main() -> None:
     parser.add_argument("--arch", default=ARCH, choices=sorted(PRESETS), help="architecture preset (random weights)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per encode call")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed image batches per model")
-    parser.add_argument("--text-runs", type=int, default=TEXT_RUNS, help="timed single-query text encodings")
+    parser.add_argument(
+        "--text-runs", type=int, default=TEXT_RUNS, help="timed single-query text encodings (--families: 0 skips text)"
+    )
     parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls first")
     parser.add_argument("--prompt", default=PROMPT, help="the text query")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's choice; --families: one per core, for ONNX Runtime too)",
+    )
     parser.add_argument("--reference-model-py", type=Path, default=None, help="path to openai/CLIP's clip/model.py")
     parser.add_argument("--families", action="store_true", help="compare model families with ViT-B/32 instead")
     parser.add_argument("--models", nargs="+", default=list(FAMILY_MODELS), help="--families: registry names")
