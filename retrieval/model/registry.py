@@ -15,8 +15,9 @@ from retrieval.errors import UnknownModelError
 # Issue 13's rule: the highest published Flickr30k text->image R@1 among the models whose image encoding on a
 # 2-core CPU, in the runtime `index` uses there (ONNX Runtime fp32), is no slower than ViT-B/32's, measured side
 # by side (`speed_vs_vit_b32` below, README "Models"). MobileCLIP2-S0: 69.2 against ViT-B/32's 58.8, at 0.67x its
-# time per image (quartiles 0.56-0.79; two more runs 0.80x and 0.61x); the more accurate S2 (1.9x) and SigLIP2
-# B/32 (1.4x) are slower. Stores filled by another model keep it (`clipsearch.library.default_model_for`).
+# time per image (quartiles 0.56-0.79; five more runs 0.56-0.80x); the more accurate S2 (1.9x) and SigLIP2 B/32
+# (1.45x; 1.35-1.37x in three more runs, one outlier at 1.02x) are slower. Stores filled by another model keep
+# it (`clipsearch.library.default_model_for`).
 DEFAULT_MODEL = "MobileCLIP2-S0"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
