@@ -7,26 +7,30 @@ Measures image embeddings per second at one batch size and the latency of embedd
 The reference is the `clip/model.py` shipped in the `clip-anytorch` wheel, loaded by file path (it needs only
 torch), so no `clip` package lands on the import path. With `--families`, each registry model's architecture
 is built with random weights of its real size (speed does not depend on the weights' values, so nothing is
-downloaded) and compared with ViT-B/32. Runs alternate between the models and the figures are medians,
-because the CPU may be shared.
+downloaded), exported to ONNX as `clipsearch index` exports it, and timed in ONNX Runtime fp32 (what `index`
+and `query` run on a CPU) and in torch, against ViT-B/32 in the same rounds: the ONNX Runtime ratio is the one
+that decides the default model (README, "Models"). Runs alternate between the models and the figures are
+medians, because the CPU may be shared; the load average is printed beside them.
 
     python benchmarks/encode_speed.py
     python benchmarks/encode_speed.py --reference-model-py /path/to/clip/model.py --repeats 9
     python benchmarks/encode_speed.py --families --threads 2
-    python benchmarks/encode_speed.py --families --models ViT-B/32 ViT-B-16-SigLIP2-256
-    python benchmarks/encode_speed.py --families --models MobileCLIP2-S0 MobileCLIP2-S2 --threads 2
+    python benchmarks/encode_speed.py --families --text-runs 0 --batch-size 8 --repeats 7   # the README's table
+    python benchmarks/encode_speed.py --families --models ViT-B/32 MobileCLIP2-S0 --exports /tmp/exports
     python benchmarks/encode_speed.py --batch-size 8 --reference-model-py clip/model.py
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import importlib.util
 import json
 import operator
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +42,10 @@ from torch import nn
 
 from retrieval.model.clip import CLIP
 from retrieval.model.config import PRESETS, CLIPConfig
-from retrieval.model.family import build_towers
+from retrieval.model.family import EmbeddingModel, build_towers
 from retrieval.model.identity import ModelInfo
-from retrieval.model.registry import available_models, get_spec
+from retrieval.model.onnx_runtime import OnnxEncoder, available_cores
+from retrieval.model.registry import available_models, get_spec, is_registered
 from retrieval.model.tokenizer import tokenize
 
 ARCH = "ViT-B/32"  # architecture preset; weights are random
@@ -51,6 +56,7 @@ WARMUP = 2  # untimed calls per model and task first
 PROMPT = "a photo of a red bicycle"  # a 6-word query
 SEED = 0
 BASELINE = "ViT-B/32"  # --families: every model is compared with this one
+RUNTIMES = ("onnx", "torch")  # --families: ONNX Runtime fp32 is what `clipsearch index` runs on a CPU
 # --families: one model of each family and image size; any registry name with an architecture can be given.
 FAMILY_MODELS = (
     "ViT-B/32",
@@ -158,9 +164,10 @@ def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmu
 def family_tokens(config: CLIPConfig, prompt: str) -> torch.Tensor:
     """One query's token ids as the model's family feeds them: CLIP's BPE ids, or SigLIP's fixed-length row.
 
-    CLIP runs up to the end-of-text token; MobileCLIP2 has CLIP's tokenizer but runs all 77 positions. SigLIP's
-    tokenizer.json is a download; its text tower always runs all positions, so random ids of the full context
-    length cost the same as the real ones.
+    Both are padded to the context length, as `encode_texts` hands them to either runtime; CLIP's torch tower
+    then runs only up to the end-of-text token, its ONNX export all positions (the trace fixes the length).
+    MobileCLIP2 has CLIP's tokenizer but runs all 77 positions. SigLIP's tokenizer.json is a download; its text
+    tower always runs all positions, so random ids of the full context length cost the same as the real ones.
     """
     if config.family in ("clip", "mobileclip"):
         return torch.from_numpy(tokenize(prompt, context_length=config.text.context_length))  # [1, L]
@@ -168,8 +175,95 @@ def family_tokens(config: CLIPConfig, prompt: str) -> torch.Tensor:
     return torch.randint(0, config.text.vocab_size, (1, config.text.context_length), generator=generator)
 
 
+def ort_version() -> str:
+    """The installed onnxruntime's version."""
+    return importlib.metadata.version("onnxruntime")
+
+
+def onnx_tower(model: EmbeddingModel, name: str, tower: str, threads: int | None) -> OnnxEncoder:
+    """One tower of a random-weights model, exported (into $CLIPSEARCH_EXPORTS) and opened as `index` opens it."""
+    from retrieval.model.onnx_export import ensure_export
+
+    model.info = ModelInfo.for_model(model, f"{name} random")
+    return OnnxEncoder.open(ensure_export(model, "float32", tower), towers=tower, threads=threads)
+
+
+def _ratios(times: dict[str, list[float]], key: str, baseline: str) -> tuple[float, float, float]:
+    """Median and quartiles of a call's time over the baseline's in the same round (drifts in load cancel)."""
+    ratios = [t / b for t, b in zip(times[key], times[baseline], strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return statistics.median(ratios), q1, q3
+
+
+def measure_families(
+    configs: dict[str, CLIPConfig],
+    baseline: str,
+    batch_size: int = BATCH_SIZE,
+    repeats: int = REPEATS,
+    text_runs: int = TEXT_RUNS,
+    warmup: int = WARMUP,
+    threads: int | None = None,
+    prompt: str = PROMPT,
+) -> list[dict]:
+    """Image throughput and one-query text latency of each architecture in ONNX Runtime (fp32, as `clipsearch
+    index` and `query` run on a CPU) and in torch, against `baseline` in the same rounds.
+
+    Every call of every model and runtime runs once per round, the order reversed every other round; a figure
+    is the median over rounds, a ratio the median of the per-round ratios to the baseline in the same runtime,
+    with its quartiles (their spread is the noise to compare a margin with).
+
+    Returns:
+        One dict per model, in the order of `configs`.
+    """
+    image_calls, text_calls, text_of = {}, {}, {}
+    for name, config in configs.items():
+        torch.manual_seed(SEED)  # the same weights whatever the other models, so --exports is reused across runs
+        tower = build_towers(config, towers="image").eval()
+        size = config.vision.image_size
+        pixels = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(SEED))
+        onnx = onnx_tower(tower, name, "image", threads)
+        image_calls[f"{name} onnx"] = functools.partial(onnx.encode_images, pixels.numpy())
+        image_calls[f"{name} torch"] = functools.partial(tower.encode_image, pixels)
+        # Models with the same text tower (architecture and activation) share one timing.
+        text_key = f"{config.family} {config.text} {config.quick_gelu}"
+        if text_runs and f"{text_key} onnx" not in text_calls:
+            tower = build_towers(config, towers="text").eval()
+            tokens = family_tokens(config, prompt)
+            onnx = onnx_tower(tower, name, "text", threads)
+            text_calls[f"{text_key} onnx"] = functools.partial(onnx.encode_texts, tokens.numpy())
+            text_calls[f"{text_key} torch"] = functools.partial(tower.encode_text, tokens)
+        text_of[name] = text_key
+    image_times = time_interleaved(image_calls, repeats, warmup)
+    text_times = time_interleaved(text_calls, text_runs, warmup) if text_runs else {}
+    rows = []
+    for name, config in configs.items():
+        row = {"model": name, "arch": get_spec(name).arch if is_registered(name) else name, "family": config.family}
+        for runtime in RUNTIMES:
+            image, text = f"{name} {runtime}", f"{text_of[name]} {runtime}"
+            image_ratio = _ratios(image_times, image, f"{baseline} {runtime}")
+            row[runtime] = {
+                "images_per_s": round(batch_size / statistics.median(image_times[image]), 3),
+                "image_time_vs_baseline": round(image_ratio[0], 4),
+                "image_time_vs_baseline_iqr": [round(image_ratio[1], 4), round(image_ratio[2], 4)],
+                "text_latency_ms": None,
+                "text_latency_vs_baseline": None,
+            }
+            if text_times:
+                row[runtime]["text_latency_ms"] = round(1000 * statistics.median(text_times[text]), 3)
+                row[runtime]["text_latency_vs_baseline"] = round(
+                    _ratios(text_times, text, f"{text_of[baseline]} {runtime}")[0], 4
+                )
+        rows.append(row)
+    return rows
+
+
+def _ms(value: float | None) -> str:
+    """A latency cell; "-" when text was not timed (--text-runs 0)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def run_families(args: argparse.Namespace) -> None:
-    """Images/s and one-query text latency of each model's architecture, next to ViT-B/32's, in one run."""
+    """Print each model's image throughput and text latency next to ViT-B/32's, measured in one run."""
     names = [BASELINE] + [n for n in args.models if n != BASELINE]
     configs = {}
     for name in names:
@@ -177,53 +271,44 @@ def run_families(args: argparse.Namespace) -> None:
         if arch not in PRESETS:
             raise SystemExit(f"{name} has no architecture preset to build; choose from {', '.join(available_models())}")
         configs[name] = PRESETS[arch]
-    torch.manual_seed(SEED)
-    text_of, texts, calls_image, calls_text = {}, {}, {}, {}
-    for name, config in configs.items():
-        image_tower = build_towers(config, towers="image").eval()
-        size = config.vision.image_size
-        pixels = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(SEED))
-        calls_image[name] = lambda m=image_tower, p=pixels: m.encode_image(p)
-        # Models with the same text tower (architecture and activation) share one timing.
-        text_key = (config.family, config.text, config.quick_gelu)
-        if text_key not in texts:
-            texts[text_key] = (build_towers(config, towers="text").eval(), family_tokens(config, args.prompt))
-            tower, tokens = texts[text_key]
-            calls_text[text_key] = lambda m=tower, t=tokens: m.encode_text(t)
-        text_of[name] = text_key
-    print(f"random weights, fp32 CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    image_times = time_interleaved(calls_image, args.repeats, args.warmup)
-    text_times = time_interleaved(calls_text, args.text_runs, args.warmup)
-    rate = {name: args.batch_size / statistics.median(t) for name, t in image_times.items()}
-    latency = {name: 1000 * statistics.median(text_times[key]) for name, key in text_of.items()}
-    header = f"images/s (b{args.batch_size})"
-    print(f"\n{'model':<34} {'arch':<22} {header:>15} {'vs B/32':>8} {'img time':>9} {'text ms':>8} {'vs B/32':>8}")
-    rows = []
-    for name, config in configs.items():
-        speed, slower = rate[name] / rate[BASELINE], latency[name] / latency[BASELINE]
-        arch = get_spec(name).arch
-        # "img time": the image tower's CPU time per image relative to ViT-B/32's (1 / the images/s ratio).
-        print(
-            f"{name:<34} {arch:<22} {rate[name]:>15.2f} {speed:>7.2f}x {1 / speed:>8.2f}x "
-            f"{latency[name]:>8.2f} {slower:>7.2f}x"
+    threads = args.threads or available_cores()
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="encode-speed-") as scratch:
+        # Exports of random weights are of no use later: they go to --exports, else a folder deleted afterwards.
+        os.environ["CLIPSEARCH_EXPORTS"] = str(args.exports or scratch)
+        rows = measure_families(
+            configs, BASELINE, args.batch_size, args.repeats, args.text_runs, args.warmup, threads, args.prompt
         )
-        rows.append(
-            {
-                "model": name,
-                "arch": arch,
-                "family": config.family,
-                "images_per_s": round(rate[name], 3),
-                "speed_vs_baseline": round(speed, 4),
-                "image_time_vs_baseline": round(1 / speed, 4),
-                "text_latency_ms": round(latency[name], 3),
-                "latency_vs_baseline": round(slower, 4),
-            }
-        )
+    load = (load_before[0], os.getloadavg()[0])
+    print(f"random weights, fp32, {threads} threads, torch {torch.__version__}, onnxruntime {ort_version()}")
+    print(f"{cpu_description()}; load average {load[0]:.2f} before, {load[1]:.2f} after")
     print(
-        json.dumps(
-            {"baseline": BASELINE, "threads": torch.get_num_threads(), "batch_size": args.batch_size, "models": rows}
-        )
+        f"\n{'':<34} {'image time per image vs ' + BASELINE + ' (IQR)':^45} {'images/s b' + str(args.batch_size):^17}"
+        f" {'text ms (1 query)':^17}"
     )
+    print(f"{'model':<34} {'ONNX Runtime':^22} {'torch':^22} {'ORT':>8} {'torch':>8} {'ORT':>8} {'torch':>8}")
+    for row in rows:
+        onnx, eager = row["onnx"], row["torch"]
+        cells = [
+            f"{r['image_time_vs_baseline']:.2f}x ({r['image_time_vs_baseline_iqr'][0]:.2f}-"
+            f"{r['image_time_vs_baseline_iqr'][1]:.2f})"
+            for r in (onnx, eager)
+        ]
+        print(
+            f"{row['model']:<34} {cells[0]:^22} {cells[1]:^22} {onnx['images_per_s']:>8.2f} "
+            f"{eager['images_per_s']:>8.2f} {_ms(onnx['text_latency_ms']):>8} {_ms(eager['text_latency_ms']):>8}"
+        )
+    summary = {
+        "baseline": BASELINE,
+        "threads": threads,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "load_average": [round(x, 2) for x in load],
+        "cpu": cpu_description(),
+        "models": rows,
+    }
+    print(json.dumps(summary))
 
 
 def main() -> None:
@@ -232,17 +317,25 @@ def main() -> None:
     parser.add_argument("--arch", default=ARCH, choices=sorted(PRESETS), help="architecture preset (random weights)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per encode call")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed image batches per model")
-    parser.add_argument("--text-runs", type=int, default=TEXT_RUNS, help="timed single-query text encodings")
+    parser.add_argument(
+        "--text-runs", type=int, default=TEXT_RUNS, help="timed single-query text encodings (--families: 0 skips text)"
+    )
     parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls first")
     parser.add_argument("--prompt", default=PROMPT, help="the text query")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's choice; --families: one per core, for ONNX Runtime too)",
+    )
     parser.add_argument("--reference-model-py", type=Path, default=None, help="path to openai/CLIP's clip/model.py")
     parser.add_argument("--families", action="store_true", help="compare model families with ViT-B/32 instead")
     parser.add_argument("--models", nargs="+", default=list(FAMILY_MODELS), help="--families: registry names")
+    parser.add_argument(
+        "--exports", type=Path, default=None, help="--families: keep the ONNX exports here (default: a temp folder)"
+    )
     args = parser.parse_args()
     if args.families:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         run_families(args)
         return
 

@@ -53,7 +53,7 @@ def embed_images(
     Args:
         images_or_paths: one image or path, or an iterable of them.
         model: a registry name or checkpoint path, a loaded CLIP, or a (model, preprocess) pair from
-            `load_model`; None uses `$CLIPSEARCH_MODEL`, else "ViT-B/32".
+            `load_model`; None uses `$CLIPSEARCH_MODEL`, else "MobileCLIP2-S0".
         batch_size: images per forward pass.
         progress: show a tqdm bar on stderr.
 

@@ -118,7 +118,7 @@ class Library(EncoderMethods, ConceptMethods, ServingMethods):
         db: the store directory; None means `$CLIPSEARCH_HOME` (default `~/.local/share/clipsearch`).
         model: a registry name, a checkpoint path, or a loaded `CLIP` (with `.info`, as `load_model` sets);
             None means `$CLIPSEARCH_MODEL`, else the store's model when it holds exactly one registered model,
-            else ViT-B/32.
+            else MobileCLIP2-S0.
         device: torch device for the model ("auto": cuda, then mps, then cpu).
         index_type: force the FAISS index type (flat, hnsw, ivf, ivfpq); None keeps the saved one or chooses
             by the collection's size.

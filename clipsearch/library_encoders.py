@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 def default_model_for(db: str | os.PathLike[str] | None) -> str:
     """The model to use when none is named: `$CLIPSEARCH_MODEL`, else the store's only registered model, else
-    the registry default (ViT-B/32)."""
+    the registry default (MobileCLIP2-S0)."""
     from retrieval.ann import saved_models
     from retrieval.model.registry import default_model_name, is_registered
 

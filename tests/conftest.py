@@ -22,6 +22,8 @@ def _isolated_dirs(tmp_path, monkeypatch, _shared_exports):
     monkeypatch.setenv("CLIPSEARCH_EXPORTS", str(_shared_exports))
     monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CLIPSEARCH_MODEL", raising=False)
+    # The default model comes from the hub: a test that reaches for it by mistake fails at once, downloads nothing.
+    monkeypatch.setenv("CLIPSEARCH_HUB_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 

@@ -136,8 +136,8 @@ def test_models_command_table():
     table = lines[1 : lines.index("")]
     rows = {line[1:].split()[0]: line[1:].split() for line in table}
     assert set(rows) == set(available_models())
-    assert table[available_models().index("ViT-B/32")].startswith("*ViT-B/32")
-    assert rows["ViT-B/32"] == ["ViT-B/32", "CLIP", "512", "338", "MB", "58.8", "-", "not", "cached"]
+    assert table[available_models().index("MobileCLIP2-S0")].startswith("*MobileCLIP2-S0")
+    assert rows["ViT-B/32"] == ["ViT-B/32", "CLIP", "512", "338", "MB", "58.8", "1.00", "not", "cached"]
     assert rows["ViT-B/16"][-1] == "cached" and rows["RN50"][-2:] == ["not", "cached"]
     assert rows["ViT-B-32/laion2b_s34b_b79k"][1:6] == ["OpenCLIP", "512", "605", "MB", "66.8"]
     assert rows["ViT-B-16-SigLIP2-256"][1:3] == ["SigLIP2", "768"] and rows["ViT-B-16-SigLIP2-256"][5] == "-"
@@ -172,6 +172,7 @@ def test_models_command_json(monkeypatch):
         "flickr_t2i_r1": 64.96,
         "flickr_source": "open_clip docs/openclip_retrieval_results.csv (Flickr image retr. R@1)",
         "speed_vs_vit_b32": None,
+        "speed_measured_here": False,
     }
     siglip = by_name["ViT-B-32-SigLIP2-256"]
     assert siglip["path"] == str(cache_dir() / "hub" / "timm--ViT-B-32-SigLIP2-256" / "main")

@@ -45,6 +45,7 @@ def hub(monkeypatch):
         files=files,
         cut=set(),
         bad_etag=set(),
+        no_hash=set(),
         hits=Counter(),
         ranges=[],
         served=Counter(),
@@ -72,14 +73,18 @@ def hub(monkeypatch):
             if name in LFS:
                 announced = "0" * 64 if name in state.bad_etag else sha256
                 self.send_response(302)
-                self.send_header("Location", f"/cdn/{sha256}")
-                self.send_header("X-Linked-Etag", f'"{announced}"')
+                if name in state.no_hash:  # to storage on another host (as the hub's is), saying nothing of it
+                    self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/cdn/{sha256}")
+                else:
+                    self.send_header("Location", f"/cdn/{sha256}")
+                    self.send_header("X-Linked-Etag", f'"{announced}"')
                 self.send_header("X-Linked-Size", str(len(body)))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             self.send_response(200)
-            self.send_header("ETag", f'"{"0" * 40 if name in state.bad_etag else _git_sha1(body)}"')
+            if name not in state.no_hash:
+                self.send_header("ETag", f'"{"0" * 40 if name in state.bad_etag else _git_sha1(body)}"')
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if not head:
@@ -149,6 +154,20 @@ def test_hub_model_is_fetched_verified_and_matches_the_reference(hub):
     assert sum(hub.hits.values()) == requests
 
 
+def test_a_fetched_hub_models_identity_is_known_before_it_loads(hub):
+    # What lets an unchanged re-run and a cold text query of a store skip loading the model (the default is a hub
+    # model): the (name, weights hash) `load_model` records, known from the verified cache alone.
+    assert registry.known_identity("tiny-siglip2-hub") is None  # not fetched yet: no hash to go by
+    model, _ = load_model("tiny-siglip2-hub")
+    requests = sum(hub.hits.values())
+    assert registry.known_identity("tiny-siglip2-hub") == (model.info.name, model.info.weights_sha256)
+    assert sum(hub.hits.values()) == requests  # from the cache alone
+    weights = hub_folder(hub.spec) / "open_clip_model.safetensors"
+    body = weights.read_bytes()
+    weights.write_bytes(body[:-1] + bytes([body[-1] ^ 1]))  # changed since it was verified
+    assert registry.known_identity("tiny-siglip2-hub") is None
+
+
 def test_an_interrupted_download_resumes_where_it_stopped(hub):
     hub.cut.add("open_clip_model.safetensors")
     size = len(hub.files["open_clip_model.safetensors"])
@@ -176,6 +195,17 @@ def test_a_file_that_does_not_match_the_hubs_hash_is_refused(hub, name):
     folder = hub_folder(hub.spec)
     assert not (folder / name).exists() and not (folder / f"{name}.part").exists()
     assert not is_cached(hub.spec)
+
+
+@pytest.mark.parametrize("name", ["open_clip_model.safetensors", "open_clip_config.json"])
+def test_a_file_whose_hash_the_hub_does_not_announce_is_refused(hub, name):
+    hub.no_hash.add(name)
+    with pytest.raises(ModelDownloadError, match="the hub sent no hash for .* so it cannot be verified") as failure:
+        ensure_hub_files(hub.spec, progress=False)
+    assert "\n" not in str(failure.value)
+    folder = hub_folder(hub.spec)
+    assert not (folder / name).exists() and not (folder / f"{name}.part").exists() and not is_cached(hub.spec)
+    assert not any(key.startswith("GET /cdn/") for key in hub.hits)  # a large file is not even fetched
 
 
 def test_a_pinned_sha256_wins_over_the_hub(hub):

@@ -160,6 +160,35 @@ def test_identity_records_bilinear_resizing_and_keeps_stores_apart(tmp_path):
         Store.open(tmp_path / "db", dataclasses.replace(info, interpolation="bicubic"), create=True)
 
 
+def test_onnx_export_matches_torch_and_open_clip():
+    from retrieval.model.onnx_export import ensure_export
+    from retrieval.model.onnx_runtime import OnnxEncoder
+
+    ref = _reference()
+    model, _ = load_model(FIXTURE, device="cpu")
+    encoder = OnnxEncoder.open(ensure_export(model))  # what `index` and `query` run on a CPU
+    rng = np.random.default_rng(3)
+    for batch in (1, 3):
+        pixels = np.concatenate([ref["pixels"], rng.standard_normal((batch, *ref["pixels"].shape[1:]))])
+        pixels = pixels[:batch].astype(np.float32)
+        with torch.inference_mode():
+            expected = model.encode_image(torch.from_numpy(pixels))
+        _assert_onnx_close(encoder.encode_images(pixels), expected)
+    _assert_close(torch.from_numpy(encoder.encode_images(ref["pixels"])), ref["image_features"])
+    with torch.inference_mode():
+        expected = model.encode_text(torch.from_numpy(ref["tokens"]))
+    got = encoder.encode_texts(ref["tokens"])
+    _assert_onnx_close(got, expected)
+    _assert_close(torch.from_numpy(got), ref["text_features"])
+
+
+def _assert_onnx_close(got: np.ndarray, expected: torch.Tensor) -> None:
+    """The export's bar (`onnx_export.MIN_COSINE` for float32), and 1e-4 as test_onnx holds the other families."""
+    expected = expected.numpy()
+    cosines = np.sum(got * expected, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert got.shape == expected.shape and cosines.min() >= 0.9999 and np.abs(got - expected).max() <= 1e-4
+
+
 def test_registry_lists_mobileclip2_from_its_hub_repositories():
     from retrieval.model.registry import get_spec
 

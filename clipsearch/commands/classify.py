@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _DB_HELP = "Store directory [env CLIPSEARCH_HOME; default ~/.local/share/clipsearch]."
-_MODEL_HELP = "Model name or checkpoint path [env CLIPSEARCH_MODEL; default ViT-B/32]."
+_MODEL_HELP = "Model name or checkpoint path [env CLIPSEARCH_MODEL; default: the store's model, else MobileCLIP2-S0]."
 _TEMPLATE_HELP = "Prompt template with {} for the label; repeat to ensemble [default: CLIP's 80 ImageNet templates]."
 _GROUPS_HELP = 'Comma-separated labels; repeat for independent groups: --labels "red,green" --labels "circle,star".'
 _BATCH = 32

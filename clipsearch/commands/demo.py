@@ -43,7 +43,7 @@ def demo(
     Writes captioned images of coloured shapes into DIR/images, indexes them with the bundled
     `shapes-mini` model into DIR/db, and runs text queries, printing each hit beside the caption
     its image was generated from. shapes-mini knows only such generated shapes: it is a demo and
-    test model, not a photo model (use ViT-B/32 for photos). With --serve it then serves the demo's
+    test model, not a photo model (use the default, MobileCLIP2-S0, for photos). With --serve it then serves the demo's
     store as `clipsearch serve` does, on 127.0.0.1 only, until Ctrl-C.
 
     \b

@@ -82,7 +82,7 @@ class _Source(click.ParamType):
 @click.argument("folders", nargs=-1, required=True, type=_Source(), metavar="SOURCE...")
 @click.option("--db", "db_dir", envvar="CLIPSEARCH_HOME", default=None, type=click.Path(file_okay=False), help=_DB_HELP)
 @click.option("--model", "model_name", envvar="CLIPSEARCH_MODEL", default=None,
-              help="Model name or checkpoint path [env CLIPSEARCH_MODEL; default ViT-B/32].")  # fmt: skip
+              help="Model name or checkpoint path [env CLIPSEARCH_MODEL; default MobileCLIP2-S0].")  # fmt: skip
 @click.option("--device", default="auto", show_default=True, help='"auto", "cpu", "cuda", "cuda:1", "mps".')
 @click.option("--precision", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
               help="int8: dynamically quantised encoders (CPU, ~1.7x faster; vectors in a table of their own, so "
@@ -159,7 +159,7 @@ def index(
     same command again to carry on.
 
     Without --model, a store that holds one model's images goes on with that model; a new store uses
-    $CLIPSEARCH_MODEL, else ViT-B/32.
+    $CLIPSEARCH_MODEL, else MobileCLIP2-S0.
 
     \b
     Examples:

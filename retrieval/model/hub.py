@@ -88,6 +88,24 @@ def is_cached(spec: ModelSpec) -> bool:
     return all((folder / name).is_file() and name in verified for name in spec.files)
 
 
+def cached_weights_sha256(spec: ModelSpec) -> str | None:
+    """The SHA-256 of a hub model's weights file, which `load_model` records as its weights hash, known without
+    loading it or asking the hub: when every file is cached and verified and the weights still match their record
+    (the file's hash is memoised, so this is cheap); else None.
+    """
+    from retrieval.model.open_clip_files import find_open_clip_weights
+
+    if not is_cached(spec):
+        return None
+    folder = hub_folder(spec)
+    weights = find_open_clip_weights(folder)
+    recorded = _read_verified(folder).get(weights.name) if weights is not None else None
+    try:
+        return recorded if recorded is not None and file_sha256(weights) == recorded else None
+    except OSError:
+        return None
+
+
 def ensure_hub_files(spec: ModelSpec, progress: bool = True) -> Path:
     """The cache folder holding every file of a hub model, verified; missing or damaged files are fetched.
 

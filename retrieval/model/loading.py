@@ -68,7 +68,7 @@ def load_model(
     returns the same (shared) objects: copy the model before changing its weights.
 
     Args:
-        name_or_path: a registry name or a path; None means `$CLIPSEARCH_MODEL`, else "ViT-B/32".
+        name_or_path: a registry name or a path; None means `$CLIPSEARCH_MODEL`, else "MobileCLIP2-S0".
         device: "auto" (cuda, then mps, then cpu), or any torch device.
         towers: "text" builds and loads only the text tower (fast query start-up), "image" only the image
             tower. A model already loaded with both towers is returned as is.

@@ -1,4 +1,5 @@
-"""Named models: OpenAI's published CLIP checkpoints (downloaded on first use) and the bundled shapes-mini."""
+"""Named models: OpenAI's published CLIP checkpoints, OpenCLIP, SigLIP2 and MobileCLIP2 weights from the hub
+(downloaded on first use), and the bundled shapes-mini; and the default among them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from typing import Any
 
 from retrieval.errors import UnknownModelError
 
-DEFAULT_MODEL = "ViT-B/32"
+# Issue 13's rule: the highest published Flickr30k text->image R@1 among the models whose image encoding on a
+# 2-core CPU, in the runtime `index` uses there (ONNX Runtime fp32), is no slower than ViT-B/32's, measured side
+# by side (`speed_vs_vit_b32` below, README "Models"). MobileCLIP2-S0: 69.2 against ViT-B/32's 58.8, at 0.67x its
+# time per image (quartiles 0.56-0.79; five more runs 0.56-0.80x); the more accurate S2 (1.9x) and SigLIP2 B/32
+# (1.45x; 1.35-1.37x in three more runs, one outlier at 1.02x) are slower. Stores filled by another model keep
+# it (`clipsearch.library.default_model_for`).
+DEFAULT_MODEL = "MobileCLIP2-S0"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
@@ -41,6 +48,9 @@ class ModelSpec:
     flickr_t2i_r1: float | None = None  # published zero-shot Flickr30k text->image recall@1, in %
     flickr_source: str = ""  # where that figure is published
     arch: str | None = None  # the config preset with its architecture (benchmarks build it with random weights)
+    # Image encoding's images/s relative to ViT-B/32 in ONNX Runtime fp32 (what `index` runs on a CPU), measured by
+    # `benchmarks/encode_speed.py --families` on a 2-core Intel Xeon (AVX-512, VNNI, AMX); None: not measured.
+    speed_vs_vit_b32: float | None = None
 
     def __post_init__(self) -> None:
         # The revision becomes part of a URL and of a cache folder's name: nothing that could climb out of either.
@@ -79,7 +89,14 @@ _MOBILECLIP_RESULTS = "apple/ml-mobileclip results/mobileclip2_s*.jsonl (Flickr 
 
 
 def _openai(
-    name: str, sha256: str, filename: str, description: str, embed_dim: int, download_mb: float, flickr: float
+    name: str,
+    sha256: str,
+    filename: str,
+    description: str,
+    embed_dim: int,
+    download_mb: float,
+    flickr: float,
+    speed: float | None = None,
 ) -> ModelSpec:
     """An OpenAI release, whose URL carries the file's SHA-256 as its second-last segment."""
     return ModelSpec(
@@ -93,6 +110,7 @@ def _openai(
         flickr_t2i_r1=flickr,
         flickr_source=_OPEN_CLIP_RESULTS,
         arch=name,
+        speed_vs_vit_b32=speed,
     )
 
 
@@ -163,10 +181,11 @@ _REGISTRY: dict[str, ModelSpec] = {
             "ViT-B/32",
             "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
             "ViT-B-32.pt",
-            "OpenAI CLIP ViT-B/32, 224 px, 512-d (fast; a good default)",
+            "OpenAI CLIP ViT-B/32, 224 px, 512-d (the default until MobileCLIP2-S0)",
             embed_dim=512,
             download_mb=338,
             flickr=58.78,
+            speed=1.0,
         ),
         _openai(
             "ViT-B/16",
@@ -176,6 +195,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=512,
             download_mb=335,
             flickr=62.16,
+            speed=0.23,  # the architecture ViT-B-16/dfn2b was measured with
         ),
         _openai(
             "ViT-L/14",
@@ -206,6 +226,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=66.78,
             flickr_source=_OPEN_CLIP_RESULTS,
             arch="ViT-B-32",
+            speed_vs_vit_b32=1.06,
         ),
         _hub(
             "ViT-B-32-256/datacomp_s34b_b86k",
@@ -218,6 +239,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=64.92,
             flickr_source=_OPEN_CLIP_RESULTS,
             arch="ViT-B-32-256",
+            speed_vs_vit_b32=0.77,
         ),
         _hub(
             "ViT-B-16/dfn2b",
@@ -231,6 +253,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=69.12,
             flickr_source=_OPEN_CLIP_RESULTS,
             arch="ViT-B/16",
+            speed_vs_vit_b32=0.23,
         ),
         _hub(
             "ViT-B-32-SigLIP2-256",
@@ -241,6 +264,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=768,
             download_mb=1520,
             arch="ViT-B-32-SigLIP2-256",
+            speed_vs_vit_b32=0.69,
         ),
         _hub(
             "ViT-B-16-SigLIP2-256",
@@ -251,18 +275,20 @@ _REGISTRY: dict[str, ModelSpec] = {
             embed_dim=768,
             download_mb=1500,
             arch="ViT-B-16-SigLIP2-256",
+            speed_vs_vit_b32=0.18,
         ),
         _hub(
             "MobileCLIP2-S0",
             "timm/MobileCLIP2-S0-OpenCLIP",
             _OPEN_CLIP_FILES,
-            "Apple MobileCLIP2-S0 (FastViT-MCi0) trained on DFNDR-2B, 256 px, 512-d (fast image tower)",
+            "Apple MobileCLIP2-S0 (FastViT-MCi0) trained on DFNDR-2B, 256 px, 512-d (the default)",
             family="MobileCLIP2",
             embed_dim=512,
             download_mb=300,
             flickr_t2i_r1=69.22,
             flickr_source=_MOBILECLIP_RESULTS,
             arch="MobileCLIP2-S0",
+            speed_vs_vit_b32=1.49,
         ),
         _hub(
             "MobileCLIP2-S2",
@@ -275,6 +301,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             flickr_t2i_r1=74.82,
             flickr_source=_MOBILECLIP_RESULTS,
             arch="MobileCLIP2-S2",
+            speed_vs_vit_b32=0.54,
         ),
         ModelSpec(
             "shapes-mini",
@@ -333,9 +360,10 @@ def check_model_name(name: str) -> None:
 
 def known_identity(name: str) -> tuple[str, str] | None:
     """(name, weights SHA-256) that `load_model(name)` records in the model's `ModelInfo`, known without loading
-    it (so without torch): a download's pinned hash, or for a bundled model or a clipsearch checkpoint folder the
-    hash of its weights file (remembered in the cache dir, `download.file_sha256`). None for hub models, whose
-    weights are hashed once fetched, and for checkpoints in other formats.
+    it (so without torch): a download's pinned hash; for a hub model, the hash its weights file was verified with,
+    once all its files are cached (`hub.cached_weights_sha256`); for a bundled model or a clipsearch checkpoint
+    folder, the hash of its weights file (remembered in the cache dir, `download.file_sha256`). None for a hub
+    model not fetched yet, and for checkpoints in other formats.
     """
     from retrieval.model.download import file_sha256
     from retrieval.model.files import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE
@@ -344,7 +372,12 @@ def known_identity(name: str) -> tuple[str, str] | None:
         spec = get_spec(name)
         if spec.bundled:
             folder, recorded = spec.path, spec.name
-        elif spec.on_hub or spec.sha256 is None:
+        elif spec.on_hub:
+            from retrieval.model.hub import cached_weights_sha256
+
+            sha256 = cached_weights_sha256(spec)
+            return None if sha256 is None else (spec.name, sha256)
+        elif spec.sha256 is None:
             return None
         else:
             return spec.name, spec.sha256
@@ -384,5 +417,5 @@ def register_model(spec: ModelSpec) -> None:
 
 
 def default_model_name() -> str:
-    """The model used when none is named: `$CLIPSEARCH_MODEL`, else ViT-B/32."""
+    """The model used when none is named and no store says otherwise: `$CLIPSEARCH_MODEL`, else `DEFAULT_MODEL`."""
     return os.environ.get("CLIPSEARCH_MODEL") or DEFAULT_MODEL
