@@ -115,3 +115,23 @@ def test_exports_recording_two_spaces_for_the_same_weights_are_not_guessed_betwe
     record = json.loads((folder / "image" / "export.json").read_text())
     (twin / "export.json").write_text(json.dumps({**record, "identity": other.to_dict()}))
     assert identity_from_exports((model.info.name, model.info.weights_sha256)) is None
+
+
+def test_an_export_is_read_once_to_hash_it_and_not_again_when_found(tiny, monkeypatch):
+    """The 350 MB of ViT-B/32's export were hashed twice when made (in staging, again under the final path)."""
+    from retrieval.model.onnx_export import ensure_export
+
+    reads: list[str] = []
+    real_open = Path.open
+
+    def counting_open(self, mode="r", *args, **kwargs):  # passes through: only counts binary reads of an export
+        if self.name == MODEL_FILE and "r" in mode and "b" in mode:
+            reads.append(str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    model = load_model(tiny, device="cpu", towers="image")[0]
+    monkeypatch.setattr(Path, "open", counting_open)
+    ensure_export(model, towers="image")
+    assert len(reads) == 1, reads
+    assert find_export(model.info, towers="image") is not None
+    assert len(reads) == 1, reads
