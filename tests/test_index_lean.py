@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,18 @@ def test_an_export_is_read_once_to_hash_it_and_not_again_when_found(tiny, monkey
     assert len(reads) == 1, reads
     assert find_export(model.info, towers="image") is not None
     assert len(reads) == 1, reads
+
+
+def test_a_run_that_exports_lets_go_of_the_torch_model_before_it_encodes(tmp_path, tiny):
+    """The first run (no export yet) loads the model to export it; it then encodes in ONNX Runtime alone."""
+    from click.testing import CliRunner
+
+    from clipsearch.cli import cli
+
+    loaded = weakref.ref(load_model(tiny, device="cpu", towers="image")[0])  # what the run gets from the loader
+    write_images(tmp_path / "photos", 2)
+    args = ["index", str(tmp_path / "photos"), "--db", str(tmp_path / "db"), "--model", str(tiny), "--device", "cpu"]
+    done = CliRunner().invoke(cli, [*args, "--workers", "0", "-q"])
+    assert done.exit_code == 0, done.output
+    assert find_export(load_model(tiny, device="cpu", towers="image")[0].info, towers="image") is not None
+    assert loaded() is None  # freed: neither the run nor the loader's cache holds it

@@ -241,6 +241,13 @@ def index(
         # the Ray engine's actors take the model to their own GPUs
         model, preprocess = load_model(model_name, device="cpu" if engine == "ray" else device, towers="image")
         encoder = choose_encoder(model, "image", precision, runtime) if engine == "local" else model
+        if encoder is not model:
+            from retrieval.model.loading import forget
+
+            # The ONNX Runtime session holds its own copy of the weights: torch's (~350 MB for ViT-B/32) go before
+            # decoding starts, so a first run (the one that exports) peaks lower too.
+            forget(model)
+            model = None
     store = Store.open(db_dir, encoder.info, create=True)
     try:
         if engine == "ray":
