@@ -222,13 +222,32 @@ def index(
 
             start_worker_server()  # the decoder workers' server boots while this process loads the model
     from indexer.pipeline import index_folders
-    from retrieval.model.encode import choose_encoder
-    from retrieval.model.loading import load_model
+    from retrieval.model.encode import no_gpu_visible, open_export_of
     from retrieval.store import Store
 
-    # the Ray engine's actors take the model to their own GPUs
-    model, preprocess = load_model(model_name, device="cpu" if engine == "ray" else device, towers="image")
-    encoder = choose_encoder(model, "image", precision, runtime) if engine == "local" else model
+    encoder = None
+    on_cpu = device == "cpu" or (device == "auto" and no_gpu_visible())
+    if engine == "local" and (runtime == "onnx" or (runtime == "auto" and on_cpu)):
+        # A fresh export runs without torch or the weights: ~500 MB and seconds of start-up less (issue 14).
+        encoder = open_export_of(model_name, "image", precision)
+    if encoder is not None:
+        from retrieval.model.preprocess import Preprocess
+
+        model, preprocess = None, Preprocess.from_info(encoder.info)
+    else:
+        from retrieval.model.encode import choose_encoder
+        from retrieval.model.loading import load_model
+
+        # the Ray engine's actors take the model to their own GPUs
+        model, preprocess = load_model(model_name, device="cpu" if engine == "ray" else device, towers="image")
+        encoder = choose_encoder(model, "image", precision, runtime) if engine == "local" else model
+        if encoder is not model:
+            from retrieval.model.loading import forget
+
+            # The ONNX Runtime session holds its own copy of the weights: torch's (~350 MB for ViT-B/32) go before
+            # decoding starts, so a first run (the one that exports) peaks lower too.
+            forget(model)
+            model = None
     store = Store.open(db_dir, encoder.info, create=True)
     try:
         if engine == "ray":

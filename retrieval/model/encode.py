@@ -1,24 +1,35 @@
 """Run a model's encoders for inference: in ONNX Runtime on a CPU, in torch elsewhere (no autograd, inputs moved
-to the model's device, fp16 autocast on CUDA); float32 numpy rows out."""
+to the model's device, fp16 autocast on CUDA); float32 numpy rows out.
+
+Imports torch only where a torch model runs: an index run on the CPU with a fresh export (`open_export_of`) encodes
+without it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
+import os
+import platform
+import sys
 from collections.abc import Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 
 from retrieval.errors import ExportError
-from retrieval.model.family import EmbeddingModel
-from retrieval.model.onnx_runtime import PRECISIONS, OnnxEncoder
+from retrieval.model.export_files import identity_from_exports
+from retrieval.model.onnx_runtime import PRECISIONS, OnnxEncoder, find_export
 from retrieval.types import Embeddings
 
+if TYPE_CHECKING:
+    import torch
+
+    from retrieval.model.family import EmbeddingModel
+
 # What `encode_images` and `encode_texts` run: a torch model, or its towers in ONNX Runtime.
-Encoder = Union[EmbeddingModel, OnnxEncoder]  # noqa: UP007  # a runtime alias
+Encoder = Union["EmbeddingModel", OnnxEncoder]  # noqa: UP007  # a runtime alias
 RUNTIMES = ("auto", "onnx", "torch")
 
 logger = logging.getLogger(__name__)
@@ -80,6 +91,48 @@ def choose_encoder(
     return encoder
 
 
+def open_export_of(
+    name: str, towers: str = "image", precision: str = "float32", threads: int | None = None
+) -> OnnxEncoder | None:
+    """ONNX Runtime encoders of a named model from a fresh export, without loading the model or importing torch.
+
+    Only for a model whose (name, weights SHA-256) is known before it loads (`registry.known_identity`) and whose
+    exports of that precision in the cache record one embedding space for those weights
+    (`export_files.identity_from_exports`); the export is then checked as `find_export` checks any (a stale or
+    changed file is never run).
+
+    Args:
+        name: a registry name or a checkpoint path, as `load_model` takes it.
+        towers: "both", "image" or "text".
+        precision: "float32" or "int8".
+        threads: ONNX Runtime's intra-op threads; None: one per core.
+
+    Returns:
+        The encoder, whose `.info` is what `choose_encoder(load_model(name)[0], ...)` records; None when the model
+        has to be loaded (and exported) first.
+    """
+    from retrieval.model.registry import known_identity
+
+    identity = known_identity(name)
+    info = identity_from_exports(identity, precision) if identity is not None else None
+    export = find_export(info, precision, towers) if info is not None else None
+    if export is None:
+        return None
+    encoder = OnnxEncoder.open(export, towers=towers, threads=threads)
+    encoder.info = dataclasses.replace(info, name=identity[0], precision=precision)  # the name `load_model` gives
+    logger.info("encoding with the ONNX export of %s without loading the model", identity[0])
+    return encoder
+
+
+def no_gpu_visible() -> bool:
+    """Whether this machine shows no GPU torch could use ("auto" devices then resolve to the CPU), told without
+    importing torch: no NVIDIA driver, no ROCm device and not an Apple-silicon Mac. A machine that shows one may
+    still have no usable GPU; it is only ever sent the way torch decides."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return False
+    return not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
+
+
 def runs_on_cpu(encoder: Encoder) -> bool:
     """Whether the encoder computes on the CPU (then it takes every core while it runs)."""
     return isinstance(encoder, OnnxEncoder) or model_device(encoder).type == "cpu"
@@ -100,6 +153,8 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """fp16 autocast on CUDA (tensor cores, half the memory traffic); exact fp32 elsewhere."""
     if device.type == "cuda":
+        import torch
+
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 
@@ -115,7 +170,9 @@ def encode_images(model: Encoder, pixels: torch.Tensor | np.ndarray) -> Embeddin
         [B, embed_dim] float32, rows L2-normalised.
     """
     if isinstance(model, OnnxEncoder):
-        return model.encode_images(pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else pixels)
+        return model.encode_images(pixels if isinstance(pixels, np.ndarray) else pixels.cpu().numpy())
+    import torch
+
     if isinstance(pixels, np.ndarray):
         pixels = torch.from_numpy(pixels)
     device = model_device(model)
@@ -148,6 +205,8 @@ def encode_texts(
     tokens = model.tokenize(list(texts))  # [N, L], over-long texts truncated
     # CLIP: by end-of-text position (the largest id), i.e. by length, so a batch stops at its longest text.
     # SigLIP always runs all L positions, and any order does.
+    import torch
+
     order = torch.argsort(tokens.argmax(dim=-1))
     if isinstance(encoder, OnnxEncoder):
         for start in range(0, len(texts), batch_size):

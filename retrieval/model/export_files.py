@@ -85,6 +85,34 @@ def stale_reason(
     return None
 
 
+def identity_from_exports(identity: tuple[str, str], precision: str = "float32") -> ModelInfo | None:
+    """The full identity of a model known by (name, weights SHA-256), read from the records of its exports at this
+    precision: what lets an export be found without loading the model. None when there is none, or when the
+    exports of these weights record more than one embedding space (e.g. the same weights with other preprocessing):
+    then only the loaded model can tell which is its own.
+
+    Records are only read here; whether an export may be run is `stale_reason`'s to say.
+    """
+    name, sha256 = identity
+    spaces: dict[str, ModelInfo] = {}
+    try:
+        folders = list(exports_dir().glob(f"{sha256[:12]}-*-{check_precision(precision)}-v{EXPORT_FORMAT}"))
+    except OSError:
+        return None
+    for folder in folders:
+        for record_file in folder.glob(f"*/{RECORD_FILE}"):
+            try:
+                recorded = ModelInfo.from_dict(json.loads(record_file.read_text())["identity"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # an unreadable record is stale_reason's business, should this export be asked for
+            if recorded.weights_sha256 == sha256:
+                spaces[json.dumps(space(recorded), sort_keys=True)] = recorded
+    if len(spaces) != 1:
+        return None
+    (info,) = spaces.values()
+    return ModelInfo.from_dict({**info.to_dict(), "name": name, "precision": precision})
+
+
 def space(info: ModelInfo | dict[str, Any]) -> dict[str, Any]:
     """What of an identity decides the vectors, as JSON-able values: all but the name and the precision."""
     d = info.to_dict() if isinstance(info, ModelInfo) else ModelInfo.from_dict(info).to_dict()

@@ -158,6 +158,14 @@ def load_model(
     return loaded
 
 
+def forget(model: CLIP) -> None:
+    """Drop a model from the loaded models `load_model` keeps, so its weights are freed once the caller lets go of it
+    too (an index run that encodes in ONNX Runtime needs no torch weights beside its session's)."""
+    with _cache_lock:
+        for key in [key for key, (cached, _) in _cache.items() if cached is model]:
+            del _cache[key]
+
+
 def _float32_copy(downloaded: Path, spec: ModelSpec) -> Path:
     """A float32 copy of a downloaded checkpoint in our own format, written on first use; else the download.
 

@@ -224,6 +224,18 @@ class Preprocess:
             return cls(config.vision.image_size, MOBILECLIP_MEAN, MOBILECLIP_STD, fast=fast, interpolation="bilinear")
         return cls(image_size=config.vision.image_size, fast=fast)
 
+    @classmethod
+    def from_info(cls, info: Any) -> Preprocess:
+        """The preprocessing a model's identity (`ModelInfo`) records: what `load_model` returns beside that model,
+        known without loading it."""
+        return cls(
+            image_size=info.image_size,
+            mean=tuple(info.mean),
+            std=tuple(info.std),
+            resize_mode=info.resize_mode,
+            interpolation=info.interpolation,
+        )
+
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
         """Decode (for a path) and transform one image."""
         if not isinstance(image, Image.Image):
