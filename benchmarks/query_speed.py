@@ -9,17 +9,17 @@ search alone, one query at a time. Recall@10 is measured against exact search wi
 from the stored collection's distribution (random-weight text vectors have no relation to it).
 
 Cold (`--cold` runs only this): a whole `clipsearch query` process on a store of 100k planted vectors (synthetic,
-written through the store's own write API, with a saved random-weights ViT-B/32 checkpoint as the model and its
-text tower exported (ONNX, and the numpy tower's weights), as the first query leaves it), interleaved run by run
-with `python -c "pass"`, `python -c "import onnxruntime"` and `python -c "import torch"`. The store is unchanged
-since its index was saved (as after `clipsearch index`), so the default table output is answered from the saved
-index without opening LanceDB and the text is encoded in numpy without torch or ONNX Runtime; `--json` needs every
-result's metadata from the store (LanceDB), and is timed too. The page cache is warm (the first, untimed round reads
-the files, and writes the byte-code of any module that has none, as an installed package has; so
-PYTHONDONTWRITEBYTECODE is dropped from the processes' environment); "cold" means a new process that imports and
-loads everything. A stage split of the same query, in a process of its own per round: imports (the CLI and the
-library), catalogue (the saved index and its paths, FAISS), tokenize (the vocabulary included), encode (opening the
-text tower and running it), search, print.
+written through the store's own write API, with a saved random-weights ViT-B/32 checkpoint (`--cold-arch`: another
+preset's, e.g. MobileCLIP2-S0) as the model and its text tower exported (ONNX, and the numpy tower's weights), as
+the first query leaves it), interleaved run by run with `python -c "pass"`, `python -c "import onnxruntime"` and
+`python -c "import torch"`. The store is unchanged since its index was saved (as after `clipsearch index`), so the
+default table output is answered from the saved index without opening LanceDB and the text is encoded in numpy
+without torch or ONNX Runtime; `--json` needs every result's metadata from the store (LanceDB), and is timed too.
+The page cache is warm (the first, untimed round reads the files, and writes the byte-code of any module that has
+none, as an installed package has; so PYTHONDONTWRITEBYTECODE is dropped from the processes' environment); "cold"
+means a new process that imports and loads everything. A stage split of the same query, in a process of its own per
+round: imports (the CLI and the library), catalogue (the saved index and its paths, FAISS), tokenize (the vocabulary
+included), encode (opening the text tower and running it), search, print.
 
 The vectors are random but clustered like image embeddings: unit vectors around 4096 centres, spread in a
 shared 64-dimensional subspace plus isotropic noise.
@@ -27,6 +27,7 @@ shared 64-dimensional subspace plus isotropic noise.
     python benchmarks/query_speed.py                       # the full run (~10-15 min on 2 cores)
     python benchmarks/query_speed.py --sizes 20000 --kinds flat ivf --cold-size 20000   # a quick look
     python benchmarks/query_speed.py --cold                # the cold query alone
+    python benchmarks/query_speed.py --cold --cold-arch MobileCLIP2-S0   # ... on the default model's architecture
 """
 
 from __future__ import annotations
@@ -189,26 +190,29 @@ def warm(sizes: list[int], kinds: list[str]) -> list[dict]:
     return rows
 
 
-def build_cold_store(root: Path, n: int) -> tuple[Path, Path]:
-    """A random-weights ViT-B/32 checkpoint and a store of n planted rows for it, with its FAISS index saved."""
+def build_cold_store(root: Path, n: int, arch: str = ARCH) -> tuple[Path, Path]:
+    """A random-weights checkpoint of the preset `arch` and a store of n planted rows for it, with its FAISS index
+    saved."""
     import torch
 
     from retrieval.ann import open_index
     from retrieval.model.checkpoint import save_checkpoint
-    from retrieval.model.clip import CLIP
     from retrieval.model.config import PRESETS
+    from retrieval.model.family import build_towers
     from retrieval.model.loading import load_model
     from retrieval.model.query_text import export_text_tower
     from retrieval.store import ImageRow, Store, utc_now
     from retrieval.types import ImageMetadata
 
-    checkpoint = root / "vit-b-32-random"
+    name = "".join(c if c.isalnum() else "-" for c in arch.lower()) + "-random"  # "vit-b-32-random"
+    checkpoint = root / name
     torch.manual_seed(SEED)
-    save_checkpoint(CLIP(PRESETS[ARCH]), checkpoint, name="vit-b-32-random")
+    save_checkpoint(build_towers(PRESETS[arch]).eval(), checkpoint, name=name)
     model, _ = load_model(checkpoint, device="cpu", towers="text")
     db = root / "db"
     store = Store.open(db, model.info, create=True)
     vectors = clustered(n, seed=SEED + 3)
+    assert model.info.embed_dim == DIM, f"{arch} embeds in {model.info.embed_dim} dimensions, the planted data {DIM}"
     now = utc_now()
     for start in range(0, n, 50_000):  # the store's write API, a few large commits
         ids = store.allocate_ids(min(50_000, n - start))
@@ -286,7 +290,7 @@ def stage_seconds(argv: list[str], env: dict[str, str]) -> dict[str, float]:
     return json.loads(done.stdout)
 
 
-def cold(n: int, runs: int) -> dict:
+def cold(n: int, runs: int, arch: str = ARCH) -> dict:
     """Median wall times of whole processes, interleaved run by run so that drifts in machine load hit each alike: a
     text `clipsearch query` (table output, then --json), `python -c "pass"`, `python -c "import onnxruntime"` and
     `python -c "import torch"`; the query's ratio to `import torch`; and the median of each stage of the query."""
@@ -296,7 +300,7 @@ def cold(n: int, runs: int) -> dict:
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # byte-code is written once, in the untimed round, as installed
         os.environ["CLIPSEARCH_CACHE"] = env["CLIPSEARCH_CACHE"]  # the weights hash and the ONNX export live there
         started = time.perf_counter()
-        checkpoint, db = build_cold_store(root, n)
+        checkpoint, db = build_cold_store(root, n, arch)
         print(f"# cold store of {n:,} rows built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         script = Path(sys.executable).parent / "clipsearch"  # the installed entry point, as a user runs it
         clipsearch = (
@@ -327,6 +331,7 @@ def cold(n: int, runs: int) -> dict:
     median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
     return {
         "n": n,
+        "arch": arch,
         "clipsearch_query_s": round(median["query"], 3),
         "clipsearch_query_json_s": round(median["json"], 3),
         "python_s": round(median["python"], 3),
@@ -349,6 +354,7 @@ def main() -> None:
     parser.add_argument("--cold-size", type=int, default=COLD_SIZE, help="images in the cold query's store (0: skip)")
     parser.add_argument("--cold-runs", type=int, default=COLD_RUNS, help="timed cold process runs")
     parser.add_argument("--cold", action="store_true", help="only the cold query (no warm runs)")
+    parser.add_argument("--cold-arch", default=ARCH, help="preset of the cold query's model (e.g. MobileCLIP2-S0)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -377,10 +383,10 @@ def main() -> None:
                     "recall_at_10": best["recall_at_10"],
                 }
     if args.cold_size:
-        summary["cold"] = cold(args.cold_size, args.cold_runs)
+        summary["cold"] = cold(args.cold_size, args.cold_runs, args.cold_arch)
         c = summary["cold"]
         print(
-            f"cold `clipsearch query` on {c['n']:,} images: {c['clipsearch_query_s']:.2f} s median "
+            f"cold `clipsearch query` ({c['arch']}) on {c['n']:,} images: {c['clipsearch_query_s']:.2f} s median "
             f"({c['clipsearch_query_json_s']:.2f} s with --json); `python -c 'import onnxruntime'`: "
             f"{c['import_onnxruntime_s']:.2f} s; `python -c 'import torch'`: {c['import_torch_s']:.2f} s; "
             f"query / import torch = {c['query_vs_import_torch']:.2f}x (target <= 0.35), --json "

@@ -1,9 +1,10 @@
-"""A one-shot text query runs without torch and ONNX Runtime (CLIP's text tower in numpy, from a fresh export of the
-store's model; else its ONNX export) and, when the saved index is current, without LanceDB; it gives the torch path's
-results, and never uses a stale export."""
+"""A one-shot text query runs without torch and ONNX Runtime (CLIP's or MobileCLIP2's text tower in numpy, from a
+fresh export of the store's model; else its ONNX export) and, when the saved index is current, without LanceDB; it
+gives the torch path's results, and never uses a stale export."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,17 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from test_index_support import write_images
 
 from clipsearch.cli import cli
 from clipsearch.library import Library
+from retrieval.model.checkpoint import save_checkpoint
+from retrieval.model.config import TextConfig
+from retrieval.model.family import build_towers
 from retrieval.model.loading import load_model
 from retrieval.model.numpy_text import TOWER, WEIGHTS_FILE, find_numpy_text
 from retrieval.model.onnx_export import ensure_export
 from retrieval.model.onnx_runtime import MODEL_FILE, find_export
 
 MODEL = "shapes-mini"
+# The reduced MobileCLIP2-S0 of tests/test_mobileclip.py, whose image tower the MobileCLIP2 store is indexed with.
+MOBILECLIP = Path(__file__).resolve().parent / "data" / "families" / "mobileclip2-s0-tiny"
 BLOCKED = ("torch", "lancedb", "onnxruntime", "pyarrow")
 # The query forms served from the saved index and the numpy text tower alone (no torch, ONNX Runtime or LanceDB).
 FAST_FORMS = [
@@ -60,6 +67,29 @@ def store(tmp_path_factory):
                                         "--workers", "0", "-q"])  # fmt: skip
         assert done.exit_code == 0, done.output
         ensure_export(load_model(MODEL, device="cpu", towers="text")[0])
+    return root
+
+
+@pytest.fixture(scope="module")
+def mobileclip_store(tmp_path_factory):
+    """As `store`, indexed with a MobileCLIP2 checkpoint (`model`): the reduced S0's image tower and a random 2-layer
+    text tower over CLIP's whole vocabulary, so real queries tokenize."""
+    root = tmp_path_factory.mktemp("cold-mobileclip")
+    (root / "torch-cache").mkdir()
+    (root / "torch-cache" / "onnx").write_text("not a folder")
+    fixture = load_model(MOBILECLIP, device="cpu", towers="image")[0]
+    torch.manual_seed(0)
+    model = build_towers(dataclasses.replace(fixture.config, text=TextConfig(width=64, heads=2, layers=2))).eval()
+    model.visual.load_state_dict(fixture.visual.state_dict())
+    save_checkpoint(model, root / "model", name="tiny-mobileclip")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIPSEARCH_CACHE", str(root / "cache"))
+        patch.delenv("CLIPSEARCH_EXPORTS", raising=False)
+        write_images(root / "photos", 12)
+        done = CliRunner().invoke(cli, ["index", str(root / "photos"), "--db", str(root / "db"), "--model",
+                                        str(root / "model"), "--workers", "0", "-q"])  # fmt: skip
+        assert done.exit_code == 0, done.output
+        ensure_export(load_model(root / "model", device="cpu", towers="text")[0])
     return root
 
 
@@ -164,3 +194,20 @@ def test_status_needs_no_torch(store):
     done = run_without(store, ("torch",), "status", "--db", str(store / "db"))
     assert done.returncode == 0, done.stderr
     assert "Images: 12" in done.stdout and "State: complete" in done.stdout
+
+
+@pytest.mark.parametrize("args", [["a red circle"], ["a blue square", "--json", "-n", "8"], ["a green triangle", "-f"]])
+def test_a_mobileclip_store_is_queried_without_torch_or_onnxruntime_as_torch_queries_it(mobileclip_store, args):
+    args = [*args, "--model", str(mobileclip_store / "model")]
+    fast = clipsearch(mobileclip_store, args, blocked=("torch", "onnxruntime"))
+    assert fast.returncode == 0, fast.stderr
+    slow = clipsearch(mobileclip_store, args, cache="torch-cache")
+    assert slow.returncode == 0, slow.stderr
+    if "--json" not in args:
+        assert fast.stdout == slow.stdout and fast.stdout
+        return
+    fast_rows, slow_rows = ([json.loads(line) for line in out.stdout.splitlines()] for out in (fast, slow))
+    assert [r["path"] for r in fast_rows] == [r["path"] for r in slow_rows] and len(fast_rows) == 8
+    for a, b in zip(fast_rows, slow_rows, strict=True):
+        assert abs(a.pop("score") - b.pop("score")) <= 1e-4
+        assert a == b

@@ -1,19 +1,20 @@
-"""CLIP's causal text tower in numpy, over float32 weights memory-mapped from one raw file: what a cold text query
-encodes with, importing neither torch nor onnxruntime.
+"""CLIP's text tower in numpy (OpenAI's causal one, and MobileCLIP2's without the mask), over float32 weights
+memory-mapped from one raw file: what a cold text query encodes with, importing neither torch nor onnxruntime.
 
 A cold query process pays for loading the text tower, not for its FLOPs: ONNX Runtime took ~2 s to build a
 session over the 254 MB float32 ViT-B/32 text graph, torch ~1.5 s to import. Here the weights are one raw
 little-endian float32 file (each tensor at a 64-byte aligned offset) mapped with `np.memmap`: opening it reads
 nothing, the token embedding (100 MB of ViT-B/32's 150) is paged in only at the rows a query's tokens touch, and
-the transformer runs only up to each text's end-of-text token, as `CLIP.encode_text` does.
+a causal tower runs only up to each text's end-of-text token, as `CLIP.encode_text` does (MobileCLIP2's attends
+to the padding too, so it runs every position).
 
 The weights are written beside the model's ONNX export, in the tower folder `text-numpy` (`onnx_export.ensure_export`
 writes them with the float32 text export, after checking them against the torch tower), with an `export.json` record
 checked exactly as the ONNX towers' are (`export_files.stale_reason`): a file of other weights, another export
 format, or changed since it was written, is never used.
 
-Only the "clip" family with CLIP's BPE tokenizer is covered (`supports`); SigLIP's and MobileCLIP2's text towers
-keep their ONNX export.
+The "clip" and "mobileclip" families with CLIP's BPE tokenizer are covered (`supports`); SigLIP's text tower
+keeps its ONNX export.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ WEIGHTS_FILE = "weights.f32"
 DTYPE = "<f4"  # little-endian float32, whatever the machine
 ALIGN = 64  # bytes: each tensor starts at a multiple, so every view is aligned for SIMD loads
 EPS = 1e-5  # CLIP's LayerNorm epsilon
+# The weights file's layout version, in its config ("format"): 1 (written without the field) is OpenAI's causal
+# tower; 2 records `causal`. A record of a version this module does not know is stale (`numpy_stale_reason`).
+FORMAT = 2
+# Per family: the prefix of the text tower's keys in the model's state dict (the file keeps OpenAI's names) and
+# whether its attention is causal. MobileCLIP2's is open_clip's `no_causal_mask` tower under `text.`.
+FAMILIES = {"clip": ("", True), "mobileclip": ("text.", False)}
 _BLOCK_KEYS = (
     "ln_1.weight",
     "ln_1.bias",
@@ -79,10 +86,16 @@ def tensor_names(layers: int) -> list[str]:
             "text_projection"]  # fmt: skip
 
 
+def state_dict_names(family: str, layers: int) -> dict[str, str]:
+    """Each name of `tensor_names` -> the model's state-dict key it is written from (`FAMILIES`' prefix)."""
+    prefix = FAMILIES[family][0]
+    return {name: prefix + name for name in tensor_names(layers)}
+
+
 def supports(family: str, info: ModelInfo) -> bool:
-    """Whether the numpy tower computes this model's text vectors: OpenAI's causal CLIP text tower ("clip" family)
-    with CLIP's BPE tokenizer."""
-    return family == "clip" and info.tokenizer == "clip-bpe"
+    """Whether the numpy tower computes this model's text vectors: a family of `FAMILIES` (OpenAI's CLIP text tower,
+    MobileCLIP2's) with CLIP's BPE tokenizer."""
+    return family in FAMILIES and info.tokenizer == "clip-bpe"
 
 
 def write_weights(folder: Path, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,10 +104,11 @@ def write_weights(folder: Path, tensors: Mapping[str, np.ndarray], config: Mappi
     Args:
         folder: where `weights.f32` goes (a staging folder: `onnx_export` renames it into place).
         tensors: every key of `tensor_names(config["layers"])`, float32 arrays.
-        config: the tower's shape: width, heads, layers, context_length, vocab_size, embed_dim, quick_gelu.
+        config: the tower's shape: width, heads, layers, context_length, vocab_size, embed_dim, quick_gelu, causal
+            (True when missing).
 
     Returns:
-        The record's description of the file: the config and each tensor's [offset, shape].
+        The record's description of the file: the config (with "format": `FORMAT`) and each tensor's [offset, shape].
     """
     table: dict[str, list[Any]] = {}
     offset = 0
@@ -107,7 +121,7 @@ def write_weights(folder: Path, tensors: Mapping[str, np.ndarray], config: Mappi
             table[name] = [offset, list(array.shape)]
             f.write(array.tobytes())
             offset += array.nbytes
-    return {"text": dict(config), "tensors": table}
+    return {"text": {"causal": True, **config, "format": FORMAT}, "tensors": table}
 
 
 def find_numpy_text(info: ModelInfo | dict[str, Any]) -> Path | None:
@@ -119,7 +133,19 @@ def find_numpy_text(info: ModelInfo | dict[str, Any]) -> Path | None:
 def numpy_stale_reason(folder: Path, info: ModelInfo | dict[str, Any]) -> str | None:
     """Why the numpy text export in `folder` must not be used for this model (`export_files.stale_reason`); None
     when it is fresh."""
-    return stale_reason(folder, info, "float32", TOWER, WEIGHTS_FILE)
+    reason = stale_reason(folder, info, "float32", TOWER, WEIGHTS_FILE)
+    if reason is None:
+        try:
+            reason = _format_reason(json.loads((folder / RECORD_FILE).read_text())["text"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            reason = f"its record has no readable text config ({e!r})"
+    return reason
+
+
+def _format_reason(config: Mapping[str, Any]) -> str | None:
+    """Why a weights file of this config cannot be read here (another layout version); None when it can."""
+    version = config.get("format", 1)
+    return None if version in (1, FORMAT) else f"it was written in numpy format {version!r}, this reads 1 and {FORMAT}"
 
 
 class NumpyTextEncoder:
@@ -135,6 +161,7 @@ class NumpyTextEncoder:
         self.heads = int(config["heads"])
         self.layers = int(config["layers"])
         self.quick_gelu = bool(config["quick_gelu"])
+        self.causal = bool(config.get("causal", True))  # format 1 has no field: OpenAI's causal tower
         self.weights = weights
 
     @classmethod
@@ -173,6 +200,9 @@ class NumpyTextEncoder:
         weights = {}
         try:
             config, table = layout["text"], layout["tensors"]
+            reason = _format_reason(config)
+            if reason is not None:
+                raise ValueError(reason)
             raw = np.memmap(path, dtype=np.uint8, mode="r")
             for name in tensor_names(int(config["layers"])):
                 offset, shape = table[name]
@@ -185,8 +215,8 @@ class NumpyTextEncoder:
     def encode_texts(self, tokens: np.ndarray) -> Embeddings:
         """Embed token ids: int64 [B, context_length] -> [B, embed_dim] float32, rows L2-normalised.
 
-        The end-of-text token is the largest id of each row (CLIP's vocabulary); positions after the batch's
-        last one are not run, which the causal mask makes exact.
+        The end-of-text token is the largest id of each row (CLIP's vocabulary). In a causal tower positions after
+        the batch's last one are not run, which the mask makes exact; a tower without the mask runs them all.
         """
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
@@ -195,7 +225,7 @@ class NumpyTextEncoder:
             return np.empty((0, self.weights["text_projection"].shape[1]), np.float32)
         eot = tokens.argmax(axis=1)  # [B]
         with _one_blas_thread() if len(tokens) <= FEW_TEXTS else contextlib.nullcontext():
-            out = self._features(tokens[:, : int(eot.max()) + 1], eot)
+            out = self._features(tokens[:, : int(eot.max()) + 1] if self.causal else tokens, eot)
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out
 
@@ -206,15 +236,17 @@ class NumpyTextEncoder:
         x = w["token_embedding.weight"][tokens] + w["positional_embedding"][:length]  # [B, L, width]
         width = x.shape[-1]
         head = width // self.heads
-        # -inf above the diagonal: position i attends to positions <= i only
-        mask = np.triu(np.full((length, length), -np.inf, np.float32), k=1)  # [L, L]
+        # causal: -inf above the diagonal, position i attends to positions <= i only; else every position to every one
+        mask = np.triu(np.full((length, length), -np.inf, np.float32), k=1) if self.causal else None  # [L, L]
         scale = np.float32(head**-0.5)
         for i in range(self.layers):
             p = f"transformer.resblocks.{i}."
             h = _layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"])
             qkv = h @ w[p + "attn.in_proj_weight"].T + w[p + "attn.in_proj_bias"]  # [B, L, 3*width]
             q, k, v = qkv.reshape(batch, length, 3, self.heads, head).transpose(2, 0, 3, 1, 4)  # 3 x [B, H, L, head]
-            scores = (q * scale) @ k.transpose(0, 1, 3, 2) + mask  # [B, H, L, L]
+            scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # [B, H, L, L]
+            if mask is not None:
+                scores += mask
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             scores /= scores.sum(axis=-1, keepdims=True)
             attended = (scores @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)  # [B, L, width]

@@ -122,10 +122,11 @@ def _make_numpy_text(model: EmbeddingModel, staging: Path) -> dict:
     info = dataclasses.replace(model.info, precision="float32")
     config, text = model.config, model.config.text
     state = model.state_dict()
-    dtype = state["token_embedding.weight"].dtype
+    keys = numpy_text.state_dict_names(config.family, text.layers)  # the file's names -> the model's
+    dtype = state[keys["token_embedding.weight"]].dtype
     if dtype != torch.float32:
         raise ExportError(f"only float32 models are written for numpy, this one is {dtype}")
-    tensors = {name: state[name].detach().cpu().numpy() for name in numpy_text.tensor_names(text.layers)}
+    tensors = {name: state[key].detach().cpu().numpy() for name, key in keys.items()}
     shape = {
         "width": text.width,
         "heads": text.heads,
@@ -134,6 +135,7 @@ def _make_numpy_text(model: EmbeddingModel, staging: Path) -> dict:
         "vocab_size": text.vocab_size,
         "embed_dim": config.embed_dim,
         "quick_gelu": config.quick_gelu,
+        "causal": numpy_text.FAMILIES[config.family][1],
     }
     layout = numpy_text.write_weights(staging, tensors, shape)
     inputs = _inputs(model, "text", batch=3, seed=1)

@@ -1,8 +1,9 @@
 """Query texts to vectors, tuned for the shape of a query: a handful of short texts, one at a time.
 
 Two ways: the model's text tower in torch, or, without importing torch at all, a fresh export of it
-(`onnx_text_encoder`): CLIP's text tower in numpy over memory-mapped weights (`numpy_text`), else its ONNX graph in
-ONNX Runtime. That is what lets a one-shot `clipsearch query` start in a fraction of torch's import time.
+(`onnx_text_encoder`): CLIP's or MobileCLIP2's text tower in numpy over memory-mapped weights (`numpy_text`), else
+its ONNX graph in ONNX Runtime. That is what lets a one-shot `clipsearch query` start in a fraction of torch's import
+time.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def encode_query_texts(model: CLIP, texts: list[str]) -> Embeddings:
 
 def onnx_text_encoder(info: ModelInfo, texts: int) -> NumpyTextEncoder | OnnxEncoder | None:
     """The text tower of a fresh export of the model `info` identifies, without torch: in numpy (`numpy_text`: CLIP's
-    causal tower; nothing to build, the weights are memory-mapped) where there is one, else its ONNX export opened in
-    ONNX Runtime; None when there is no fresh export (a stale one is never used), or the model's tokenizer is not
-    CLIP's (a hub tokenizer's file comes with the torch checkpoint).
+    and MobileCLIP2's towers; nothing to build, the weights are memory-mapped) where there is one, else its ONNX
+    export opened in ONNX Runtime; None when there is no fresh export (a stale one is never used), or the model's
+    tokenizer is not CLIP's (a hub tokenizer's file comes with the torch checkpoint).
 
     Args:
         info: the model's identity, e.g. as the store records it.
