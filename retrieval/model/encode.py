@@ -119,7 +119,7 @@ def open_export_of(
     if export is None:
         return None
     encoder = OnnxEncoder.open(export, towers=towers, threads=threads)
-    encoder.info = dataclasses.replace(info, name=identity[0], precision=precision)  # the name `load_model` gives
+    encoder.info = info  # the name `load_model` gives, not the one the export was first made under
     logger.info("encoding with the ONNX export of %s without loading the model", identity[0])
     return encoder
 

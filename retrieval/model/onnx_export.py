@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +138,8 @@ def _make_numpy_text(model: EmbeddingModel, staging: Path) -> dict:
         "causal": numpy_text.FAMILIES[config.family][1],
     }
     layout = numpy_text.write_weights(staging, tensors, shape)
-    inputs = _inputs(model, "text", batch=3, seed=1)
-    with torch.inference_mode():
-        expected = _Tower(model, "text")(inputs.to(next(model.parameters()).device)).float().cpu().numpy()
-    got = numpy_text.NumpyTextEncoder.map(info, layout, staging / numpy_text.WEIGHTS_FILE).encode_texts(inputs.numpy())
-    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-    cosine = float(np.min(np.sum(got * expected, axis=1)))
+    encoder = numpy_text.NumpyTextEncoder.map(info, layout, staging / numpy_text.WEIGHTS_FILE)
+    cosine, max_abs = _check(model, "text", encoder.encode_texts)
     if cosine < MIN_COSINE["float32"]:
         raise ExportError(
             f"the numpy text encoder of {info.name} does not reproduce the torch model (cosine {cosine:.6f})"
@@ -155,7 +151,7 @@ def _make_numpy_text(model: EmbeddingModel, staging: Path) -> dict:
         "tower": numpy_text.TOWER,
         "context_length": text.context_length,
         "torch": torch.__version__,
-        "check": {"cosine_min": cosine, "max_abs_diff": float(np.max(np.abs(got - expected)))},
+        "check": {"cosine_min": cosine, "max_abs_diff": max_abs},
         **layout,
     }
 
@@ -184,7 +180,8 @@ def _make(model: EmbeddingModel, tower: str, precision: str, staging: Path) -> d
                 per_channel=True,
                 extra_options={"MatMulConstBOnly": True},
             )
-    cosine, max_abs = _check(model, tower, staging / MODEL_FILE)
+    session = ort.InferenceSession(str(staging / MODEL_FILE), providers=["CPUExecutionProvider"])
+    cosine, max_abs = _check(model, tower, lambda x: session.run(None, {session.get_inputs()[0].name: x})[0])
     if cosine < MIN_COSINE[precision]:
         raise ExportError(
             f"the {precision} ONNX export of the {tower} encoder of {info.name} does not reproduce the torch model "
@@ -268,14 +265,14 @@ def _inputs(model: EmbeddingModel, tower: str, batch: int, seed: int, trace: boo
     return tokens
 
 
-def _check(model: EmbeddingModel, tower: str, path: Path) -> tuple[float, float]:
-    """The export against the torch model on inputs it was not traced with: (min cosine, max abs diff)."""
+def _check(model: EmbeddingModel, tower: str, run: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
+    """An export (`run`: its inputs -> embeddings) against the torch model on inputs it was not traced with:
+    (min cosine, max abs diff)."""
     inputs = _inputs(model, tower, batch=3, seed=1)
     device = next(model.parameters()).device
     with torch.inference_mode():
         expected = _Tower(model, tower)(inputs.to(device)).float().cpu().numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+    got = run(inputs.numpy())
     cosine = float(
         np.min(np.sum(got * expected, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1))
     )
