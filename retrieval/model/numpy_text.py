@@ -34,6 +34,7 @@ import numpy as np
 from retrieval.errors import ExportError
 from retrieval.model.export_files import RECORD_FILE, export_root, stale_reason
 from retrieval.model.identity import ModelInfo
+from retrieval.model.query_text import FEW_TEXTS
 from retrieval.types import Embeddings
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,9 @@ _BLOCK_KEYS = (
 # Abramowitz & Stegun 7.1.26: erf to within 1.5e-7 (numpy has no erf), for the exact GELU of open_clip's LAION models.
 _ERF_P = 0.3275911
 _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-# Up to this many texts run on one BLAS thread, as `query_text.FEW_TEXTS` does in torch: a query's matrices are a
-# few rows tall, and on 2 busy cores OpenBLAS's thread hand-offs cost more than the product (measured: [6, 512] x
+# Up to `FEW_TEXTS` texts run on one BLAS thread, as they run on one torch thread: a query's matrices are a few
+# rows tall, and on 2 busy cores OpenBLAS's thread hand-offs cost more than the product (measured: [6, 512] x
 # [512, 1536], 71 ms on numpy's default threads against 2.7 ms on one, at load 19).
-FEW_TEXTS = 8
 # numpy's bundled OpenBLAS (scipy-openblas in its wheels, plain OpenBLAS elsewhere): (set, get) thread count names.
 _OPENBLAS_THREADS = (
     ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
