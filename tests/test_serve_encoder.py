@@ -10,7 +10,7 @@ from clipsearch.library import Library
 from retrieval.model.encode import encode_texts
 from retrieval.model.loading import load_model
 from retrieval.model.prepacked import PackedLinear, PackedSelfAttention, prepacked_text_model
-from retrieval.model.query_text import encode_query_texts, query_text_model
+from retrieval.model.query_text import MAX_QUERY_THREADS, encode_query_texts, query_text_model, query_threads
 from retrieval.shapes import generate
 
 TEXTS = ["a red circle", "two blue squares on a white background", "x", "a photo of a dog on the beach"]
@@ -53,3 +53,29 @@ def test_a_warmed_up_server_library_searches_with_the_packed_copy(tmp_path):
         assert float(served.encode(text) @ exact.encode(text)) > 0.999
     page = served.search_page("a red circle", k=6, threshold=None)
     assert [r.path for r in page.results] == [r.path for r in served.search("a red circle", k=6)]
+
+
+def test_a_query_uses_a_second_thread_only_on_an_idle_core():
+    # /proc/loadavg's fourth field counts the tasks running or waiting to run now, the caller included
+    assert query_threads("0.10 0.20 0.30 1/250 4321", cores=2) == 2  # the other core is idle
+    assert query_threads("1.90 1.80 1.70 2/250 4321", cores=2) == 1  # something else runs on it
+    assert query_threads("3.00 3.00 3.00 6/250 4321", cores=2) == 1
+    assert query_threads("0.10 0.20 0.30 1/250 4321", cores=16) == MAX_QUERY_THREADS  # a few rows gain no more
+    assert query_threads("0.10 0.20 0.30 1/250 4321", cores=1) == 1
+    assert query_threads("", cores=2) == 1  # a format it does not know: one thread, as everywhere but Linux
+    assert 1 <= query_threads() <= MAX_QUERY_THREADS  # this machine's own
+
+
+def test_two_threads_give_one_threads_query_vectors():
+    model, _ = load_model("shapes-mini", device="cpu", towers="text")
+    packed = prepacked_text_model(query_text_model(model))
+    previous = torch.get_num_threads()
+    try:
+        by_threads = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            by_threads[threads] = encode_texts(packed, TEXTS)
+    finally:
+        torch.set_num_threads(previous)
+    # the same products, split differently between threads: equal up to the order of a few bfloat16 sums
+    assert (np.sum(by_threads[1] * by_threads[2], axis=1) > 0.9999).all()
