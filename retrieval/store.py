@@ -25,14 +25,17 @@ Row contract (what readers may rely on):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -140,9 +143,60 @@ def display_path(path: str | bytes) -> str:
 
 def _connect(db_dir: Path) -> lancedb.DBConnection:
     """A connection whose reads always see the latest committed version (another process may be indexing)."""
-    import lancedb  # here, not at the top: a query answered from the saved index never needs it (~1 s)
-
+    lancedb = _import_lancedb()  # here, not at the top: a query answered from the saved index never needs it
     return lancedb.connect(str(db_dir), read_consistency_interval=timedelta(0))
+
+
+def _import_lancedb() -> ModuleType:
+    """`import lancedb`, with pydantic's `validate_call` deferring its work while lancedb's imports run.
+
+    lancedb imports the REST client of lance-namespace, whose API methods (hundreds) are wrapped in
+    `pydantic.validate_call`, which builds each one's validator as its module is imported, in every process that opens
+    a store, for a remote client clipsearch never calls: `import lancedb` took 1.53 CPU-s at the median on the 2-core
+    Xeon, 1.09 with this (8 runs each, interleaved). Wrapped this way, a method builds pydantic's validator on its
+    first call and then validates every call as before (`deferred_validate_call`).
+    """
+    if "lancedb" in sys.modules:
+        return sys.modules["lancedb"]
+    try:
+        import pydantic
+    except ImportError:  # a lancedb without pydantic: nothing to defer
+        pydantic = None
+    eager = getattr(pydantic, "validate_call", None)
+    if eager is None:
+        import lancedb
+
+        return lancedb
+    pydantic.validate_call = deferred_validate_call(eager)
+    try:
+        import lancedb
+    finally:
+        pydantic.validate_call = eager
+    return lancedb
+
+
+def deferred_validate_call(eager: Callable[..., Any]) -> Callable[..., Any]:
+    """A stand-in for pydantic's `validate_call` (`eager`) that builds the validator on the wrapped function's first
+    call rather than when it is defined; used both as `@validate_call` and as `@validate_call(config=...)`."""
+
+    def decorate(function: Callable[..., Any], options: dict[str, Any]) -> Callable[..., Any]:
+        validated: Callable[..., Any] | None = None
+
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal validated
+            if validated is None:
+                validated = eager(function, **options)
+            return validated(*args, **kwargs)
+
+        return call
+
+    def validate_call(function: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        if function is None:
+            return lambda f: decorate(f, options)
+        return decorate(function, options)
+
+    return validate_call
 
 
 def _read_identity(schema: pa.Schema, table_name: str) -> tuple[ModelInfo, int]:

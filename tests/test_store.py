@@ -13,7 +13,15 @@ from test_index_support import tiny_model
 
 from retrieval.errors import ModelMismatchError, QueryError, StoreError
 from retrieval.model.identity import ModelInfo
-from retrieval.store import SCHEMA_VERSION, ImageRow, Store, default_db_dir, display_path, image_schema
+from retrieval.store import (
+    SCHEMA_VERSION,
+    ImageRow,
+    Store,
+    default_db_dir,
+    deferred_validate_call,
+    display_path,
+    image_schema,
+)
 from retrieval.types import ImageMetadata
 
 INFO = ModelInfo("test-model", "ab" * 32, 4, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -193,3 +201,49 @@ def test_real_model_identity_opens_its_own_table(tmp_path):
     model, _ = tiny_model()
     store = Store.open(tmp_path / "db", model.info, create=True)
     assert store.table_name == model.info.table_name and store.embed_dim == 64
+
+
+def test_deferred_validate_call_validates_on_the_first_call_not_before():
+    import pydantic
+
+    built = []
+
+    def eager(function, **options):  # pydantic's, counting when a validator is built
+        built.append(options)
+        return pydantic.validate_call(function, **options)
+
+    validate_call = deferred_validate_call(eager)
+
+    @validate_call
+    def double(x: int) -> int:
+        return 2 * x
+
+    @validate_call(config={"strict": True})
+    def triple(x: int) -> int:
+        return 3 * x
+
+    assert built == []  # nothing built while the module defining them imports
+    assert double("21") == 42  # then pydantic's lax coercion, as before
+    with pytest.raises(pydantic.ValidationError):
+        double("not a number")
+    with pytest.raises(pydantic.ValidationError):
+        triple("2")  # strict: the options reach pydantic
+    assert triple(2) == 6
+    assert built == [{}, {"config": {"strict": True}}]  # once per function
+    assert double.__name__ == "double"
+
+
+def test_lancedb_imports_with_pydantic_left_as_it_was():
+    import subprocess
+    import sys
+
+    code = (
+        "import pydantic; eager = pydantic.validate_call\n"
+        "from retrieval.store import _import_lancedb\n"
+        "lancedb = _import_lancedb()\n"
+        "assert pydantic.validate_call is eager, 'pydantic.validate_call was not restored'\n"
+        "assert 'lance_namespace_urllib3_client' in __import__('sys').modules\n"
+        "print(lancedb.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "lancedb"
