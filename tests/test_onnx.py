@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -252,3 +253,39 @@ def test_concurrent_exports_leave_one_fresh_export(tmp_path):
     assert roots == {str(find_export(loaded.info))}
     assert not [p for p in Path(roots.pop()).iterdir() if p.name.startswith(".")]  # no staging left behind
     _check_parity(loaded, OnnxEncoder.open(find_export(loaded.info)))
+
+
+_MAPPED_MEMORY = """
+import ctypes, json, sys
+import numpy as np
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+if sys.argv[1] != "-":  # an encoder opened first, as `clipsearch index` opens one
+    from retrieval.model.onnx_runtime import OnnxEncoder, find_export
+    OnnxEncoder.open(find_export(json.load(open(sys.argv[1]))))
+warm = np.ones(1 << 19)  # a 4 MB block, freed: glibc's default then serves blocks up to that size from its heap
+del warm
+before = libc.mallinfo2().hblkhd  # bytes in blocks of their own (mmap), which go back to the kernel when freed
+block = np.ones(1 << 18)  # 2 MB, as a weight matrix or a batch
+print((libc.mallinfo2().hblkhd - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_once_a_session_is_open_large_blocks_are_mapped_on_their_own(tmp_path):
+    model = _tiny()
+    ensure_export(model)
+    (tmp_path / "info.json").write_text(json.dumps(model.info.to_dict()))
+
+    def mapped_mb(info: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _MAPPED_MEMORY, info], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert mapped_mb(str(tmp_path / "info.json")) == 2  # freed, its pages leave the process at once
+    assert mapped_mb("-") == 0  # glibc's default: from the heap, which kept a session's parsed model when freed
