@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.model.query_text import (
+    FEW_TEXTS,
     encode_onnx_query_texts,
     encode_query_texts,
     export_text_tower,
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
     from retrieval.model.onnx_runtime import OnnxEncoder
     from retrieval.model.preprocess import Preprocess
     from retrieval.types import Embeddings
+
+# Query texts whose vectors are kept, the latest used: every page of results after the first (the web app's
+# infinite scroll, an API client paging) asks for the same text again, and encoding it is most of a text search.
+TEXT_CACHE = 256
 
 
 def default_model_for(db: str | os.PathLike[str] | None) -> str:
@@ -81,6 +87,7 @@ class EncoderMethods:
         self._onnx_looked_for = False
         self._stored: ModelInfo | None = None
         self._stored_read = False
+        self._text_vectors: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> its unit vector (`TEXT_CACHE`)
 
     @property
     def model_name(self) -> str:
@@ -151,6 +158,24 @@ class EncoderMethods:
         return self._onnx_text
 
     def _encode_texts(self, batch: list[str]) -> Embeddings:
+        """Embed a query's texts (`_encode_texts_now`), the vectors of the last `TEXT_CACHE` query texts kept; sets of
+        more than `FEW_TEXTS` (class prompts, ensembles) are not kept."""
+        if len(batch) > FEW_TEXTS:
+            return self._encode_texts_now(batch)
+        kept = [self._text_vectors.get(text) for text in batch]
+        if all(vector is not None for vector in kept):
+            for text in batch:
+                self._text_vectors.move_to_end(text)
+            return np.stack(kept)
+        vectors = self._encode_texts_now(batch)
+        for text, vector in zip(batch, vectors, strict=True):
+            self._text_vectors[text] = vector.copy()
+            self._text_vectors.move_to_end(text)
+        while len(self._text_vectors) > TEXT_CACHE:
+            self._text_vectors.popitem(last=False)
+        return vectors
+
+    def _encode_texts_now(self, batch: list[str]) -> Embeddings:
         """Embed a query's texts with the cheapest encoder at hand: a fresh export without torch (one-shot), else the
         query text model (bfloat16 where native), else the model's `choose_encoder` text encoder.
 

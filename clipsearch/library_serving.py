@@ -177,6 +177,7 @@ class ServingMethods:
             from retrieval.model.prepacked import prepacked_text_model
 
             self._query_text_model = prepacked_text_model(self._query_text_model)
+            self._text_vectors.clear()  # (the same vectors, but the next line is to run the packed copy)
             self.encode("a photo")  # the packed copy's first run, off the first search's time
         self.ann_index()
         cache = self._rows()

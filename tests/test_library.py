@@ -166,6 +166,32 @@ def test_query_texts_encode_within_bfloat16_rounding_of_float32(library):
         Library(db=library.db, text_precision="bf16")
 
 
+def test_the_pages_of_a_text_query_encode_it_once(library):
+    from clipsearch.library_encoders import TEXT_CACHE
+
+    library, _ = library
+    first = library.search_page("a red circle", k=2, threshold=None)
+    encoded = []
+    encode_now = library._encode_texts_now
+    library._encode_texts_now = lambda batch: encoded.append(list(batch)) or encode_now(batch)
+    second = library.search_page("a red circle", k=2, offset=2, threshold=None)
+    assert encoded == []  # the next page took the kept vector
+    assert {r.path for r in first.results}.isdisjoint(r.path for r in second.results)
+    kept = library.encode("a red circle")
+    np.testing.assert_array_equal(kept, Library(db=library.db, model=library.model_name).encode("a red circle"))
+    kept += 1  # a caller's array is its own
+    np.testing.assert_array_equal(library.encode("a red circle") + 1, kept)
+    assert encoded == []
+    library.encode(["a blue square", "a red circle"])  # one text new: the query is encoded
+    assert encoded == [["a blue square", "a red circle"]]
+    for i in range(TEXT_CACHE):  # the oldest texts make room for new ones
+        library.encode(f"text {i}")
+    encoded.clear()
+    library.encode(f"text {TEXT_CACHE - 1}")
+    library.encode("a red circle")
+    assert encoded == [["a red circle"]]
+
+
 def test_pages_by_stored_id_leave_the_image_out_and_need_no_image_tower(library):
     library, photos = library
     fresh = Library(db=library.db, model=library.model_name)
