@@ -54,11 +54,11 @@ class DecodeTask(NamedTuple):
 class Decoded(NamedTuple):
     """A decoded, preprocessed image."""
 
-    pixels: np.ndarray  # [3, S, S] float32, normalised as the model expects
+    pixels: np.ndarray  # [S, S, 3] uint8, resized and cropped (`Preprocess.crop_array`); `normalize` does the rest
     metadata: ImageMetadata
     seconds: tuple[float, float, float]  # time spent reading (+hashing), decoding, transforming
     notes: tuple[str, ...] = ()  # what the image libraries said while decoding it
-    views: np.ndarray | None = None  # [V, 3, S, S] the sub-views (`retrieval.views.view_boxes`), when asked for
+    views: np.ndarray | None = None  # [V, S, S, 3] uint8, the sub-views (`retrieval.views.view_boxes`), when asked for
 
 
 class Known(NamedTuple):
@@ -136,11 +136,12 @@ class Decoder:
             return Failed("decode", decode_error_reason(e))
         decode_done = time.perf_counter()
         try:
-            pixels = self.preprocess.transform_array(rgb)
+            # uint8: a quarter of the bytes of the float32 input to send to the encoder, which normalises a batch
+            pixels = self.preprocess.crop_array(rgb)
             metadata = metadata._replace(fingerprint=fingerprint(rgb))
             views = None
             if self.views:
-                views = np.stack([self.preprocess.transform_array(crop(rgb, box)) for box in view_boxes(self.views)])
+                views = np.stack([self.preprocess.crop_array(crop(rgb, box)) for box in view_boxes(self.views)])
         except (OSError, ValueError) as e:
             return Failed("preprocess", f"cannot transform ({e})")
         seconds = (read_seconds, decode_done - start, time.perf_counter() - decode_done)

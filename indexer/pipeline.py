@@ -65,9 +65,9 @@ class _BatchEntry(NamedTuple):
 
     item: WorkItem
     metadata: ImageMetadata
-    pixels: np.ndarray
+    pixels: np.ndarray  # [S, S, 3] uint8 (`Decoded.pixels`)
     followers: list[WorkItem]
-    views: np.ndarray | None = None  # [V, 3, S, S] its sub-views, when the run indexes them
+    views: np.ndarray | None = None  # [V, S, S, 3] uint8, its sub-views, when the run indexes them
 
 
 def index_folders(
@@ -428,7 +428,7 @@ class _Run:
         if not self.batch:
             return
         start = time.perf_counter()
-        pixels = np.stack([e.pixels for e in self.batch])  # [B, 3, S, S]
+        pixels = self.decoder.preprocess.normalize(np.stack([e.pixels for e in self.batch]))  # [B, 3, S, S]
         paused = self.pool.paused() if self.pool is not None and self.pause_decoding else contextlib.nullcontext()
         with paused:
             vectors = encode_images(self.model, pixels)  # [B, D]
@@ -451,9 +451,9 @@ class _Run:
 
     def _encode_views(self) -> np.ndarray:
         """The batch's sub-views through the encoder, in batches of the usual size: [B, V, D]."""
-        crops = np.concatenate([e.views for e in self.batch])  # [B * V, 3, S, S]
-        step = self.options.batch_size
-        parts = [encode_images(self.model, crops[i : i + step]) for i in range(0, len(crops), step)]
+        crops = np.concatenate([e.views for e in self.batch])  # [B * V, S, S, 3]
+        step, normalize = self.options.batch_size, self.decoder.preprocess.normalize
+        parts = [encode_images(self.model, normalize(crops[i : i + step])) for i in range(0, len(crops), step)]
         return np.concatenate(parts).reshape(len(self.batch), self.view_count, -1)
 
     def _commit(self) -> None:

@@ -230,6 +230,7 @@ class _RayRun(_Run):
                     "model": ro.model_source or ray.put(self.model.cpu() if gpus else self.model),
                     "target": self.store.fragment_target(),
                     "threads": max(1, int(ro.actor_cpus)),
+                    "preprocess": decoder.preprocess,
                 },
                 batch_size=self.options.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=ro.actors),
@@ -298,13 +299,13 @@ class _RayRun(_Run):
 def _decode(batch: dict[str, np.ndarray], decoder: Decoder) -> dict[str, np.ndarray]:
     """A Ray task: decode a batch of units with the local engine's `Decoder`.
 
-    Returns the units, each result without its pixels (pickled), the pixels as one [B, 3, S, S] array and, with
-    sub-views, the views as one [B, V, 3, S, S] array (zeros for files that were not decoded: known content,
-    failures).
+    Returns the units, each result without its pixels (pickled), the pixels as one [B, S, S, 3] uint8 array and,
+    with sub-views, the views as one [B, V, S, S, 3] uint8 array (zeros for files that were not decoded: known
+    content, failures); the encoder actors normalise them (`Preprocess.normalize`).
     """
     size = decoder.preprocess.image_size
-    pixels = np.zeros((len(batch["unit"]), 3, size, size), np.float32)
-    views = np.zeros((len(batch["unit"]), decoder.views, 3, size, size), np.float32) if decoder.views else None
+    pixels = np.zeros((len(batch["unit"]), size, size, 3), np.uint8)
+    views = np.zeros((len(batch["unit"]), decoder.views, size, size, 3), np.uint8) if decoder.views else None
     results = []
     for i, raw in enumerate(batch["unit"]):
         unit: _Unit = pickle.loads(raw)
@@ -326,7 +327,7 @@ class _EncodeAndWrite:
     the sub-view vectors of its rows (the driver writes them to the views table with the commit).
     """
 
-    def __init__(self, model: str | Any, target: FragmentTarget, threads: int) -> None:
+    def __init__(self, model: str | Any, target: FragmentTarget, threads: int, preprocess: Preprocess) -> None:
         import ray
 
         torch.set_num_threads(threads)
@@ -340,6 +341,7 @@ class _EncodeAndWrite:
         self.model = model.to(device).eval()  # on CUDA `encode_images` runs under fp16 autocast from pinned memory
         self.target = target
         self.embed_dim = int(model.info.embed_dim)
+        self.normalize = preprocess.normalize  # the decoders' uint8 crops to the model's input
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from lance_ray.fragment import write_fragment
@@ -351,10 +353,10 @@ class _EncodeAndWrite:
         fragments: list[WrittenFragment] = []
         views: dict[int, np.ndarray] = {}
         if chosen:
-            vectors = encode_images(self.model, torch.from_numpy(batch["pixels"][chosen]))  # [B, D]
+            vectors = encode_images(self.model, torch.from_numpy(self.normalize(batch["pixels"][chosen])))  # [B, D]
             if "views" in batch:
-                crops = batch["views"][chosen]  # [B, V, 3, S, S]
-                flat = crops.reshape(-1, *crops.shape[2:])  # [B * V, 3, S, S]
+                crops = batch["views"][chosen]  # [B, V, S, S, 3]
+                flat = self.normalize(crops.reshape(-1, *crops.shape[2:]))  # [B * V, 3, S, S]
                 step = len(units)  # the crops in batches of the usual size, as the local engine encodes them
                 parts = [
                     encode_images(self.model, torch.from_numpy(flat[i : i + step])) for i in range(0, len(flat), step)

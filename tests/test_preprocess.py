@@ -243,3 +243,18 @@ def test_extreme_aspect_ratios_give_the_resize_then_crop_pixels(size):
     assert got.shape == (3, 32, 32)
     levels = np.abs(got - reference.transpose(2, 0, 1)).max() * 255 * min(CLIP_STD)
     assert levels < 3.5  # Pillow may order its two passes differently for a region: a few levels
+
+
+@pytest.mark.parametrize("preprocess", [Preprocess(32), Preprocess(24, resize_mode="squash", interpolation="bilinear")])
+def test_crops_normalised_as_a_batch_are_each_images_transform_to_the_bit(preprocess):
+    rng = np.random.default_rng(7)
+    shapes = ((40, 60), (90, 33), (32, 32))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+    crops = np.stack([preprocess.crop_array(image) for image in images])  # what decoder workers send
+    size = preprocess.image_size
+    assert crops.shape == (3, size, size, 3) and crops.dtype == np.uint8
+    batch = preprocess.normalize(crops)
+    assert batch.shape == (3, 3, size, size) and batch.dtype == np.float32 and batch.flags.c_contiguous
+    for image, pixels in zip(images, batch, strict=True):
+        np.testing.assert_array_equal(pixels, preprocess.transform_array(image))
+        np.testing.assert_array_equal(pixels, preprocess.transform(image).numpy())

@@ -70,9 +70,10 @@ def test_decoder_cuts_the_views_from_the_one_decoded_image(tmp_path, model):
     image.save(path)
     result = Decoder(preprocess, views=5)(DecodeTask(str(path)))
     assert isinstance(result, Decoded)
-    assert result.views.shape == (5, 3, preprocess.image_size, preprocess.image_size)
-    for box, pixels in zip(view_boxes(5), result.views, strict=True):
-        np.testing.assert_allclose(pixels, preprocess.transform(crop(image, box)).numpy(), atol=1e-6)
+    size = preprocess.image_size
+    assert result.views.shape == (5, size, size, 3) and result.views.dtype == np.uint8  # what workers send
+    for box, pixels in zip(view_boxes(5), preprocess.normalize(result.views), strict=True):
+        np.testing.assert_array_equal(pixels, preprocess.transform(crop(image, box)).numpy())  # to the bit
     assert Decoder(preprocess)(DecodeTask(str(path))).views is None  # off by default
 
 

@@ -5,7 +5,7 @@ bicubic resampling, centre crop, RGB, scale to [0, 1], normalise with CLIP's mea
 images are decoded the way a photo viewer shows them: EXIF orientation applied, first frame of an
 animation, transparency composited onto white, 16-bit and CMYK images brought to 8-bit RGB.
 
-Nothing here imports torch until a tensor is asked for (`transform`): decoder workers use `transform_array`
+Nothing here imports torch until a tensor is asked for (`transform`): decoder workers use `crop_array`
 and hand numpy arrays to the encoder, so they never pay for `import torch` (seconds on a busy machine).
 """
 
@@ -259,9 +259,17 @@ class Preprocess:
 
     def transform_array(self, image: Image.Image) -> np.ndarray:
         """Resize the shorter side to S (bicubic, or `interpolation`), centre crop S x S, scale to [0, 1], normalise:
-        float32 [3, S, S], without torch.
+        float32 [3, S, S], without torch (`normalize(crop_array(image))`).
 
         With `resize_mode="squash"`, both sides are resized to S and nothing is cropped.
+        """
+        return self.normalize(self.crop_array(image))
+
+    def crop_array(self, image: Image.Image) -> np.ndarray:
+        """The first half of `transform_array`: the image resized and cropped to S x S, as uint8 RGB [S, S, 3].
+
+        A quarter of the bytes of the model's float32 input: what decoder workers hand the encoder, which
+        `normalize`s a whole batch at once.
         """
         resample = INTERPOLATIONS[self.interpolation]
         size = self.image_size
@@ -282,9 +290,14 @@ class Preprocess:
             image = image.crop((left, top, left + size, top + size))
         if image.mode != "RGB":
             image = image.convert("RGB")
+        return np.asarray(image, dtype=np.uint8)  # [S, S, 3]
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """The second half of `transform_array`: uint8 RGB [..., S, S, 3] (`crop_array`, or a stack of them) scaled
+        to [0, 1] and normalised, as float32 [..., 3, S, S]."""
         # Each step rounds to float32 as torch's div/sub_/div_ did, so the values are the same to the bit.
-        pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # [3, S, S]
-        pixels /= np.float32(255)
-        pixels -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
-        pixels /= np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
-        return pixels
+        out = np.moveaxis(pixels, -1, -3).astype(np.float32, order="C")  # [..., 3, S, S]
+        out /= np.float32(255)
+        out -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        out /= np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return out
