@@ -165,6 +165,18 @@ def convert_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], config: CLI
             fused.setdefault(target, {})[how] = tensor
         else:
             out[target] = tensor.t() if how == TRANSPOSE else tensor
+    out.update(fuse_qkv(fused))
+    return checked_conversion(out, lambda: CLIP(config), unknown, "CLIP")
+
+
+def fuse_qkv(fused: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One [3 * width, ...] tensor per target from the separate q, k and v projections Hugging Face keeps
+    (`fused[target]["q" | "k" | "v"]`), in that order, as OpenAI's and open_clip's `in_proj` hold them.
+
+    Raises:
+        CheckpointError: a projection is missing, or the three differ in shape.
+    """
+    out = {}
     for target, parts in fused.items():
         if set(parts) != {Q, K, V}:
             raise CheckpointError(f"HF checkpoint has only the {sorted(parts)} projections of {target}")
@@ -172,9 +184,20 @@ def convert_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], config: CLI
             shapes = {how: tuple(p.shape) for how, p in parts.items()}
             raise CheckpointError(f"HF q/k/v projections of {target} differ in shape: {shapes}")
         out[target] = torch.cat([parts[Q], parts[K], parts[V]], dim=0)
+    return out
 
+
+def checked_conversion(
+    out: Mapping[str, torch.Tensor], build: Callable[[], torch.nn.Module], unknown: list[str], family: str
+) -> dict[str, torch.Tensor]:
+    """The converted tensors, contiguous, once every key a model built by `build` (on the meta device: no memory)
+    expects is there with its shape, and no Hugging Face key was left unconverted (`unknown`).
+
+    Raises:
+        CheckpointError: naming the wrongly-shaped, unknown and missing keys (five of each at most).
+    """
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in CLIP(config).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
     missing = sorted(set(expected) - set(out))
     problems = [
         f"{k}: shape {tuple(v.shape)}, expected {expected[k]}"
@@ -186,7 +209,7 @@ def convert_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], config: CLI
     if missing:
         problems.append(f"missing {missing[:5]}")
     if problems:
-        raise CheckpointError(f"cannot convert the Hugging Face CLIP checkpoint: {'; '.join(problems)}")
+        raise CheckpointError(f"cannot convert the Hugging Face {family} checkpoint: {'; '.join(problems)}")
     return {k: v.contiguous() for k, v in out.items()}
 
 

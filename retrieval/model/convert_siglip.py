@@ -17,7 +17,7 @@ import torch
 
 from retrieval.errors import CheckpointError
 from retrieval.model.config import CLIPConfig, TextConfig, VisionConfig
-from retrieval.model.convert_hf import _hf_sub_config, _read_hf_weights, _square
+from retrieval.model.convert_hf import _hf_sub_config, _read_hf_weights, _square, checked_conversion, fuse_qkv
 from retrieval.model.siglip import SigLIP
 
 logger = logging.getLogger(__name__)
@@ -203,26 +203,8 @@ def convert_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], config: CLI
                 out[target] = tensor.unsqueeze(0)  # [1, grid*grid, width]
             else:
                 out[target] = tensor
-    for target, parts in fused.items():
-        if set(parts) != {Q, K, V}:
-            raise CheckpointError(f"HF checkpoint has only the {sorted(parts)} projections of {target}")
-        out[target] = torch.cat([parts[Q], parts[K], parts[V]], dim=0)
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in SigLIP(config).state_dict().items()}
-    missing = sorted(set(expected) - set(out))
-    problems = [
-        f"{k}: shape {tuple(v.shape)}, expected {expected[k]}"
-        for k, v in out.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    ]
-    if unknown:
-        problems.append(f"unknown HF keys {unknown[:5]}")
-    if missing:
-        problems.append(f"missing {missing[:5]}")
-    if problems:
-        raise CheckpointError(f"cannot convert the Hugging Face SigLIP checkpoint: {'; '.join(problems)}")
-    return {k: v.contiguous() for k, v in out.items()}
+    out.update(fuse_qkv(fused))
+    return checked_conversion(out, lambda: SigLIP(config), unknown, "SigLIP")
 
 
 def read_hf_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
