@@ -67,9 +67,10 @@ _BLOCK_KEYS = (
 # Abramowitz & Stegun 7.1.26: erf to within 1.5e-7 (numpy has no erf), for the exact GELU of open_clip's LAION models.
 _ERF_P = 0.3275911
 _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-# Up to `FEW_TEXTS` texts run on one BLAS thread, as they run on one torch thread: a query's matrices are a few
-# rows tall, and on 2 busy cores OpenBLAS's thread hand-offs cost more than the product (measured: [6, 512] x
-# [512, 1536], 71 ms on numpy's default threads against 2.7 ms on one, at load 19).
+# Up to `FEW_TEXTS` texts run on one BLAS thread (torch's query encoder adds a second only on an idle core,
+# `query_threads`; not measured here): a query's matrices are a few rows tall, and on 2 busy cores OpenBLAS's thread
+# hand-offs cost more than the product (measured: [6, 512] x [512, 1536], 71 ms on numpy's default threads against
+# 2.7 ms on one, at load 19).
 # numpy's bundled OpenBLAS (scipy-openblas in its wheels, plain OpenBLAS elsewhere): (set, get) thread count names.
 _OPENBLAS_THREADS = (
     ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),

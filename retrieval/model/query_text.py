@@ -111,7 +111,7 @@ def onnx_text_encoder(info: ModelInfo, texts: int) -> NumpyTextEncoder | OnnxEnc
 
     Args:
         info: the model's identity, e.g. as the store records it.
-        texts: how many texts the first call encodes: up to `FEW_TEXTS` run on one thread, as in torch.
+        texts: how many texts the first call encodes: up to `FEW_TEXTS` run on one thread.
     """
     if info.tokenizer != "clip-bpe":
         return None
