@@ -163,15 +163,13 @@ def _import_lancedb() -> ModuleType:
     except ImportError:  # a lancedb without pydantic: nothing to defer
         pydantic = None
     eager = getattr(pydantic, "validate_call", None)
-    if eager is None:
-        import lancedb
-
-        return lancedb
-    pydantic.validate_call = deferred_validate_call(eager)
+    if eager is not None:
+        pydantic.validate_call = deferred_validate_call(eager)
     try:
         import lancedb
     finally:
-        pydantic.validate_call = eager
+        if eager is not None:
+            pydantic.validate_call = eager
     return lancedb
 
 
