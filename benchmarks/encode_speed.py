@@ -121,7 +121,7 @@ def cpu_description() -> str:
     flags = set(fields.get("flags\t\t", "").split())
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     present = [f for f in wanted if f in flags]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     return f"{name}, {cores} cores usable, flags: {' '.join(present) or 'none of ' + '/'.join(wanted)}"
 
 

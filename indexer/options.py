@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+
+from retrieval.cores import available_cores
 
 
 def default_workers() -> int:
     """One decoder process per core, at most 8. While a batch is encoded on the CPU by torch they pause (it uses
     every core); in between they have every core. Beside ONNX Runtime or a GPU encoder they decode all the time, at
     a lower priority than the encoder."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 8))
+    return max(1, min(available_cores(), 8))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from retrieval.cores import available_cores
 from retrieval.types import Embeddings, RowIds
 
 logger = logging.getLogger(__name__)
@@ -79,17 +79,9 @@ def _omp_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
-def _cpu_count() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _search_threads(n_queries: int) -> int:
     """One thread for a handful of queries: OpenMP start-up and spinning cost more than they save there."""
-    return 1 if n_queries < 16 else _cpu_count()
+    return 1 if n_queries < 16 else available_cores()
 
 
 def _as_rows(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -175,7 +167,7 @@ class AnnIndex:
             params = IndexParams("flat")
         params = _fill_defaults(params, n, dim)
         started = time.perf_counter()
-        with _omp_threads(_cpu_count()):
+        with _omp_threads(available_cores()):
             index = _new_index(params, dim)
             if params.kind in ("ivf", "ivfpq"):
                 ivf = faiss.extract_index_ivf(index)
@@ -204,7 +196,7 @@ class AnnIndex:
         k = min(10, n - 1)
         if k <= 0:
             return
-        with _omp_threads(_cpu_count()):
+        with _omp_threads(available_cores()):
             exact = np.argpartition(-(sample @ vectors.T), k, axis=1)[:, : k + 1]  # positions, [Q, k + 1]
         truth = [set(ids[row]) - {ids[q]} for q, row in zip(picked, exact, strict=True)]
         if self.kind == "hnsw":
@@ -261,7 +253,7 @@ class AnnIndex:
             revived = np.isin(ids, self._tombstones)
             if revived.any():
                 raise ValueError("re-adding a removed id to an HNSW index needs a rebuild")
-        with _omp_threads(_cpu_count()):
+        with _omp_threads(available_cores()):
             self._index.add_with_ids(vectors, ids)
         self._move_to_gpu()
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from retrieval.cores import available_cores
 from retrieval.faiss_index import (
     EXACT_SUBSET_MAX,
     LARGE_KIND,
@@ -37,7 +38,6 @@ from retrieval.faiss_index import (
     AnnIndex,
     IndexParams,
     _as_rows,
-    _cpu_count,
     _exact_top_k,
     _omp_threads,
     _search_threads,
@@ -156,7 +156,7 @@ def build_from_lance(
     rng = np.random.default_rng(0)
     offsets = np.sort(rng.choice(n, size=min(n, _sample_size(params)), replace=False))
     table = dataset.take(offsets, columns=["id", "vector"])
-    workers = workers or _cpu_count()
+    workers = workers or available_cores()
     bounds = np.linspace(0, n, max(1, min(workers if map is None else 4 * workers, n // _CHUNK + 1)) + 1).astype(int)
     sources = [LanceShard(uri, version, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     sample_ids = as_ids(table.column("id").to_numpy())
@@ -297,10 +297,10 @@ def build(
     directory = directory.absolute()
     dim = sample.shape[1]
     params = params or large_params(n, dim)
-    workers = workers or _cpu_count()
+    workers = workers or available_cores()
     run = map or process_map(workers)
     index = _empty_index(params, dim)
-    with _omp_threads(_cpu_count()):
+    with _omp_threads(available_cores()):
         index.train(np.ascontiguousarray(sample, np.float32))
     trained_at = time.perf_counter()
     logger.info("trained %s on %d vectors in %.1f s; adding %d shards", params, len(sample), trained_at - started,
@@ -312,7 +312,7 @@ def build(
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=directory) as scratch:
         trained = os.path.join(scratch, "trained.faiss")
         faiss.write_index(index, trained)
-        threads = max(1, _cpu_count() // max(1, min(workers, len(sources))))
+        threads = max(1, available_cores() // max(1, min(workers, len(sources))))
         tasks = [
             _ShardTask(trained, source, os.path.join(scratch, f"shard{i:05d}.faiss"), queries, 11, threads)
             for i, source in enumerate(sources)
@@ -433,7 +433,7 @@ class DiskIndex(AnnIndex):
         """Add vectors under new row ids, to the delta (the merged lists are never modified)."""
         ids = as_ids(ids)
         if len(ids):
-            with _omp_threads(_cpu_count()):
+            with _omp_threads(available_cores()):
                 self._delta.add_with_ids(_as_rows(vectors, self.dim), ids)
 
     def remove(self, ids: RowIds) -> None:

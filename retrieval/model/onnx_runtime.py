@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from retrieval.cores import available_cores  # noqa: F401  # re-exported: benchmarks import it here
 from retrieval.errors import ExportError
 from retrieval.model import export_files
 from retrieval.model.export_files import (  # noqa: F401  # re-exported: the exporter and tests import them here
@@ -188,11 +189,6 @@ def map_large_allocations() -> bool:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
-
-
-def available_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _tower_names(towers: str) -> tuple[str, ...]:

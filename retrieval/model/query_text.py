@@ -9,9 +9,10 @@ time.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from retrieval.cores import available_cores
 
 if TYPE_CHECKING:
     from retrieval.model.clip import CLIP
@@ -97,7 +98,7 @@ def query_threads(loadavg: str | None = None, cores: int | None = None) -> int:
             with open("/proc/loadavg", encoding="ascii") as file:
                 loadavg = file.read()
         runnable = int(loadavg.split()[3].split("/")[0])  # "0.52 0.58 0.59 2/304 8123": 2 running or runnable
-        cores = cores if cores is not None else len(os.sched_getaffinity(0))
+        cores = cores if cores is not None else available_cores()
     except (OSError, ValueError, IndexError, AttributeError):  # not Linux, or a format this does not know
         return 1
     return max(1, min(MAX_QUERY_THREADS, cores - runnable + 1))
